@@ -1,0 +1,9 @@
+"""CLI: data commands."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the data commands to the main app (filled in by the issue that owns them)."""

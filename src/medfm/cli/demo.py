@@ -1,0 +1,9 @@
+"""CLI: demo commands."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the demo commands to the main app (filled in by the issue that owns them)."""

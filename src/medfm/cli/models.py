@@ -1,0 +1,9 @@
+"""CLI: models commands."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the models commands to the main app (filled in by the issue that owns them)."""

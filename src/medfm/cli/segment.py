@@ -1,0 +1,9 @@
+"""CLI: segment commands."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the segment commands to the main app (filled in by the issue that owns them)."""

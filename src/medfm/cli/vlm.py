@@ -1,0 +1,9 @@
+"""CLI: vlm commands."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the vlm commands to the main app (filled in by the issue that owns them)."""

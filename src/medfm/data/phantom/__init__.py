@@ -1,0 +1,1 @@
+"""medfm.data.phantom."""

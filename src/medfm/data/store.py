@@ -1,0 +1,149 @@
+"""The prepared-dataset format: fixed-size shards of memory-mapped arrays + a manifest table.
+
+Layout of a prepared dataset directory::
+
+    summary.json            format version, counts, image shape/dtype, label columns and task, skipped files
+    manifest.parquet        one row per kept case (see MANIFEST_COLUMNS) + label columns + provenance
+    images/shard-00000.npy  (n, C, H, W) or (n, C, D, H, W); uint8 (value/255) or float16 (values as stored)
+    masks/shard-00000.npy   (n, H, W) or (n, D, H, W) uint8 label maps (0 = background), when masks exist
+
+Shards are plain ``.npy`` files so they can be memory-mapped (``np.load(mmap_mode="r")``) by any number of
+loader workers without copying, and written one at a time so preparing 10^6 images never holds more than
+one shard in memory. A shard file is written under a temporary name and renamed when complete, so an
+interrupted run never leaves a half-written shard that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from medfm.errors import InputError
+
+FORMAT_VERSION = 1
+# Columns every manifest has (label columns and provenance columns come after these).
+MANIFEST_COLUMNS = ["case_id", "shard", "index", "split", "patient_id", "study_id", "site", "sex", "age",
+                    "report", "has_mask", "source", "orig_shape", "orig_spacing"]
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.npy"
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Write an .npy file under a temporary name, fsync, then rename (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_summary(root: str | Path) -> dict[str, Any]:
+    root = Path(root)
+    p = root / "summary.json"
+    if not p.is_file():
+        raise InputError(root, "not a prepared dataset (no summary.json); run `medfm data prepare` first")
+    return json.loads(p.read_text())
+
+
+def read_manifest(root: str | Path) -> pd.DataFrame:
+    root = Path(root)
+    for name in ("manifest.parquet", "manifest.csv"):
+        p = root / name
+        if p.is_file():
+            df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+            return df
+    raise InputError(root, "prepared dataset has no manifest.parquet")
+
+
+class PreparedDataset(Dataset):
+    """Torch dataset over a prepared directory.
+
+    Each item is a dict: ``image`` float32 tensor (C, H, W) / (C, D, H, W) scaled to [0, 1] for uint8 shards;
+    ``mask`` int64 tensor (H, W) / (D, H, W) when the case has one; ``label`` (int64 scalar for
+    binary/multiclass, float32 vector for multilabel) when the dataset has labels; ``text`` (report, "" if
+    none); ``case_id``, ``patient_id``, ``site``, ``index`` (row in this dataset).
+    """
+
+    def __init__(self, root: str | Path, split: str | list[str] | None = None,
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        self.root = Path(root)
+        self.summary = read_summary(self.root)
+        df = read_manifest(self.root)
+        if split is not None:
+            splits = [split] if isinstance(split, str) else list(split)
+            df = df[df["split"].isin(splits)]
+            if len(df) == 0:
+                have = sorted(read_manifest(self.root)["split"].dropna().unique())
+                raise InputError(self.root, f"no cases in split {splits}; splits present: {have}")
+        self.manifest = df.reset_index(drop=True)
+        self.label_columns: list[str] = list(self.summary.get("label_columns", []))
+        self.task: str | None = self.summary.get("task")
+        self.transform = transform
+        self._images: dict[int, np.ndarray] = {}
+        self._masks: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def _shard(self, kind: str, i: int) -> np.ndarray:
+        cache = self._images if kind == "images" else self._masks
+        if i not in cache:  # opened lazily so each DataLoader worker maps its own view
+            cache[i] = np.load(self.root / kind / shard_name(i), mmap_mode="r")
+        return cache[i]
+
+    def image_array(self, i: int) -> np.ndarray:
+        row = self.manifest.iloc[i]
+        return np.asarray(self._shard("images", int(row["shard"]))[int(row["index"])])
+
+    def labels(self) -> np.ndarray | None:
+        """All labels of this split as an array ((n,) ints or (n, k) multi-hot), or None."""
+        if not self.label_columns:
+            return None
+        vals = self.manifest[self.label_columns].to_numpy()
+        return vals.astype(np.float32) if self.task == "multilabel" else vals[:, 0].astype(np.int64)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.manifest.iloc[i]
+        arr = self.image_array(i)
+        img = torch.from_numpy(arr.astype(np.float32))
+        if arr.dtype == np.uint8:
+            img = img / 255.0
+        item: dict[str, Any] = {
+            "image": img,
+            "text": row.get("report") if isinstance(row.get("report"), str) else "",
+            "case_id": str(row["case_id"]),
+            "patient_id": str(row.get("patient_id", "")),
+            "site": str(row.get("site", "")),
+            "index": i,
+        }
+        if bool(row.get("has_mask", False)):
+            m = self._shard("masks", int(row["shard"]))[int(row["index"])]
+            item["mask"] = torch.from_numpy(np.asarray(m).astype(np.int64))
+        if self.label_columns:
+            vals = row[self.label_columns].to_numpy()
+            if self.task == "multilabel":
+                item["label"] = torch.tensor(vals.astype(np.float32))
+            else:
+                item["label"] = torch.tensor(int(vals[0]), dtype=torch.long)
+        if self.transform is not None:
+            item = self.transform(item)
+        return item

@@ -1,0 +1,1 @@
+"""Encoders (ViT, large-kernel CNN, hybrid; 2D/3D), heads, decoders and checkpoint I/O."""
