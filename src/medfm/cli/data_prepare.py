@@ -1,9 +1,128 @@
-"""CLI: `medfm data` commands from data_prepare."""
+"""CLI: `medfm data prepare | info | overview` — build and inspect prepared datasets."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from medfm.errors import ConfigError
+
+
+def _floats(text: str, n: int, name: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{name} must be {n} comma-separated numbers, not {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * n
+    if len(vals) != n:
+        raise ConfigError(f"{name} must be {n} comma-separated numbers, not {text!r}")
+    return vals
+
+
+def prepare_cmd(
+    src: str = typer.Argument(
+        ...,
+        help="A folder (recursive scan; DICOM series folders become volumes), a "
+        "manifest (.csv/.parquet, see medfm.data.manifest), or an importer spec such as "
+        "medmnist:breastmnist, nifti:DIR, dicom:DIR, cxr_lung_seg:DIR, covid_cxr_notes:DIR.",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder of the prepared dataset."),
+    size: int = typer.Option(224, help="2D output size: images become SIZE x SIZE."),
+    resize: str = typer.Option(
+        "pad", help="2D aspect handling: pad (keep the whole image), crop (fill), stretch."
+    ),
+    spacing: str = typer.Option(
+        "1.5,1.5,1.5", help="3D target voxel spacing in mm, z,y,x (one value = iso)."
+    ),
+    volume_shape: str = typer.Option("96,96,96", help="3D output shape D,H,W after resampling (crop/pad)."),
+    modality: str = typer.Option(
+        "auto",
+        help="auto|xray|ct|mr|us|other: decides intensity normalisation "
+        "(CT window, MR percentiles, X-ray/US min-max or percentiles).",
+    ),
+    window: str = typer.Option("-1000,1000", help="CT window in HU, low,high, mapped to [0, 1]."),
+    labels: str = typer.Option(
+        "", help="Comma-separated label columns of the manifest (default: from dataset.json or the importer)."
+    ),
+    shard_size: int = typer.Option(
+        1024, help="Cases per shard file (one shard is held in memory at a time)."
+    ),
+    workers: int = typer.Option(0, help="Decoding processes (0 = in this process)."),
+    channels: int = typer.Option(1, help="Output channels: 1 (grey) or 3 (RGB)."),
+    dtype: str = typer.Option(
+        "auto", help="Stored dtype: auto (uint8 for 2D, float16 for 3D), uint8, float16."
+    ),
+    split: str = typer.Option(
+        "0.7,0.1,0.2",
+        help="train,val,test fractions for cases without a split (patient-level: no patient crosses splits).",
+    ),
+    seed: int = typer.Option(0, help="Seed of the split assignment."),
+    keep_identifiers: bool = typer.Option(
+        False, "--keep-identifiers", help="Keep patient/study IDs as given instead of salted hashes."
+    ),
+    salt_file: Path | None = typer.Option(
+        None,
+        "--salt-file",
+        help="Secret salt for ID hashes (created if "
+        "missing); default ~/.medfm/.medfm_salt, outside the dataset.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete OUT first instead of resuming."),
+) -> None:
+    """Prepare a dataset: resize, normalise, de-identify and shard; resumes an interrupted run."""
+    from rich.console import Console
+
+    from medfm.data.prepare import PrepareConfig, prepare
+
+    cfg = PrepareConfig(
+        size=size,
+        resize_mode=resize,
+        spacing=_floats(spacing, 3, "--spacing"),  # type: ignore[arg-type]
+        volume_shape=tuple(int(v) for v in _floats(volume_shape, 3, "--volume-shape")),  # type: ignore[arg-type]
+        modality=modality,
+        window=_floats(window, 2, "--window"),  # type: ignore[arg-type]
+        labels=[c.strip() for c in labels.split(",") if c.strip()] or None,
+        shard_size=shard_size,
+        channels=channels,
+        dtype=dtype,
+        fractions=_floats(split, 3, "--split"),  # type: ignore[arg-type]
+        seed=seed,
+        keep_identifiers=keep_identifiers,
+        salt_file=str(salt_file) if salt_file else None,
+        workers=workers,
+    )
+    summary = prepare(src, out, cfg, overwrite=overwrite)
+    Console().print(
+        f"prepared {summary['n_cases']} cases ({summary['n_skipped']} skipped, see {out / 'summary.json'})"
+    )
+
+
+def info_cmd(root: Path = typer.Argument(..., help="A prepared dataset folder.")) -> None:
+    """Print a prepared dataset's summary: shape, counts per split/site/label, skipped files."""
+    from rich.console import Console
+
+    from medfm.data.overview import summary_tables
+
+    console = Console()
+    for table in summary_tables(root):
+        console.print(table)
+
+
+def overview_cmd(
+    root: Path = typer.Argument(..., help="A prepared dataset folder."),
+    out: Path = typer.Option(Path("overview.html"), "--out", "-o", help="HTML file to write."),
+    per_site: int = typer.Option(8, help="Sample images shown per site."),
+) -> None:
+    """Write a self-contained HTML overview: counts, intensity histograms and montages per site."""
+    from medfm.data.overview import write_overview
+
+    path = write_overview(root, out, per_site=per_site)
+    typer.echo(f"wrote {path}")
 
 
 def add_commands(data_app: typer.Typer) -> None:
     """Attach this module's commands to the `data` group."""
+    data_app.command("prepare")(prepare_cmd)
+    data_app.command("info")(info_cmd)
+    data_app.command("overview")(overview_cmd)

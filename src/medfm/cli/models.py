@@ -1,9 +1,111 @@
-"""CLI: models commands."""
+"""CLI: `medfm models ...` — list the encoder registry, inspect an encoder, import external weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+models_app = typer.Typer(
+    help="Encoders: list the registry, inspect one, import external weights.", no_args_is_help=True
+)
+
+
+def _default_encoder(name: str):  # noqa: ANN202 - returns medfm.models.Encoder (lazy import)
+    """The encoder at its default size, built on the meta device so large models cost no memory or time."""
+    import torch
+
+    from medfm.models import create_encoder
+
+    try:
+        with torch.device("meta"):
+            enc = create_encoder(name)
+    except RuntimeError:  # some third-party modules (MONAI Swin) can't be built on meta
+        enc = create_encoder(name)
+    return enc
+
+
+@models_app.command("list")
+def list_cmd(pattern: str = typer.Argument("*", help="Shell-style name filter, e.g. 'vit*'.")) -> None:
+    """List registered encoders: name, family, dims, parameters at default size, description."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medfm.models import list_encoders
+    from medfm.models.registry import describe_encoder
+
+    table = Table(title="medfm encoders")
+    for col in ("name", "family", "dims", "params (default)", "description"):
+        table.add_column(col)
+    for name in list_encoders(pattern):
+        enc = _default_encoder(name)
+        n = sum(p.numel() for p in enc.parameters())
+        table.add_row(name, enc.family, "2D/3D", f"{n / 1e6:.1f}M", describe_encoder(name))
+    Console().print(table)
+
+
+@models_app.command("info")
+def info_cmd(
+    name: str = typer.Argument(..., help="Registered encoder name (see `medfm models list`)."),
+    spatial_dims: int = typer.Option(2, "--spatial-dims", help="2 for images, 3 for volumes."),
+    img_size: int = typer.Option(224, "--img-size", help="Input side length in pixels/voxels."),
+    in_chans: int = typer.Option(1, "--in-chans", help="Input channels (1 for CT/MR/X-ray)."),
+) -> None:
+    """Print an encoder's embedding size, multi-scale feature shapes and parameter count for an input size."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from medfm.models import create_encoder
+
+    enc = create_encoder(name, spatial_dims=spatial_dims, img_size=img_size, in_chans=in_chans).eval()
+    x = torch.zeros(1, in_chans, *([img_size] * spatial_dims))
+    with torch.no_grad():
+        feats = enc.forward_features(x)
+        pooled = enc(x)
+    console = Console()
+    n = sum(p.numel() for p in enc.parameters())
+    console.print(
+        f"[bold]{name}[/bold]  family={enc.family}  input={tuple(x.shape)}  "
+        f"embed_dim={enc.embed_dim}  pooled={tuple(pooled.shape)}  params={n / 1e6:.2f}M"
+    )
+    table = Table(title="multi-scale features")
+    for col in ("level", "channels", "stride", "shape"):
+        table.add_column(col)
+    for i, (f, c, s) in enumerate(zip(feats, enc.feature_dims, enc.feature_strides)):
+        table.add_row(str(i), str(c), str(s), str(tuple(f.shape)))
+    console.print(table)
+
+
+@models_app.command("import")
+def import_cmd(
+    source: Path = typer.Argument(
+        ...,
+        help="External weights: timm .safetensors/.pth, or a Hugging Face "
+        "ViT/DINOv2 directory (e.g. RAD-DINO).",
+    ),
+    out: Path = typer.Argument(
+        ..., help="Output run directory (gets model.safetensors) or .safetensors file."
+    ),
+    arch: str = typer.Option(
+        None, "--arch", help="Architecture hint when shapes are ambiguous, e.g. vit_small_patch16_224."
+    ),
+    in_chans: int = typer.Option(
+        None, "--in-chans", help="Adapt the input channels (3 -> 1 sums RGB filters)."
+    ),
+    img_size: int = typer.Option(
+        None, "--img-size", help="Resize the position embedding for this input size."
+    ),
+) -> None:
+    """Convert local external weights into a self-describing medfm encoder checkpoint."""
+    from medfm.models import load_encoder, save_encoder
+
+    overrides = {k: v for k, v in dict(in_chans=in_chans, img_size=img_size).items() if v is not None}
+    enc = load_encoder(source, arch=arch, **overrides)
+    path = save_encoder(enc, out)
+    typer.echo(f"wrote {path} ({enc.config['name']}, embed_dim={enc.embed_dim}, in_chans={enc.in_chans})")
 
 
 def register(app: typer.Typer) -> None:
-    """Add the models commands to the main app (filled in by the issue that owns them)."""
+    """Add the `models` group to the main app."""
+    app.add_typer(models_app, name="models")

@@ -1,0 +1,60 @@
+"""The encoder registry: ``create_encoder("vit_tiny", spatial_dims=3)``, ``list_encoders("vit*")``.
+
+Each family module registers its sizes with ``ENCODERS.register(name, help=...)``; every factory goes through
+:func:`build`, which rejects unknown options and records the full resolved config on ``encoder.config`` so the
+encoder can be rebuilt from JSON alone (``create_encoder(**encoder.config)``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from medfm.errors import ConfigError
+from medfm.models.base import Encoder
+from medfm.registry import Registry
+
+ENCODERS: Registry[Encoder] = Registry("encoder")
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def build(cls: type[Encoder], name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> Encoder:
+    """Instantiate ``cls`` with ``defaults`` overlaid by ``overrides``; record the resolved config."""
+    params = inspect.signature(cls.__init__).parameters
+    known = [p for p in params if p != "self"]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"encoder '{name}' has no option(s) {', '.join(unknown)}; options: {', '.join(known)}"
+        )
+    kwargs = {**defaults, **overrides}
+    enc = cls(**kwargs)
+    resolved = {p: kwargs.get(p, params[p].default) for p in known}
+    enc.config = {"name": name, **{k: _jsonable(v) for k, v in resolved.items()}}
+    return enc
+
+
+def create_encoder(name: str, **kwargs: Any) -> Encoder:
+    """Build a registered encoder; any keyword overrides that encoder's defaults (e.g. depth=2 for tests)."""
+    if name not in ENCODERS:
+        try:
+            ENCODERS.get(name)
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+    return ENCODERS.create(name, **kwargs)
+
+
+def list_encoders(pattern: str = "*") -> list[str]:
+    """Registered encoder names matching a shell-style pattern."""
+    return ENCODERS.names(pattern)
+
+
+def describe_encoder(name: str) -> str:
+    return ENCODERS.describe(name)
+
+
+# The family modules register themselves on import; imported last because they import ENCODERS from here.
+from medfm.models import convnext, hybrid, vit  # noqa: E402, F401, I001

@@ -1,0 +1,46 @@
+"""Few-shot prototypes: class means of L2-normalised features, cosine similarity, tempered softmax."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medfm.tasks.adapt.registry import ADAPTERS, feature_method
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def prototype_predict(x_tr: np.ndarray, y_tr: np.ndarray, x: np.ndarray, task: str, n_out: int,
+                      temperature: float = 0.1) -> np.ndarray:
+    """Probabilities from cosine similarity to class prototypes (classes missing from y_tr get 0)."""
+    a, b = _l2(x_tr), _l2(x)
+    if task == "multilabel":
+        out = np.zeros((len(x), y_tr.shape[1]))
+        for j in range(y_tr.shape[1]):
+            pos, neg = y_tr[:, j] > 0, y_tr[:, j] <= 0
+            if pos.any() and neg.any():
+                s_pos = b @ _l2(a[pos].mean(0, keepdims=True)).T
+                s_neg = b @ _l2(a[neg].mean(0, keepdims=True)).T
+                out[:, j] = 1 / (1 + np.exp(-(s_pos - s_neg)[:, 0] / temperature))
+            else:
+                out[:, j] = float(pos.any())
+        return out
+    sims = np.full((len(x), n_out), -np.inf)
+    for c in np.unique(y_tr).astype(int):
+        sims[:, c] = (b @ _l2(a[y_tr == c].mean(0, keepdims=True)).T)[:, 0]
+    z = sims / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    p = e / e.sum(axis=1, keepdims=True)
+    return p[:, 1] if task == "binary" else p
+
+
+@ADAPTERS.register("prototype", help="nearest class prototype (mean of L2-normalised features), cosine")
+@feature_method
+def prototype(ctx, train_idx: np.ndarray, seed: int) -> dict:
+    f, y = ctx.features, ctx.labels["train"][train_idx]
+    t = ctx.cfg.proto_temperature
+    return {"val": prototype_predict(f["train"][train_idx], y, f["val"], ctx.task, ctx.n_out, t),
+            "test": prototype_predict(f["train"][train_idx], y, f["test"], ctx.task, ctx.n_out, t),
+            "info": {}}

@@ -1,0 +1,17 @@
+"""The adaptation methods, by name. Each is registered in its own module with ``@ADAPTERS.register``.
+
+A method is a callable ``fit_predict(ctx: AdaptContext, train_idx, seed) -> MethodOutput``; ``uses_features``
+(set by ``feature_method``) tells the runner it only needs the cached frozen features.
+"""
+
+from __future__ import annotations
+
+from medfm.registry import Registry
+
+ADAPTERS: Registry = Registry("adaptation method")
+
+
+def feature_method(fn):
+    """Mark a method that works on frozen, cached features (no encoder forward passes of its own)."""
+    fn.uses_features = True
+    return fn

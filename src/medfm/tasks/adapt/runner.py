@@ -1,0 +1,257 @@
+"""Run the label-efficiency protocol: every method × label budget × seed, on a prepared dataset.
+
+Writes to ``out_dir``: results.csv/json (tidy: one row per run), summary.csv (mean ± sd over seeds),
+predictions.parquet (test-set probabilities of every run), features/ (cached frozen features),
+embeddings.npz (test features for the embedding map), adapters/ (LoRA), config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from medfm.data.store import PreparedDataset, read_manifest, read_summary
+from medfm.errors import ConfigError, InputError
+from medfm.eval.metrics import classification_metrics, infer_task, youden_threshold
+from medfm.runs import environment, write_json
+from medfm.tasks.adapt import finetune, knn, linear, lora, prototype, scratch  # noqa: F401  (registers methods)
+from medfm.tasks.adapt.features import cached_features, encoder_fingerprint
+from medfm.tasks.adapt.protocol import Budget, sample_labelled
+from medfm.tasks.adapt.registry import ADAPTERS
+
+METRIC_KEYS = ["auroc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "ece"]
+
+
+@dataclass
+class AdaptConfig:
+    """Everything that defines an adaptation experiment (saved to config.json)."""
+
+    methods: list[str] = field(default_factory=lambda: ["linear", "knn", "prototype"])
+    budgets: list[Budget] = field(default_factory=lambda: [Budget("fraction", 1.0)])
+    seeds: int = 3
+    knn_k: int = 20
+    proto_temperature: float = 0.1
+    c_grid: tuple[float, ...] = linear.C_GRID
+    steps: int = 100
+    batch_size: int = 32
+    lr_finetune: float = 3e-4
+    lr_lora: float = 2e-3
+    lr_scratch: float = 1e-3
+    lora_r: int = 8
+    threshold: str = "0.5"  # a number, or "youden" (chosen on val, applied to test)
+    splits: tuple[str, str, str] = ("train", "val", "test")
+    save_adapters: bool = True
+    feature_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in ADAPTERS]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(ADAPTERS.names())}")
+        if self.threshold != "youden":
+            try:
+                float(self.threshold)
+            except ValueError as e:
+                raise ConfigError(f"--threshold must be a number or 'youden', got {self.threshold!r}") from e
+        if self.seeds < 1:
+            raise ConfigError("--seeds must be >= 1")
+
+
+@dataclass
+class AdaptContext:
+    """What a method sees: the encoder, images/labels/patients per split, cached features, the config."""
+
+    encoder: nn.Module
+    task: str
+    n_out: int
+    label_names: list[str]
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    patients: dict[str, np.ndarray]
+    features: dict[str, np.ndarray]
+    cfg: AdaptConfig
+    adapter_dir: Path | None = None
+    on_step: Any = None
+
+
+def _load_split(root: Path, split: str) -> PreparedDataset:
+    return PreparedDataset(root, split)
+
+
+def load_splits(data_dir: str | Path, splits: tuple[str, str, str]) -> dict[str, PreparedDataset]:
+    """The train/val/test datasets; without a val split, 15 % of train patients become val (seed 0)."""
+    root = Path(data_dir)
+    read_summary(root)
+    present = set(read_manifest(root)["split"].dropna().astype(str))
+    tr, va, te = splits
+    for s in (tr, te):
+        if s not in present:
+            raise InputError(root, f"prepared dataset has no '{s}' split (splits present: {sorted(present)})")
+    out = {"train": _load_split(root, tr), "test": _load_split(root, te)}
+    if va in present:
+        out["val"] = _load_split(root, va)
+    else:
+        ds = out["train"]
+        pats = ds.manifest["patient_id"].astype(str).to_numpy()
+        uniq = np.random.default_rng(0).permutation(np.unique(pats))
+        val_p = set(uniq[: max(1, int(round(0.15 * len(uniq))))])
+        is_val = np.array([p in val_p for p in pats])
+        val = _load_split(root, tr)
+        val.manifest = ds.manifest[is_val].reset_index(drop=True)
+        ds.manifest = ds.manifest[~is_val].reset_index(drop=True)
+        out["val"] = val
+    if out["train"].labels() is None:
+        raise InputError(root, "prepared dataset has no label columns; adaptation needs labels")
+    return out
+
+
+def _images(ds: PreparedDataset) -> np.ndarray:
+    return np.stack([ds.image_array(i) for i in range(len(ds))]) if len(ds) else np.zeros((0, 1, 1, 1))
+
+
+def _task_of(ds: dict[str, PreparedDataset], labels: dict[str, np.ndarray]) -> tuple[str, int, list[str]]:
+    summary = ds["train"].summary
+    task = summary.get("task") or infer_task(np.concatenate([labels[s] for s in labels]))
+    cols = list(ds["train"].label_columns)
+    if task == "multilabel":
+        return task, labels["train"].shape[1], cols
+    n = int(max(int(labels[s].max()) for s in labels if len(labels[s])) + 1)
+    classes = summary.get("classes") or summary.get("class_names")
+    if isinstance(classes, list) and len(classes) >= n:
+        names = [str(c) for c in classes]
+    elif isinstance(classes, dict):
+        names = [str(classes.get(str(k), k)) for k in range(n)]
+    else:
+        names = [str(k) for k in range(n)]
+    if task == "binary" and n > 2:
+        task = "multiclass"
+    return task, max(n, 2), names
+
+
+def _threshold(cfg: AdaptConfig, task: str, y_val: np.ndarray, p_val: np.ndarray):
+    if cfg.threshold != "youden":
+        return float(cfg.threshold)
+    if task == "binary":
+        return youden_threshold(y_val, p_val)
+    if task == "multilabel":
+        return [youden_threshold(y_val[:, j], p_val[:, j]) for j in range(y_val.shape[1])]
+    return 0.5
+
+
+def _pred_frame(run: dict, ds: PreparedDataset, y: np.ndarray, p: np.ndarray, task: str,
+                names: list[str]) -> pd.DataFrame:
+    m = ds.manifest
+    df = pd.DataFrame({"case_id": m["case_id"].astype(str).to_numpy(),
+                       "patient_id": m["patient_id"].astype(str).to_numpy() if "patient_id" in m else "",
+                       "site": m["site"].astype(str).to_numpy() if "site" in m else ""})
+    for k, v in run.items():
+        df.insert(0, k, v)
+    if task == "multilabel":
+        for j, n in enumerate(names):
+            df[f"y_{n}"] = y[:, j]
+            df[f"p_{n}"] = p[:, j]
+    elif task == "multiclass":
+        df["y"] = y
+        for j in range(p.shape[1]):
+            df[f"p_{j}"] = p[:, j]
+    else:
+        df["y"] = y
+        df["p"] = p
+    return df
+
+
+def run_adapt(encoder: nn.Module, data_dir: str | Path, out_dir: str | Path, cfg: AdaptConfig,
+              source: str = "", progress=None) -> pd.DataFrame:
+    """Run every method × budget × seed; write the tidy results table and predictions; return the table.
+
+    ``progress``: an optional rich Progress to show feature extraction and runs.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_splits(data_dir, cfg.splits)
+    labels = {s: d.labels() for s, d in ds.items()}
+    task, n_out, names = _task_of(ds, labels)
+    patients = {s: d.manifest["patient_id"].astype(str).to_numpy() for s, d in ds.items()}
+    images = {s: _images(d) for s, d in ds.items()}
+    encoder.eval()
+    fp = encoder_fingerprint(encoder)
+
+    features: dict[str, np.ndarray] = {}
+    n_img = sum(len(v) for v in images.values())
+    t_feat = progress.add_task("features (frozen encoder)", total=n_img) if progress else None
+    t0 = time.perf_counter()
+    for s in ("train", "val", "test"):
+        on_batch = (lambda n: progress.advance(t_feat, n)) if progress else None
+        ids = ds[s].manifest["case_id"].to_numpy()
+        features[s], _ = cached_features(out / "features", fp, s, encoder, images[s], ids,
+                                         cfg.feature_batch_size, on_batch)
+    if progress:
+        progress.update(t_feat, completed=n_img)
+    feat_time = time.perf_counter() - t0
+    test_m = ds["test"].manifest
+    sites = test_m["site"].astype(str).tolist() if "site" in test_m else [""] * len(test_m)
+    np.savez(out / "embeddings.npz", features=features["test"], labels=labels["test"],
+             site=np.asarray(sites, dtype=str),
+             case_id=np.asarray(test_m["case_id"].astype(str).tolist(), dtype=str))
+
+    runs = [(b, s, m) for b in cfg.budgets for s in range(cfg.seeds) for m in cfg.methods]
+    t_runs = progress.add_task("adaptation runs", total=len(runs)) if progress else None
+    rows, preds = [], []
+    for budget, seed, method in runs:
+        idx = sample_labelled(labels["train"], patients["train"], budget, seed)
+        run_id = f"{method}-{budget.regime}{budget.value:g}-seed{seed}"
+        ctx = AdaptContext(encoder, task, n_out, names, images, labels, patients, features, cfg,
+                           adapter_dir=(out / "adapters" / run_id) if cfg.save_adapters else None)
+        if progress:
+            progress.update(t_runs, description=f"adapt {run_id}")
+        t0 = time.perf_counter()
+        res = ADAPTERS.get(method)(ctx, idx, seed)
+        elapsed = time.perf_counter() - t0
+        thr = _threshold(cfg, task, labels["val"], res["val"])
+        met = classification_metrics(labels["test"], res["test"], task, thr, names)
+        val_met = classification_metrics(labels["val"], res["val"], task, thr, names)
+        run = {"run_id": run_id, "method": method, "regime": budget.regime, "budget": float(budget.value),
+               "seed": seed}
+        row = {**run, "budget_label": budget.label, "n_labels": int(len(idx)),
+               "n_patients": int(len(np.unique(patients["train"][idx]))),
+               **{k: met.get(k, math.nan) for k in METRIC_KEYS},
+               "val_auroc": val_met["auroc"],
+               "threshold": json.dumps(thr) if isinstance(thr, list) else thr,
+               **{k: v for k, v in met.items() if k.startswith("auroc/")},
+               "time_s": round(elapsed + (feat_time if getattr(ADAPTERS.get(method), "uses_features", False)
+                                          and not rows else 0.0), 3),
+               "info": json.dumps(res.get("info", {}), default=str)}
+        rows.append(row)
+        preds.append(_pred_frame(run, ds["test"], labels["test"], res["test"], task, names))
+        if progress:
+            progress.advance(t_runs)
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "results.csv", index=False)
+    write_json(out / "results.json", results.to_dict(orient="records"))
+    summarize(results).to_csv(out / "summary.csv", index=False)
+    pd.concat(preds, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
+    write_json(out / "config.json", {
+        "kind": "adapt", "source": source, "data": str(Path(data_dir).resolve()), "task": task,
+        "label_names": names, "n_out": n_out, "encoder": getattr(encoder, "config", {}),
+        "encoder_fingerprint": fp, "feature_time_s": round(feat_time, 3),
+        "adapt": {**asdict(cfg), "budgets": [asdict(b) for b in cfg.budgets]},
+        "n": {s: int(len(d)) for s, d in ds.items()}, "environment": environment()})
+    return results
+
+
+def summarize(results: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
+    """Mean and sd over seeds per (method, regime, budget): the label-efficiency table."""
+    metrics = [m for m in (metrics or METRIC_KEYS) if m in results]
+    g = results.groupby(["method", "regime", "budget"], sort=True)
+    agg = g[metrics].agg(["mean", "std"])
+    agg.columns = [f"{m}_{s}" for m, s in agg.columns]
+    agg["n_labels"] = g["n_labels"].mean().round(1)
+    agg["seeds"] = g["seed"].nunique()
+    return agg.reset_index()

@@ -1,0 +1,1 @@
+"""Segmentation tasks: train / predict / evaluate dense models, promptable and in-context segmentation."""

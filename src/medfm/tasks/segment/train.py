@@ -1,0 +1,163 @@
+"""Train a segmentation model (foundation encoder + dense decoder, or a MONAI UNet baseline) into a run dir.
+
+Run directory: ``config.json`` (enough to rebuild), ``seg_model.safetensors`` (encoder + decoder),
+``model.safetensors`` (the encoder alone, so ``medfm.load_encoder`` works on it too), ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from medfm.errors import ConfigError, InputError
+from medfm.models.seg.registry import BaselineModel, SegmentationModel, build_segmentation_model, monai_unet
+from medfm.runs import environment, update_metrics, write_json
+from medfm.tasks.segment.data import CropDataset, SegPairs, load_pairs
+
+SEG_WEIGHTS = "seg_model.safetensors"
+
+
+@dataclass
+class SegTrainConfig:
+    """Options of `medfm segment train` (see the CLI help for each)."""
+
+    data: str = ""
+    encoder: str = "vit_tiny"          # registry name, or a run directory / checkpoint (pretrained)
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    decoder: str = "auto"              # auto | unetr | unet | monai_unet (baseline without an encoder)
+    train_split: str | None = "train"
+    site: str | None = None
+    n_labels: int | None = None        # use only the first N labelled training cases (after shuffling)
+    img_size: int | None = 128         # 2D images resized to img_size^2; volumes keep their grid
+    patch: list[int] | None = None     # training crop / inference window; default: the whole (resized) image
+    steps: int = 500
+    batch_size: int = 8
+    lr: float = 1e-3
+    encoder_lr_scale: float = 0.1
+    freeze_encoder: bool = False
+    feature_size: int = 16
+    num_classes: int | None = None     # background included; default: max label + 1 (at least 2)
+    class_names: list[str] | None = None
+    seed: int = 0
+    augment: bool = True
+    progress: bool = True
+
+
+def make_encoder(spec: str, spatial_dims: int, in_chans: int, img_size: list[int], **kw: Any) -> torch.nn.Module:
+    """A fresh registry encoder, or a pretrained one from a run directory / checkpoint path."""
+    if Path(spec).exists():
+        from medfm.models.io import load_encoder
+
+        enc = load_encoder(spec, **kw)
+        if int(enc.spatial_dims) != spatial_dims:
+            raise ConfigError(f"encoder {spec} is {enc.spatial_dims}D but the data is {spatial_dims}D")
+        return enc
+    from medfm.models.registry import create_encoder
+
+    return create_encoder(spec, spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **kw)
+
+
+def build_model(cfg: SegTrainConfig, spatial_dims: int, in_chans: int, patch: list[int],
+                num_classes: int) -> SegmentationModel | BaselineModel:
+    if cfg.decoder == "monai_unet":
+        return monai_unet(spatial_dims, in_chans, num_classes)
+    enc = make_encoder(cfg.encoder, spatial_dims, in_chans, patch, **cfg.encoder_kwargs)
+    return build_segmentation_model(enc, num_classes, cfg.decoder, cfg.feature_size)
+
+
+def select_labels(pairs: SegPairs, n: int | None, seed: int) -> SegPairs:
+    """A fixed random subset of N labelled cases (the label-efficiency axis: 10 / 50 / all)."""
+    if n is None or n >= len(pairs):
+        return pairs
+    if n < 1:
+        raise ConfigError(f"--n-labels must be >= 1, got {n}")
+    idx = sorted(np.random.default_rng(seed).permutation(len(pairs))[:n].tolist())
+    return pairs.subset(idx)
+
+
+def fit(model: torch.nn.Module, pairs: SegPairs, patch: list[int], cfg: SegTrainConfig) -> float:
+    """Train in place; returns wall seconds."""
+    from medfm.train.segmentation import SegmentationModule, make_trainer
+
+    torch.manual_seed(cfg.seed)
+    ds = CropDataset(pairs, tuple(patch), cfg.augment, length=cfg.steps * cfg.batch_size, seed=cfg.seed)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    module = SegmentationModule(model, lr=cfg.lr, encoder_lr_scale=cfg.encoder_lr_scale,
+                                freeze_encoder=cfg.freeze_encoder, max_steps=cfg.steps)
+    t0 = time.time()
+    make_trainer(cfg.steps, progress=cfg.progress).fit(module, loader)
+    return time.time() - t0
+
+
+def train_segmentation(cfg: SegTrainConfig, out: str | Path, pairs: SegPairs | None = None) -> Path:
+    """Load data, build, train, and write the run directory. ``pairs`` skips loading (benchmarks reuse it)."""
+    out = Path(out)
+    if pairs is None:
+        pairs = load_pairs(cfg.data, cfg.train_split, cfg.site, cfg.img_size)
+    pairs = select_labels(pairs, cfg.n_labels, cfg.seed)
+    spatial_dims, in_chans = pairs.images.ndim - 2, int(pairs.images.shape[1])
+    patch = list(cfg.patch) if cfg.patch else [int(s) for s in pairs.images.shape[2:]]
+    if len(patch) != spatial_dims:
+        raise ConfigError(f"patch {patch} has {len(patch)} entries but the data is {spatial_dims}D")
+    num_classes = cfg.num_classes or max(2, int(pairs.masks.max()) + 1)
+    if int(pairs.masks.max()) >= num_classes:
+        raise InputError(cfg.data, f"mask label {int(pairs.masks.max())} >= num_classes {num_classes}")
+    model = build_model(cfg, spatial_dims, in_chans, patch, num_classes)
+    seconds = fit(model, pairs, patch, cfg)
+    enc = getattr(model, "encoder", None)
+    conf = {"task": "segment", "train": asdict(cfg), "num_classes": num_classes, "spatial_dims": spatial_dims,
+            "in_chans": in_chans, "patch": patch, "img_size": cfg.img_size,
+            "decoder": getattr(model, "decoder_name", "monai_unet"), "feature_size": cfg.feature_size,
+            "encoder": enc.config if enc is not None else None,
+            "class_names": cfg.class_names or [f"class_{k}" for k in range(1, num_classes)],
+            "n_train": len(pairs), "environment": environment()}
+    save_segmentation_run(model, conf, out)
+    update_metrics(out, train_seconds=round(seconds, 1), n_train=len(pairs))
+    return out
+
+
+def save_segmentation_run(model: torch.nn.Module, conf: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", conf)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(out / SEG_WEIGHTS), metadata={"medfm_segment": json.dumps({"decoder": conf["decoder"]})})
+    enc = getattr(model, "encoder", None)
+    if enc is not None and getattr(enc, "config", {}).get("name"):
+        from medfm.models.io import save_encoder
+
+        save_encoder(enc, out)
+
+
+def load_segmentation_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model of a `medfm segment train` run directory and load its weights."""
+    run_dir = Path(run_dir)
+    cfg_path, w_path = run_dir / "config.json", run_dir / SEG_WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise InputError(run_dir, f"not a segmentation run directory (needs config.json and {SEG_WEIGHTS})")
+    conf = json.loads(cfg_path.read_text())
+    if conf.get("task") != "segment":
+        raise InputError(cfg_path, f"run is a '{conf.get('task')}' run, not a segmentation run")
+    if conf["decoder"] == "monai_unet":
+        model: torch.nn.Module = monai_unet(conf["spatial_dims"], conf["in_chans"], conf["num_classes"])
+    else:
+        from medfm.models.registry import create_encoder
+
+        enc = create_encoder(**conf["encoder"])
+        model = build_segmentation_model(enc, conf["num_classes"], conf["decoder"], conf["feature_size"])
+    try:
+        sd = load_file(str(w_path))
+    except Exception as e:
+        raise InputError(w_path, f"not a readable safetensors checkpoint ({type(e).__name__})") from None
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise InputError(w_path, f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.eval()
+    return model, conf

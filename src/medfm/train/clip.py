@@ -1,0 +1,556 @@
+"""CLIP-style image-report pretraining: any medfm image encoder + a text tower, trained with a weighted sum of
+
+- symmetric InfoNCE with a learnable, clamped temperature (CLIP);
+- image-text matching (ITM) on hard negatives sampled from the contrastive similarities, scored by a small
+  cross-attention fusion module (ALBEF/BLIP);
+- report generation: next-token loss of a small decoder that cross-attends to the visual tokens (CoCa-like).
+
+Either tower can be locked fully or all but its last N blocks (LiT-style locked image tuning). Large effective
+batches fit small memory through gradient caching (train/gradcache.py). The run directory holds
+``model.safetensors`` (the image tower alone, loadable by every medfm command), ``text/`` (Hugging Face
+format), ``heads.safetensors`` (projections, temperature, ITM fusion), ``decoder.safetensors`` + ``vocab.json``,
+``config.json``, ``metrics.json``, ``loss.png`` and a ``README.md`` model card.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medfm.errors import ConfigError, InputError
+from medfm.models.fusion import ITMFusion
+from medfm.models.report_decoder import ReportDecoder, WordVocab
+from medfm.models.text import TextTower, create_text_tower, lock_tower, mean_pool
+from medfm.runs import environment, read_json, write_json
+from medfm.train.gradcache import cached_backward
+
+
+@dataclass
+class ClipConfig:
+    """Settings of a CLIP-style run; saved verbatim in config.json (architectures as data)."""
+
+    data: str = ""
+    split: str | None = "train"
+    out: str = ""
+    # image tower: a registry name built from scratch, or a run directory / checkpoint to start from
+    encoder: str = "vit_tiny"
+    init_from: str | None = None
+    spatial_dims: int = 2
+    in_chans: int = 1
+    img_size: int = 64
+    encoder_kwargs: dict[str, Any] = field(default_factory=lambda: {"patch_size": 8, "depth": 4})
+    # text tower: registry name (minilm, hf_local) or a local Hugging Face directory
+    text_tower: str = "minilm"
+    text_path: str | None = None
+    max_text_len: int = 96
+    # locking: -1 = train all, 0 = lock the whole tower, N = train only its last N blocks
+    lock_image: int = -1
+    lock_text: int = 2
+    proj_dim: int = 128
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    # objective weights (0 disables an objective and its module)
+    w_contrastive: float = 1.0
+    w_itm: float = 0.0
+    w_caption: float = 0.0
+    fusion_dim: int = 128
+    fusion_depth: int = 1
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    max_report_len: int = 80
+    vocab_min_count: int = 1
+    # optimisation
+    epochs: int = 10
+    max_steps: int = 0  # > 0 stops early
+    batch_size: int = 64
+    grad_cache_chunk: int = 0  # > 0: embed in chunks of this size with gradient caching
+    lr: float = 5e-4
+    text_lr: float = 5e-5
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    augment: bool = True
+    seed: int = 0
+    threads: int = 0  # 0: leave torch's default
+    workers: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if min(self.w_contrastive, self.w_itm, self.w_caption) < 0 or \
+                self.w_contrastive + self.w_itm + self.w_caption <= 0:
+            raise ConfigError("objective weights must be >= 0 and not all 0")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
+        if self.w_itm > 0 and self.w_contrastive <= 0:
+            raise ConfigError("ITM samples hard negatives from the contrastive similarities: set w_contrastive > 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClipConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---- losses (pure functions) ---------------------------------------------------------------------------
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+              positives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between L2-normalised embeddings (B, D); ``logit_scale`` is exp(1/temperature).
+
+    ``positives`` (B, B) bool marks extra positive pairs (e.g. identical report texts, which are not
+    negatives of each other); targets are then spread uniformly over a row's positives.
+    """
+    logits = logit_scale * img @ txt.t()
+    if positives is None:
+        tgt = torch.arange(img.shape[0], device=img.device)
+        return 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.t(), tgt))
+    p = positives.float()
+    t_i = p / p.sum(1, keepdim=True)
+    t_t = p.t() / p.t().sum(1, keepdim=True)
+    return 0.5 * (-(t_i * logits.log_softmax(1)).sum(1).mean() - (t_t * logits.t().log_softmax(1)).sum(1).mean())
+
+
+def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row of ``sim`` (B, B), one column index drawn with probability softmax(sim) over the
+    non-positive columns: similar-but-wrong pairs are drawn most often. -1 where a row has no negative."""
+    w = sim.detach().float().softmax(1).masked_fill(positives, 0.0)
+    none = w.sum(1) <= 0
+    w[none] = (~positives[none]).float()  # underflow: fall back to uniform over negatives
+    out = torch.full((sim.shape[0],), -1, dtype=torch.long, device=sim.device)
+    ok = w.sum(1) > 0
+    if ok.any():
+        out[ok] = torch.multinomial(w[ok], 1, generator=generator).squeeze(1)
+    return out
+
+
+def itm_loss(fusion: ITMFusion, img_tok: torch.Tensor, txt_tok: torch.Tensor, txt_mask: torch.Tensor,
+             sim: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of match / no-match over the B positive pairs and up to 2B hard negatives."""
+    b = img_tok.shape[0]
+    neg_t = sample_hard_negatives(sim, positives)  # a hard text for each image
+    neg_i = sample_hard_negatives(sim.t(), positives.t())  # a hard image for each text
+    ar = torch.arange(b, device=img_tok.device)
+    vi, vt = neg_t >= 0, neg_i >= 0
+    ii = torch.cat([ar, ar[vi], neg_i[vt]])
+    tt = torch.cat([ar, neg_t[vi], ar[vt]])
+    labels = torch.cat([torch.ones(b), torch.zeros(int(vi.sum()) + int(vt.sum()))]).long().to(img_tok.device)
+    logits = fusion(img_tok[ii], txt_tok[tt], txt_mask[tt])
+    return F.cross_entropy(logits, labels)
+
+
+def same_text(texts: list[str]) -> torch.Tensor:
+    """(B, B) bool: report i and report j are the same text (so neither is a negative of the other)."""
+    ids = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+    k = torch.tensor([ids[t] for t in texts])
+    return k[:, None] == k[None, :]
+
+
+# ---- model ---------------------------------------------------------------------------------------------
+def image_blocks(enc: nn.Module) -> list[nn.Module]:
+    for name in ("blocks", "stages", "layers"):
+        b = getattr(enc, name, None)
+        if isinstance(b, (nn.ModuleList, nn.Sequential)):
+            return list(b)
+    return []
+
+
+def image_features(enc: nn.Module, x: torch.Tensor, tokens: bool = True) -> tuple[torch.Tensor,
+                                                                                   torch.Tensor | None]:
+    """(pooled embedding (B, D), visual tokens (B, N, D) or None).
+
+    ViTs give both from one pass (class token + patch tokens); other encoders give the deepest feature map
+    flattened to tokens (a second pass, only when tokens are needed).
+    """
+    if hasattr(enc, "patch_tokens") and hasattr(enc, "forward_tokens"):
+        t = enc.forward_tokens(enc.patch_tokens(x))
+        pooled = t[:, 0] if getattr(enc, "global_pool", "token") == "token" else t[:, 1:].mean(1)
+        return pooled, t
+    pooled = enc(x)
+    if not tokens:
+        return pooled, None
+    fmap = enc.forward_features(x)[-1]
+    return pooled, fmap.flatten(2).transpose(1, 2)
+
+
+class ClipModel(nn.Module):
+    """Image tower + text tower + projections (+ ITM fusion, + report decoder)."""
+
+    def __init__(self, cfg: ClipConfig, encoder: nn.Module, text: TextTower, vocab: WordVocab | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.text = text
+        d_img, d_txt = int(encoder.embed_dim), int(text.embed_dim)
+        self.img_proj = nn.Linear(d_img, cfg.proj_dim, bias=False)
+        self.txt_proj = nn.Linear(d_txt, cfg.proj_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.fusion = ITMFusion(d_txt, d_img, cfg.fusion_dim, cfg.fusion_depth) if cfg.w_itm > 0 else None
+        self.vocab = vocab
+        self.decoder = None
+        if cfg.w_caption > 0:
+            if vocab is None:
+                raise ConfigError("report generation needs a vocabulary built from training reports")
+            self.decoder = ReportDecoder(len(vocab), d_img, cfg.decoder_dim, cfg.decoder_depth,
+                                         max_len=cfg.max_report_len)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+
+    def needs_tokens(self) -> bool:
+        return self.fusion is not None or self.decoder is not None
+
+    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pooled, tok = image_features(self.encoder, x, tokens=self.needs_tokens())
+        return F.normalize(self.img_proj(pooled), dim=-1), tok
+
+    def embed_text_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.text.forward_tokens(ids, mask)
+        return F.normalize(self.txt_proj(mean_pool(tok, mask)), dim=-1), tok
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """L2-normalised image embeddings in the joint space (eval mode, no grad)."""
+        self.eval()
+        out = [F.normalize(self.img_proj(image_features(self.encoder, images[i:i + batch_size].to(self.device),
+                                                        tokens=False)[0]), dim=-1).cpu()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.cfg.proj_dim)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """L2-normalised text embeddings in the joint space (eval mode, no grad)."""
+        self.eval()
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = self.text.tokenize(texts[i:i + batch_size], self.cfg.max_text_len)
+            z, _ = self.embed_text_ids(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
+            out.append(z.cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.cfg.proj_dim)
+
+    @torch.no_grad()
+    def visual_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        self.eval()
+        return image_features(self.encoder, images.to(self.device), tokens=True)[1]
+
+    @torch.no_grad()
+    def match_scores(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """ITM probability that texts[i] describes images[i] (needs a model trained with w_itm > 0)."""
+        if self.fusion is None:
+            raise ConfigError("this run has no image-text matching head (train with --w-itm > 0)")
+        self.eval()
+        tok = self.text.tokenize(texts, self.cfg.max_text_len)
+        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        t = self.text.forward_tokens(ids, mask)
+        return self.fusion.match_prob(self.visual_tokens(images), t, mask).cpu()
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, beam: int = 1, max_len: int | None = None) -> list[str]:
+        """Reports written by the decoder (greedy for beam=1, else beam search)."""
+        if self.decoder is None or self.vocab is None:
+            raise ConfigError("this run has no report decoder (train with --w-caption > 0)")
+        self.eval()
+        mem = self.visual_tokens(images)
+        ids = self.decoder.generate(mem, self.vocab.bos, self.vocab.eos, max_len=max_len, beam=beam)
+        return [self.vocab.decode(s) for s in ids]
+
+    # ---- training objective ------------------------------------------------------------------------
+    def chunk_outputs(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+        zi, itok = self.embed_image(images)
+        zt, ttok = self.embed_text_ids(ids, mask)
+        return zi, zt, itok, ttok
+
+    def local_losses(self, zi: torch.Tensor, zt: torch.Tensor, itok: torch.Tensor | None,
+                     ttok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                     caption_tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The per-sample objectives (ITM, captioning) on one batch or chunk."""
+        out: dict[str, torch.Tensor] = {}
+        if self.fusion is not None and itok is not None:
+            out["itm"] = itm_loss(self.fusion, itok, ttok, mask, (zi @ zt.t()).detach(), pos)
+        if self.decoder is not None and itok is not None and caption_tokens is not None:
+            out["caption"] = self.decoder.loss(caption_tokens, itok, self.vocab.pad)
+        return out
+
+
+def build_clip(cfg: ClipConfig, train_texts: list[str] | None = None) -> ClipModel:
+    """A fresh model from a config (the image tower from scratch or from ``cfg.init_from``)."""
+    from medfm.models.io import load_encoder
+    from medfm.models.registry import create_encoder
+
+    if cfg.init_from:
+        enc = load_encoder(cfg.init_from, in_chans=cfg.in_chans, img_size=cfg.img_size)
+    else:
+        enc = create_encoder(cfg.encoder, spatial_dims=cfg.spatial_dims, in_chans=cfg.in_chans,
+                             img_size=cfg.img_size, **cfg.encoder_kwargs)
+    text = create_text_tower(cfg.text_tower, **({"path": cfg.text_path} if cfg.text_path else {}),
+                             max_length=cfg.max_text_len)
+    vocab = WordVocab.build(train_texts or [], cfg.vocab_min_count) if cfg.w_caption > 0 else None
+    model = ClipModel(cfg, enc, text, vocab)
+    lock_tower(model.encoder, image_blocks(model.encoder), cfg.lock_image)
+    lock_tower(model.text, model.text.layers(), cfg.lock_text)
+    return model
+
+
+# ---- run directory -------------------------------------------------------------------------------------
+def save_clip(model: ClipModel, out: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+    from medfm.models.io import save_encoder
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_encoder(model.encoder, out)
+    model.text.save(out / "text")
+    heads = {f"img_proj.{k}": v for k, v in model.img_proj.state_dict().items()}
+    heads |= {f"txt_proj.{k}": v for k, v in model.txt_proj.state_dict().items()}
+    heads["logit_scale"] = model.logit_scale.detach().reshape(1)
+    if model.fusion is not None:
+        heads |= {f"fusion.{k}": v for k, v in model.fusion.state_dict().items()}
+    save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, str(out / "heads.safetensors"))
+    if model.decoder is not None and model.vocab is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.decoder.state_dict().items()},
+                  str(out / "decoder.safetensors"))
+        write_json(out / "vocab.json", model.vocab.to_dict())
+    cfg = asdict(model.cfg)
+    write_json(out / "config.json", {"kind": "clip", "clip": cfg, "encoder": model.encoder.config,
+                                     "text": {"dir": "text", "embed_dim": model.text.embed_dim,
+                                              "source": model.text.config},
+                                     "environment": environment()})
+    if metrics is not None:
+        write_json(out / "metrics.json", metrics)
+    return out
+
+
+def load_clip(run_dir: str | Path, device: str | torch.device = "cpu") -> ClipModel:
+    """Rebuild a trained CLIP model from its run directory (no pickles: safetensors + JSON only)."""
+    from medfm.models.io import load_encoder
+
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise InputError(run, "not a run directory (no config.json)")
+    conf = read_json(run / "config.json")
+    if conf.get("kind") != "clip":
+        raise InputError(run, f"not a CLIP run (kind={conf.get('kind')!r}); train one with `medfm clip`")
+    cfg = ClipConfig.from_dict(conf["clip"])
+    enc = load_encoder(run)
+    text = TextTower(run / "text", max_length=cfg.max_text_len)
+    vocab = WordVocab.from_dict(read_json(run / "vocab.json")) if (run / "vocab.json").is_file() else None
+    model = ClipModel(cfg, enc, text, vocab)
+    heads = load_file(str(run / "heads.safetensors"))
+    model.img_proj.load_state_dict({k[9:]: v for k, v in heads.items() if k.startswith("img_proj.")})
+    model.txt_proj.load_state_dict({k[9:]: v for k, v in heads.items() if k.startswith("txt_proj.")})
+    with torch.no_grad():
+        model.logit_scale.copy_(heads["logit_scale"].reshape(()))
+    if model.fusion is not None:
+        model.fusion.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("fusion.")})
+    if model.decoder is not None:
+        model.decoder.load_state_dict(load_file(str(run / "decoder.safetensors")))
+    return model.to(device).eval()
+
+
+# ---- training ------------------------------------------------------------------------------------------
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Small random shift (up to 1/16 of the size) and contrast/brightness jitter; no flips (laterality)."""
+    b = x.shape[0]
+    nd = x.ndim - 2
+    shift = [int(torch.randint(-(s // 16), s // 16 + 1, (1,), generator=g)) for s in x.shape[2:]]
+    x = torch.roll(x, shifts=shift, dims=tuple(range(2, 2 + nd)))
+    c = 1 + 0.2 * (torch.rand(b, *([1] * (nd + 1)), generator=g) - 0.5)
+    br = 0.1 * (torch.rand(b, *([1] * (nd + 1)), generator=g) - 0.5)
+    return ((x - 0.5) * c + 0.5 + br).clamp(0, 1)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=os.environ.get("MEDFM_PROGRESS", "1") == "0", leave=False)
+
+
+def train_step(model: ClipModel, images: torch.Tensor, texts: list[str], ids: torch.Tensor,
+               mask: torch.Tensor, cap: torch.Tensor | None) -> dict[str, float]:
+    """One optimisation step's forward + backward (gradients accumulated in .grad, no optimizer step)."""
+    cfg = model.cfg
+    pos = same_text(texts).to(images.device)
+    b = images.shape[0]
+    if cfg.grad_cache_chunk and cfg.grad_cache_chunk < b:
+        def embed(sl: slice) -> tuple:
+            return model.chunk_outputs(images[sl], ids[sl], mask[sl])
+
+        def loss_fn(full: list[torch.Tensor]) -> torch.Tensor:
+            return cfg.w_contrastive * clip_loss(full[0], full[1], model.scale(), pos)
+
+        parts: dict[str, float] = {}
+
+        def extra(sl: slice, outs: tuple) -> torch.Tensor:
+            zi, zt, itok, ttok = outs
+            local = model.local_losses(zi, zt, itok, ttok, mask[sl], pos[sl, sl],
+                                       cap[sl] if cap is not None else None)
+            frac = (sl.stop - sl.start) / b
+            tot = torch.zeros((), device=images.device)
+            for k, v in local.items():
+                parts[k] = parts.get(k, 0.0) + float(v) * frac
+                tot = tot + getattr(cfg, f"w_{k}") * v * frac
+            return tot
+
+        closs, _ = cached_backward(embed, b, cfg.grad_cache_chunk, loss_fn, 2,
+                                   extra if model.needs_tokens() else None, images.device)
+        parts["contrastive"] = float(closs) / max(cfg.w_contrastive, 1e-12)
+        parts["loss"] = float(closs) + sum(getattr(cfg, f"w_{k}") * v for k, v in parts.items()
+                                           if k in ("itm", "caption"))
+        return parts
+    zi, zt, itok, ttok = model.chunk_outputs(images, ids, mask)
+    losses = {"contrastive": clip_loss(zi, zt, model.scale(), pos)} if cfg.w_contrastive > 0 else {}
+    losses |= model.local_losses(zi, zt, itok, ttok, mask, pos, cap)
+    total = sum(getattr(cfg, f"w_{k}") * v for k, v in losses.items())
+    total.backward()
+    return {"loss": float(total), **{k: float(v) for k, v in losses.items()}}
+
+
+def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
+    """Train on ``cfg.data`` and write the run directory ``cfg.out``; returns its path."""
+    from torch.utils.data import DataLoader
+
+    from medfm.tasks.vlm.data import ImageTextDataset, collate
+
+    if not cfg.out:
+        raise ConfigError("no output run directory given")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = _pick_device(cfg.device)
+    ds = ImageTextDataset(cfg.data, split=cfg.split, img_size=cfg.img_size, in_chans=cfg.in_chans)
+    if len(ds) < 2:
+        raise InputError(cfg.data, "need at least 2 image-report pairs")
+    if not any(t.strip() for t in ds.texts):
+        raise InputError(cfg.data, "no report text found (manifest column 'report' / 'text')")
+    model = build_clip(cfg, ds.texts).to(device)
+    tok = model.text.tokenize(ds.texts, cfg.max_text_len)  # tokenise once: the tokenizer is the slow part
+    caps = model.vocab.batch(ds.texts, cfg.max_report_len) if model.vocab is not None else None
+
+    bs = min(cfg.batch_size, len(ds))
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, collate_fn=collate,
+                        num_workers=cfg.workers, generator=g)
+    steps = cfg.epochs * len(loader)
+    if cfg.max_steps > 0:
+        steps = min(steps, cfg.max_steps) if steps else cfg.max_steps
+    text_params = [p for p in model.text.parameters() if p.requires_grad]
+    text_ids = {id(p) for p in text_params}
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in text_ids]
+    groups = [{"params": other, "lr": cfg.lr}]
+    if text_params:
+        groups.append({"params": text_params, "lr": cfg.text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup_frac * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) + 1e-3)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    history: list[dict[str, float]] = []
+    t0, step, pairs = time.perf_counter(), 0, 0
+    bar = _progress(steps, "clip") if progress else None
+    model.train()
+    while step < steps:
+        for batch in loader:
+            if step >= steps:
+                break
+            idx = batch["index"]
+            x = batch["image"].to(device)
+            if cfg.augment:
+                x = _augment(x, g)
+            ids = tok["input_ids"][idx]
+            mask = tok["attention_mask"][idx]
+            keep = int(mask.sum(1).max())  # trim the padding the whole-dataset tokenisation added
+            ids, mask = ids[:, :keep].to(device), mask[:, :keep].to(device)
+            cap = None
+            if caps is not None:
+                c = caps[idx]
+                cap = c[:, : int((c != model.vocab.pad).sum(1).max())].to(device)
+            opt.zero_grad(set_to_none=True)
+            rec = train_step(model, x, batch["text"], ids, mask, cap)
+            torch.nn.utils.clip_grad_norm_([p for gr in groups for p in gr["params"]], 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():  # CLIP's clamp, also on the stored value so it cannot drift away
+                model.logit_scale.clamp_(0, math.log(cfg.max_logit_scale))
+            step += 1
+            pairs += x.shape[0]
+            rec.update(step=step, temperature=float(1 / model.scale()))
+            history.append(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+    if bar is not None:
+        bar.close()
+    secs = time.perf_counter() - t0
+    metrics: dict[str, Any] = {
+        "steps": step, "pairs": len(ds), "train_seconds": round(secs, 2),
+        "pairs_per_s": round(pairs / max(secs, 1e-9), 2),
+        "final_loss": sum(h["loss"] for h in history[-10:]) / max(len(history[-10:]), 1),
+        "temperature": float(1 / model.scale()), "history": history,
+    }
+    if device.type == "cuda":
+        metrics["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    out = save_clip(model.cpu().eval(), cfg.out, metrics)
+    _plot_losses(history, out / "loss.png")
+    _model_card(cfg, metrics, out)
+    return out
+
+
+def _plot_losses(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in ("loss", "contrastive", "itm", "caption"):
+        ys = [h[k] for h in history if k in h]
+        if ys:
+            ax.plot(range(1, len(ys) + 1), ys, label=k, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _model_card(cfg: ClipConfig, metrics: dict[str, Any], out: Path) -> None:
+    objectives = [f"{k} (weight {getattr(cfg, 'w_' + k)})" for k in ("contrastive", "itm", "caption")
+                  if getattr(cfg, "w_" + k) > 0]
+    text = f"""# CLIP-style vision-language model
+
+- Image tower: `{cfg.init_from or cfg.encoder}` ({cfg.spatial_dims}D, {cfg.in_chans} channel(s), {cfg.img_size}px),
+  {"locked" if cfg.lock_image == 0 else "trained" if cfg.lock_image < 0 else f"last {cfg.lock_image} blocks trained"}
+- Text tower: `{cfg.text_path or cfg.text_tower}`,
+  {"locked" if cfg.lock_text == 0 else "trained" if cfg.lock_text < 0 else f"last {cfg.lock_text} layers trained"}
+- Objectives: {", ".join(objectives)}
+- Data: `{cfg.data}` (split {cfg.split}), {metrics['pairs']} image-report pairs, {metrics['steps']} steps,
+  batch {cfg.batch_size}{f" (gradient cache chunks of {cfg.grad_cache_chunk})" if cfg.grad_cache_chunk else ""}
+- Final training loss {metrics['final_loss']:.4f}, temperature {metrics['temperature']:.4f}
+
+Files: `model.safetensors` (image tower, `medfm.models.io.load_encoder`), `text/` (Hugging Face format),
+`heads.safetensors` (projections, temperature, ITM head), `decoder.safetensors` + `vocab.json` (report decoder),
+`metrics.json`, `loss.png`.
+
+Use: `medfm zeroshot RUN DATA`, `medfm retrieve RUN DATA --query ...`, `medfm report RUN IMAGE`, `medfm vqa RUN DATA`.
+Intended use: research. Zero-shot and generated reports are not validated for clinical decisions.
+"""
+    (out / "README.md").write_text(text)

@@ -1,0 +1,226 @@
+"""Adaptation: label sampling protocol, the feature methods, fine-tune / LoRA / scratch, and `medfm adapt`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from medfm.models.base import Encoder
+from medfm.tasks.adapt import AdaptConfig, Budget, parse_budgets, run_adapt, sample_labelled
+
+# ---------------------------------------------------------------- tiny fixtures (shared with test_report)
+
+
+class TinyViT(Encoder):
+    """A 2-block ViT-shaped encoder with attn.qkv / attn.proj Linear layers, 16x16 inputs."""
+
+    _family = "vit"
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.in_chans, self.img_size, self.embed_dim = 1, (16, 16), dim
+        self.patch = nn.Conv2d(1, dim, 4, 4)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"attn": nn.ModuleDict({"qkv": nn.Linear(dim, 3 * dim),
+                                                                          "proj": nn.Linear(dim, dim)}),
+                                                   "mlp": nn.Linear(dim, dim)}) for _ in range(2))
+        self.config = {"name": "tiny_test_vit", "dim": dim}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        for b in self.blocks:
+            q, k, v = b["attn"]["qkv"](t).chunk(3, dim=-1)
+            a = torch.softmax(q @ k.transpose(1, 2) / 4.0, dim=-1) @ v
+            t = t + b["attn"]["proj"](a)
+            t = t + torch.tanh(b["mlp"](t))
+        return t.mean(1)
+
+
+class TinyCNN(Encoder):
+    _family = "cnn"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_chans, self.img_size, self.embed_dim = 1, (16, 16), 8
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.config = {"name": "tiny_test_cnn"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def make_prepared(root: Path, n: int = 60, task: str = "binary", size: int = 16, seed: int = 0,
+                  splits: tuple[str, ...] = ("train", "val", "test"),
+                  sites: tuple[str, ...] = ("a", "b")) -> Path:
+    """A prepared dataset in the store layout whose label is visible (a bright square per class/label)."""
+    rng = np.random.default_rng(seed)
+    n_lab = 3
+    imgs = (rng.random((n, 1, size, size)) * 80).astype(np.uint8)
+    if task == "multilabel":
+        y = (rng.random((n, n_lab)) < 0.4).astype(int)
+        for i in range(n):
+            for j in range(n_lab):
+                if y[i, j]:
+                    imgs[i, 0, j * 5:j * 5 + 4, 2:6] = 250
+        label_cols = [f"finding{j}" for j in range(n_lab)]
+    else:
+        k = 3 if task == "multiclass" else 2
+        y = np.arange(n) % k
+        rng.shuffle(y)
+        for i in range(n):
+            if y[i]:
+                imgs[i, 0, 5 * y[i] - 4:5 * y[i], 3:8] = 250
+        label_cols = ["label"]
+    # 60 % train, 20 % val, 20 % test (by patient: two images per patient)
+    pid = np.arange(n) // 2
+    frac = (pid % 5)
+    split = np.where(frac < 3, splits[0], np.where(frac < 4, splits[1 % len(splits)], splits[-1]))
+    df = pd.DataFrame({"case_id": [f"c{i:03d}" for i in range(n)], "shard": 0, "index": np.arange(n),
+                       "split": split, "patient_id": [f"p{p:03d}" for p in pid],
+                       "study_id": "", "site": [sites[i % len(sites)] for i in range(n)], "sex": "",
+                       "age": np.nan, "report": "", "has_mask": False, "source": "synthetic",
+                       "orig_shape": "", "orig_spacing": ""})
+    if task == "multilabel":
+        for j, c in enumerate(label_cols):
+            df[c] = y[:, j]
+    else:
+        df["label"] = y
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    np.save(root / "images" / "shard-00000.npy", imgs)
+    df.to_parquet(root / "manifest.parquet", index=False)
+    (root / "summary.json").write_text(json.dumps({"format_version": 1, "n": n, "label_columns": label_cols,
+                                                   "task": task, "image_shape": [1, size, size]}))
+    return root
+
+
+# ---------------------------------------------------------------- protocol
+
+
+def test_parse_budgets_and_errors():
+    b = parse_budgets("0.1,1.0", "1,5")
+    assert b == [Budget("fraction", 0.1), Budget("fraction", 1.0), Budget("shots", 1), Budget("shots", 5)]
+    from medfm.errors import ConfigError
+
+    for bad in (("0", None), ("1.5", None), ("x", None), (None, "0"), (None, None)):
+        with pytest.raises(ConfigError):
+            parse_budgets(*bad)
+
+
+def test_fraction_sampling_is_patient_level_and_stratified():
+    rng = np.random.default_rng(1)
+    pats = np.repeat(np.arange(100), 2).astype(str)
+    y = np.repeat((rng.random(100) < 0.2).astype(int), 2)  # 20 % positives, per patient
+    idx = sample_labelled(y, pats, Budget("fraction", 0.1), seed=3)
+    chosen = set(pats[idx])
+    # whole patients only: both images of each chosen patient
+    assert all(np.sum(pats[idx] == p) == 2 for p in chosen)
+    assert set(np.unique(y[idx])) == {0, 1}
+    assert 8 <= len(chosen) <= 12
+    # different seeds give different subsets, same seed the same
+    assert not np.array_equal(idx, sample_labelled(y, pats, Budget("fraction", 0.1), seed=4))
+    assert np.array_equal(idx, sample_labelled(y, pats, Budget("fraction", 0.1), seed=3))
+    assert len(sample_labelled(y, pats, Budget("fraction", 1.0), seed=0)) == 200
+
+
+def test_k_shot_gives_k_per_class_from_distinct_patients():
+    y = np.array([0, 1, 2] * 20)
+    pats = np.arange(60).astype(str)
+    idx = sample_labelled(y, pats, Budget("shots", 5), seed=0)
+    assert np.bincount(y[idx]).tolist() == [5, 5, 5]
+    ml = np.zeros((30, 2), int)
+    ml[:10, 0] = 1
+    ml[10:20, 1] = 1
+    idx = sample_labelled(ml, np.arange(30).astype(str), Budget("shots", 2), seed=0)
+    assert ml[idx, 0].sum() >= 2 and ml[idx, 1].sum() >= 2 and (ml[idx].sum(1) == 0).sum() == 2
+
+
+# ---------------------------------------------------------------- methods end to end
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "multilabel"])
+def test_feature_methods_learn_visible_signal(tmp_path, task):
+    data = make_prepared(tmp_path / "d", n=90, task=task)
+    torch.manual_seed(0)
+    enc = TinyCNN()
+    cfg = AdaptConfig(methods=["linear", "knn", "prototype"],
+                      budgets=[Budget("fraction", 1.0), Budget("shots", 2)], seeds=2, knn_k=5)
+    res = run_adapt(enc, data, tmp_path / "out", cfg)
+    assert len(res) == 3 * 2 * 2
+    assert set(res["method"]) == {"linear", "knn", "prototype"}
+    full = res[(res.regime == "fraction") & (res.method == "linear")]
+    # the squares are obvious, so even a random-init CNN's features separate them
+    assert full["auroc"].mean() > 0.85, full
+    assert (res[res.regime == "shots"]["n_labels"] <= (6 if task != "binary" else 4) + 2).all()
+    out = tmp_path / "out"
+    for f in ("results.csv", "results.json", "summary.csv", "predictions.parquet", "config.json",
+              "embeddings.npz"):
+        assert (out / f).is_file(), f
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert preds["run_id"].nunique() == len(res)
+    # features were cached once per split; a second run reuses the cache (files unchanged)
+    cache = sorted((out / "features").glob("*.npz"))
+    assert len(cache) == 3
+    mtimes = [p.stat().st_mtime_ns for p in cache]
+    run_adapt(enc, data, out, AdaptConfig(methods=["knn"], budgets=[Budget("fraction", 1.0)], seeds=1))
+    assert [p.stat().st_mtime_ns for p in cache] == mtimes
+
+
+def test_finetune_lora_scratch_run_and_lora_merges(tmp_path):
+    from medfm.tasks.adapt.lora import load_adapter, lora_target_modules, merge
+
+    data = make_prepared(tmp_path / "d", n=40)
+    torch.manual_seed(0)
+    enc = TinyViT()
+    targets = lora_target_modules(enc)
+    assert targets and all(t.endswith(("qkv", "proj")) for t in targets)
+    assert "patch" not in targets and not any("mlp" in t for t in targets)
+    cfg = AdaptConfig(methods=["finetune", "lora", "scratch"], budgets=[Budget("fraction", 1.0)], seeds=1,
+                      steps=30, batch_size=16, threshold="youden")
+    res = run_adapt(enc, data, tmp_path / "out", cfg)
+    assert set(res["method"]) == {"finetune", "lora", "scratch"}
+    assert res[["auroc", "accuracy", "ece"]].notna().all().all()
+    info = json.loads(res.set_index("method").loc["lora", "info"])
+    adir = Path(info["adapter"])
+    assert (adir / "adapter_model.safetensors").is_file() and (adir / "adapter_config.json").is_file()
+    # the adapter is small compared with the encoder
+    n_enc = sum(p.numel() for p in enc.parameters())
+    assert info["trainable_params"] < n_enc
+    # reload the saved adapter on the base encoder, then merge: same outputs, plain module
+    model = load_adapter(enc, 1, adir).eval()
+    x = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        y_adapter = model(x)
+        merged = merge(model).eval()
+        y_merged = merged(x)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(y_adapter, y_merged, rtol=1e-4, atol=1e-5)
+    # the adapter actually changed the model (otherwise the equality above proves nothing)
+    from medfm.tasks.adapt.finetune import Classifier
+
+    base = Classifier(enc, 1).eval()
+    base.head.load_state_dict(merged.head.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(base(x), y_merged, atol=1e-4)
+
+
+def test_lora_targets_for_cnn():
+    from medfm.tasks.adapt.lora import lora_target_modules
+
+    t = lora_target_modules(TinyCNN())
+    assert t == ["net.0", "net.2"]
+
+
+def test_scratch_is_randomly_initialised():
+    from medfm.tasks.adapt.scratch import fresh_like
+
+    enc = TinyCNN()
+    fresh = fresh_like(enc, seed=1)
+    assert type(fresh) is type(enc)
+    assert not torch.equal(fresh.net[0].weight, enc.net[0].weight)

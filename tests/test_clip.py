@@ -1,0 +1,160 @@
+"""CLIP-style training: losses, gradient caching equals full-batch gradients, locking, run directory round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from medfm.errors import ConfigError, InputError
+from medfm.models.text import save_tiny_bert
+from medfm.tasks.vlm.data import write_toy_pairs
+from medfm.train.clip import (
+    ClipConfig,
+    build_clip,
+    clip_loss,
+    image_blocks,
+    load_clip,
+    same_text,
+    sample_hard_negatives,
+    train_clip,
+    train_step,
+)
+
+TINY_VIT = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return str(save_tiny_bert(tmp_path_factory.mktemp("bert")))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return str(write_toy_pairs(tmp_path_factory.mktemp("toy"), n=24, size=32))
+
+
+def tiny_cfg(bert: str, **kw) -> ClipConfig:
+    base = dict(text_tower=bert, img_size=32, encoder_kwargs=dict(TINY_VIT), lock_text=-1, fusion_dim=32,
+                decoder_dim=32, batch_size=8, epochs=1, augment=False)
+    base.update(kw)
+    return ClipConfig(**base)
+
+
+def test_clip_loss_prefers_aligned_pairs():
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    aligned = clip_loss(z, z, torch.tensor(50.0))
+    shuffled = clip_loss(z, z[torch.randperm(6)], torch.tensor(50.0))
+    assert aligned < 0.1 < shuffled
+    # Symmetric: swapping the towers gives the same loss.
+    w = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    assert torch.isclose(clip_loss(z, w, torch.tensor(10.0)), clip_loss(w, z, torch.tensor(10.0)))
+
+
+def test_clip_loss_duplicate_texts_are_not_negatives():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    pos = same_text(["a", "a", "b", "c"])  # reports 0 and 1 are the same text
+    assert pos[0, 1] and pos[1, 0] and not pos[0, 2]
+    scale = torch.tensor(10.0)
+    # Only the diagonal positive: plain InfoNCE.
+    assert torch.isclose(clip_loss(img, txt, scale, torch.eye(4, dtype=torch.bool)), clip_loss(img, txt, scale))
+    # Duplicates: the target puts half the mass on each copy, in both directions.
+    target = pos.float() / pos.float().sum(1, keepdim=True)
+    logits = scale * img @ txt.t()
+    want = 0.5 * (torch.nn.functional.cross_entropy(logits, target)
+                  + torch.nn.functional.cross_entropy(logits.t(), target))
+    assert torch.isclose(clip_loss(img, txt, scale, pos), want)
+    assert not torch.isclose(clip_loss(img, txt, scale, pos), clip_loss(img, txt, scale))
+
+
+def test_hard_negatives_skip_positives_and_favour_similar():
+    sim = torch.tensor([[1.0, 0.9, -5.0], [0.9, 1.0, -5.0], [-5.0, -5.0, 1.0]])
+    pos = torch.eye(3, dtype=torch.bool)
+    torch.manual_seed(0)
+    draws = torch.stack([sample_hard_negatives(sim * 5, pos) for _ in range(50)])
+    assert (draws != torch.arange(3)).all()  # never the matching pair
+    assert (draws[:, 0] == 1).float().mean() > 0.9  # the similar wrong report is the hard negative
+    only_pos = torch.ones(2, 2, dtype=torch.bool)
+    assert (sample_hard_negatives(torch.zeros(2, 2), only_pos) == -1).all()
+
+
+def test_gradient_cache_equals_full_batch_gradients(bert):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(bert)
+    model = build_clip(cfg)
+    model.train()
+    images = torch.rand(8, 1, 32, 32)
+    texts = [f"report {i % 5} with effusion" if i % 2 else f"normal study {i}" for i in range(8)]
+    tok = model.text.tokenize(texts)
+
+    def grads(chunk: int) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.cfg.grad_cache_chunk = chunk
+        rec = train_step(model, images, texts, tok["input_ids"], tok["attention_mask"], None)
+        assert math.isfinite(rec["loss"])
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, cached = grads(0), grads(3)
+    assert set(full) == set(cached) and "logit_scale" in full and any(n.startswith("text.") for n in full)
+    for n in full:
+        torch.testing.assert_close(cached[n], full[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_locking_keeps_only_last_blocks_trainable(bert):
+    model = build_clip(tiny_cfg(bert, lock_image=1, lock_text=0))
+    assert not any(p.requires_grad for p in model.text.parameters())
+    blocks = image_blocks(model.encoder)
+    assert all(p.requires_grad for p in blocks[-1].parameters())
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+    assert not model.encoder.patch_embed.weight.requires_grad
+    assert model.img_proj.weight.requires_grad  # heads always train
+
+
+def test_3d_image_tower_trains(bert):
+    cfg = tiny_cfg(bert, spatial_dims=3, img_size=16, encoder_kwargs={**TINY_VIT, "depth": 1}, w_itm=1.0)
+    model = build_clip(cfg)
+    texts = ["lesion present", "no lesion", "lesion present", "normal"]
+    tok = model.text.tokenize(texts)
+    rec = train_step(model, torch.rand(4, 1, 16, 16, 16), texts, tok["input_ids"], tok["attention_mask"], None)
+    assert math.isfinite(rec["loss"]) and "itm" in rec
+    assert model.encoder.patch_embed.weight.grad is not None
+
+
+def test_train_writes_run_dir_and_reloads(bert, toy, tmp_path):
+    cfg = tiny_cfg(bert, data=toy, out=str(tmp_path / "run"), w_itm=1.0, w_caption=1.0, epochs=2,
+                   grad_cache_chunk=4)
+    run = train_clip(cfg, progress=False)
+    for f in ("config.json", "model.safetensors", "heads.safetensors", "decoder.safetensors", "vocab.json",
+              "metrics.json", "loss.png", "README.md", "text/model.safetensors", "text/config.json"):
+        assert (run / f).is_file(), f
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 4 and all(math.isfinite(h["loss"]) for h in m["history"])
+    assert {"contrastive", "itm", "caption"} <= set(m["history"][0])
+    # The image tower alone loads through the shared encoder I/O.
+    from medfm.models.io import load_encoder
+
+    assert load_encoder(run).embed_dim == 32
+    model = load_clip(run)
+    x = torch.rand(3, 1, 32, 32)
+    e1, e2 = model.encode_images(x), load_clip(run).encode_images(x)
+    torch.testing.assert_close(e1, e2)
+    assert torch.allclose(e1.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert model.encode_texts(["no pleural effusion"]).shape == (1, cfg.proj_dim)
+    reports = model.generate(x[:1], beam=2, max_len=12)
+    assert isinstance(reports[0], str)
+    p = model.match_scores(x[:2], ["a", "b"])
+    assert p.shape == (2,) and ((p >= 0) & (p <= 1)).all()
+
+
+def test_bad_inputs_give_one_line_errors(bert, tmp_path):
+    with pytest.raises(InputError, match="no such dataset"):
+        train_clip(tiny_cfg(bert, data=str(tmp_path / "missing"), out=str(tmp_path / "r")))
+    with pytest.raises(ConfigError):
+        ClipConfig(w_contrastive=0, w_itm=0, w_caption=0)
+    with pytest.raises(InputError, match="not a run directory"):
+        load_clip(tmp_path)
