@@ -81,11 +81,11 @@ def test_bootstrap_patient_level_is_wider_for_correlated_images():
     def fn(a, b):
         return binary_metrics(a, b)
 
-    ci_img = bootstrap_ci(fn, y, p, None, n_boot=200, seed=1)["auroc"]
-    ci_pat = bootstrap_ci(fn, y, p, groups, n_boot=200, seed=1)["auroc"]
+    ci_img = bootstrap_ci(fn, y, p, None, n_boot=100, seed=1)["auroc"]
+    ci_pat = bootstrap_ci(fn, y, p, groups, n_boot=100, seed=1)["auroc"]
     assert ci_img["lo"] <= ci_img["value"] <= ci_img["hi"]
     assert (ci_pat["hi"] - ci_pat["lo"]) > 1.8 * (ci_img["hi"] - ci_img["lo"])
-    assert ci_pat["n_boot"] == 200
+    assert ci_pat["n_boot"] == 100
 
 
 def test_evaluate_table_layouts_and_errors(tmp_path):

@@ -90,6 +90,20 @@ def test_timm_vit_matches(tmp_path, fmt):
         assert resized.grid == (4, 4) and resized(torch.randn(1, 1, 64, 64)).shape == (1, 192)
 
 
+def test_timm_dinov2_with_registers_matches(tmp_path):
+    import timm
+
+    torch.manual_seed(0)  # no_embed_class layout: class/register tokens carry no position embedding
+    src = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, depth=2,
+                            num_classes=0).eval()
+    _save_state(src.state_dict(), tmp_path / "reg.safetensors")
+    enc = load_encoder(tmp_path / "reg.safetensors").eval()
+    assert enc.num_register_tokens == 4 and enc.blocks[0].attn.num_heads == 6
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(enc(x), src(x), atol=1e-5)
+
+
 def test_timm_convnext_matches(tmp_path):
     import timm
 

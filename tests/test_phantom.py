@@ -159,7 +159,7 @@ def test_ct_nifti_layout_and_spacing(tmp_path: Path) -> None:
         assert np.array_equal(v, c.image)
         assert np.median(v[c.organs == 1]) < -600  # air-filled lung in HU
     vol, mask, rec = generate_ct_case(0, seed=0, size=24)
-    assert vol.shape == mask.shape == (24, 24, 24) and rec["modality"] if "modality" in rec else True
+    assert vol.shape == mask.shape == (24, 24, 24) and vol.dtype == np.int16 and "report" in rec
 
 
 def test_cli_writes_layout(tmp_path: Path) -> None:
@@ -167,7 +167,8 @@ def test_cli_writes_layout(tmp_path: Path) -> None:
 
     out = tmp_path / "cli"
     res = CliRunner().invoke(app, ["data", "phantom", "--kind", "cxr", "--n", "3", "--out", str(out),
-                                   "--size", "48", "--mask-set", "findings", "--montage", str(tmp_path / "m.png")])
+                                   "--size", "48", "--mask-set", "findings",
+                                   "--montage", str(tmp_path / "m.png")])
     assert res.exit_code == 0, res.output
     man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     for col in ["case_id", "image", "mask", "report", "patient_id", "study_id", "site", "sex", "age", "split",

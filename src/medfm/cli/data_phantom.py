@@ -11,7 +11,8 @@ def phantom(
     kind: str = typer.Option("cxr", "--kind", help="cxr: 2D chest radiographs (PNG); ct3d: chest CT volumes "
                              "(NIfTI, HU)."),
     n: int = typer.Option(200, "--n", help="Number of cases (studies) to generate."),
-    out: Path = typer.Option(..., "--out", help="Output folder (images/, masks/, manifest.csv, dataset.json). "
+    out: Path = typer.Option(..., "--out", help="Output folder (images/, masks/, manifest.csv, "
+                             "dataset.json). "
                              "Re-running skips cases whose files exist."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
     size: int = typer.Option(0, "--size", help="Image side in pixels (cxr, default 256) or voxels per axis "
@@ -20,8 +21,10 @@ def phantom(
     mask_set: str = typer.Option("organs", "--mask-set", help="Label map in the manifest's `mask` column: "
                                  "organs, findings, or all (organs with findings on top). Organ and finding "
                                  "maps are always written too (columns mask_organs, mask_findings)."),
-    workers: int = typer.Option(1, "--workers", help="Processes rendering in parallel (output is identical)."),
-    montage_png: Path | None = typer.Option(None, "--montage", help="Also write a 16-case contact sheet PNG."),
+    workers: int = typer.Option(1, "--workers",
+                                help="Processes rendering in parallel (output is identical)."),
+    montage_png: Path | None = typer.Option(None, "--montage",
+                                            help="Also write a 16-case contact sheet PNG."),
 ) -> None:
     """Generate a synthetic chest X-ray or chest CT set with masks, reports, patients, sites and splits."""
     from medfm.data.phantom import montage, write_phantom

@@ -271,11 +271,12 @@ def _jobs(rows: pd.DataFrame, modality: str | None) -> list[tuple[str, str, str]
     ]
 
 
-def _results(jobs: list, pool: ProcessPoolExecutor | None) -> Iterator[dict[str, Any]]:
+def _results(jobs: list, pool: ProcessPoolExecutor | None, workers: int) -> Iterator[dict[str, Any]]:
+    """Results in job order; a pool decodes ahead within the shard (never beyond it)."""
     if pool is None:
         yield from map(process_case, jobs)
     else:
-        yield from pool.map(process_case, jobs, chunksize=max(1, len(jobs) // (8 * pool._max_workers)))
+        yield from pool.map(process_case, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -326,6 +327,11 @@ def prepare(
 
     # Resume bookkeeping.
     if out.exists() and overwrite:
+        # Only ever delete what prepare wrote: a dataset (finished or not) or an empty folder.
+        if not (
+            (out / "summary.json").is_file() or (out / PROGRESS_FILE).is_file() or not any(out.iterdir())
+        ):
+            raise ConfigError(f"{out} is not a prepared dataset; refusing to delete it with --overwrite")
         shutil.rmtree(out)
     state: dict[str, Any] = {
         "fingerprint": fp,
@@ -395,7 +401,7 @@ def prepare(
             images: np.ndarray | None = None
             masks: np.ndarray | None = None
             keep, prov, shard_skipped = [], [], []
-            for (idx, row), res in zip(rows.iterrows(), _results(_jobs(rows, m.modality), pool)):
+            for (idx, row), res in zip(rows.iterrows(), _results(_jobs(rows, m.modality), pool, cfg.workers)):
                 if bar is not None:
                     bar.advance(task)
                 if res["ok"] and state["dims"] is not None and res["dims"] != state["dims"]:

@@ -75,15 +75,20 @@ def timm_vit_to_medfm(
     dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[2]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     pos = sd["pos_embed"]
-    n_patch_pos = pos.shape[1] - 1 if "cls_token" in sd else pos.shape[1]
-    side = _grid_side(n_patch_pos)
+    # The class token has its own position unless the model was built with no_embed_class (DINOv2-reg).
+    n = pos.shape[1]
+    has_cls_pos = "cls_token" in sd and round((n - 1) ** 0.5) ** 2 == n - 1
+    side = _grid_side(n - 1 if has_cls_pos else n)
     out: dict[str, torch.Tensor] = {"patch_embed.weight": w, "patch_embed.bias": sd["patch_embed.proj.bias"]}
     if "cls_token" in sd:
         out["cls_token"] = sd["cls_token"]
-        has_cls_pos = pos.shape[1] == side * side + 1
         out["cls_pos"] = pos[:, :1] if has_cls_pos else torch.zeros_like(sd["cls_token"])
-        out["pos_embed"] = pos[:, 1:] if has_cls_pos else pos
-    skip = ("patch_embed.proj.", "pos_embed", "cls_token", "head.", "fc_norm.")
+    out["pos_embed"] = pos[:, 1:] if has_cls_pos else pos
+    if "reg_token" in sd:
+        if has_cls_pos:
+            raise ValueError("register tokens with position-embedded prefix tokens are not supported")
+        out["reg_tokens"] = sd["reg_token"]
+    skip = ("patch_embed.proj.", "pos_embed", "cls_token", "reg_token", "head.", "fc_norm.")
     for k, v in sd.items():
         if not k.startswith(skip):
             out[k] = v
@@ -100,6 +105,7 @@ def timm_vit_to_medfm(
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
         pos_embed="learned",
         layer_scale=1.0 if "blocks.0.ls1.gamma" in sd else None,
+        num_register_tokens=out["reg_tokens"].shape[1] if "reg_tokens" in out else 0,
         norm_eps=1e-6,
     )
     return cfg, out, (side, side)

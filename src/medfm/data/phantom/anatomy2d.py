@@ -58,7 +58,8 @@ def _poly(fr: Frame, pts: np.ndarray) -> np.ndarray:
     return np.asarray(im, dtype=bool)
 
 
-def _lines(fr: Frame, curves: list[np.ndarray], width: float, values: list[float] | None = None) -> np.ndarray:
+def _lines(fr: Frame, curves: list[np.ndarray], width: float, values: list[float] | None = None
+           ) -> np.ndarray:
     im = Image.new("F", (fr.size, fr.size), 0.0)
     d = ImageDraw.Draw(im)
     w = max(1, int(round(width * fr.scale)))
@@ -153,7 +154,8 @@ def render_cxr(rec: dict[str, Any], site: Site, size: int, r: np.random.Generato
     th, ratio = np.deg2rad(32), 1.3
     hb = hw / np.sqrt((ratio * np.cos(th)) ** 2 + np.sin(th) ** 2)
     ha = ratio * hb
-    hcx, hcy = hw / 3.0, min(dome_l, dome_r) + 0.06 - 0.55 * np.sqrt((ha * np.sin(th)) ** 2 + (hb * np.cos(th)) ** 2)
+    half_h = np.sqrt((ha * np.sin(th)) ** 2 + (hb * np.cos(th)) ** 2)
+    hcx, hcy = hw / 3.0, min(dome_l, dome_r) + 0.06 - 0.55 * half_h
     Xr = (X - hcx) * np.cos(th) + (Y - hcy) * np.sin(th)
     Yr = -(X - hcx) * np.sin(th) + (Y - hcy) * np.cos(th)
     heart_t = _ellipse(Xr, Yr, 0.0, 0.0, ha, hb)
@@ -233,7 +235,8 @@ def render_cxr(rec: dict[str, Any], site: Site, size: int, r: np.random.Generato
             dome = dome_r if side == "right" else dome_l
             h = _EFF_HEIGHT[rec["effusion_size"]] * (cp - apex)
             lateral = np.clip((X * sx - 0.1) / (0.95 * W - 0.1), 0, 1)
-            top = cp - (cp - dome + h) * (0.35 + 0.65 * lateral ** 1.2)  # meniscus: higher at the lateral wall
+            # Meniscus: the fluid climbs higher at the lateral wall.
+            top = cp - (cp - dome + h) * (0.35 + 0.65 * lateral ** 1.2)
             fluid |= lung_poly[side] & (Y > top)
         fluid &= ~heart
         soft = ndi.gaussian_filter(fluid.astype(np.float32), 0.006 * S + 0.3)
@@ -250,10 +253,10 @@ def render_cxr(rec: dict[str, Any], site: Site, size: int, r: np.random.Generato
     if rec["cardiomegaly"]:
         fmasks["cardiomegaly"] = heart
 
-    # --- bones -------------------------------------------------------------------------------------------------
+    # --- bones ----------------------------------------------------------------------------------------------
     A += _bones(fr, r, W, X, Y, cp_r)
 
-    # --- detector -----------------------------------------------------------------------------------------------
+    # --- detector -------------------------------------------------------------------------------------------
     D = np.clip(A / 1.55, 0, None)
     lo, hi = site.window
     D = np.clip((D - lo) / (hi - lo), 0, 1) ** site.gamma
@@ -279,7 +282,8 @@ def _vessels(fr: Frame, r: np.random.Generator, W: float, X: np.ndarray, Y: np.n
             t = np.linspace(0, 1, 6)[:, None]
             bend = r.uniform(-0.25, 0.25)
             a = ang + bend * t[:, 0]
-            pts = np.stack([sx * (0.17 + length * t[:, 0] * np.cos(a)), -0.08 + length * t[:, 0] * np.sin(a)], 1)
+            rad = length * t[:, 0]
+            pts = np.stack([sx * (0.17 + rad * np.cos(a)), -0.08 + rad * np.sin(a)], 1)
             curves.append(pts)
             vals.append(float(r.uniform(0.6, 1.0)))
     v = _lines(fr, curves, 0.012, vals)
@@ -288,7 +292,8 @@ def _vessels(fr: Frame, r: np.random.Generator, W: float, X: np.ndarray, Y: np.n
     return v * np.clip(1.1 - hd / 0.75, 0, 1)
 
 
-def _bones(fr: Frame, r: np.random.Generator, W: float, X: np.ndarray, Y: np.ndarray, cp: float) -> np.ndarray:
+def _bones(fr: Frame, r: np.random.Generator, W: float, X: np.ndarray, Y: np.ndarray, cp: float
+           ) -> np.ndarray:
     S = fr.size
     # Spine: vertebral bodies with darker disc spaces, pedicles as bright ovals.
     period = 0.085

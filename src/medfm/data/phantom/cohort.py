@@ -179,8 +179,9 @@ def plan_case(kind: str, index: int, seed: int, sites: list[Site]) -> dict[str, 
     pat = make_patient(seed, number, n_studies, sites)
     f = pat.studies[k]
     rec: dict[str, Any] = {
-        "case_id": case_id(kind, index), "patient_id": pat.patient_id, "study_id": f"{pat.patient_id}-{k + 1}",
-        "study_number": k + 1, "site": pat.site.name, "sex": pat.sex, "age": f["age"], "split": split_of(number),
+        "case_id": case_id(kind, index), "patient_id": pat.patient_id,
+        "study_id": f"{pat.patient_id}-{k + 1}", "study_number": k + 1, "site": pat.site.name,
+        "sex": pat.sex, "age": f["age"], "split": split_of(number),
         "view": pat.site.view if kind == "cxr" else "axial",
     }
     for name in FINDINGS:
@@ -189,7 +190,8 @@ def plan_case(kind: str, index: int, seed: int, sites: list[Site]) -> dict[str, 
         nodule_size_mm=f.get("nodule_size_mm", 0.0), nodule_side=f.get("nodule_side", ""),
         nodule_zone=f.get("nodule_zone", ""), nodule_lobe=f.get("nodule_lobe", ""),
         effusion_side=f.get("effusion_side", ""), effusion_size=f.get("effusion_size", ""),
-        consolidation_side=f.get("consolidation_side", ""), consolidation_zone=f.get("consolidation_zone", ""),
+        consolidation_side=f.get("consolidation_side", ""),
+        consolidation_zone=f.get("consolidation_zone", ""),
         consolidation_lobe=f.get("consolidation_lobe", ""), pneumothorax_side=f.get("pneumothorax_side", ""),
         pneumothorax_size=f.get("pneumothorax_size", ""), ctr=f["ctr"],
     )

@@ -44,7 +44,7 @@ def _tube(Z: np.ndarray, Y: np.ndarray, X: np.ndarray, pts: np.ndarray, radius: 
 
 def render_ct(rec: dict[str, Any], site: Site, size: int, r: np.random.Generator
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """Render one CT volume. Returns (int16 HU (D, H, W), organ label map, finding label map, measurements)."""
+    """Render one CT volume: (int16 HU (D, H, W), organ label map, finding label map, measurements)."""
     sz, sy, sx = ct_spacing(site, size)
     n = size
     c = (np.arange(n, dtype=np.float32) - n / 2 + 0.5)
@@ -68,7 +68,8 @@ def render_ct(rec: dict[str, Any], site: Site, size: int, r: np.random.Generator
     for side, sign in (("right", 1.0), ("left", -1.0)):
         cx = sign * (22 + lx)
         q = ((X - cx) / lx) ** 2 + ((Y + 5) / ly) ** 2 + ((Z - 5) / lz) ** 2
-        dome = -95 + (12 if side == "right" else 0) + 45 * np.clip(1 - ((X - cx) / lx) ** 2 - (Y / ly) ** 2, 0, 1)
+        bump = np.clip(1 - ((X - cx) / lx) ** 2 - (Y / ly) ** 2, 0, 1)
+        dome = -95 + (12 if side == "right" else 0) + 45 * bump
         lungs[side] = (q <= 1.0) & (Z > dome) & (X * sign > 20)
     lung_hi_z, lung_lo_z = 5 + lz, -95.0
 

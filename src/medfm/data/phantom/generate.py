@@ -25,8 +25,9 @@ from medfm.runs import write_json
 
 KINDS = ("cxr", "ct3d")
 MASK_SETS = ("organs", "findings", "all")
-EXTRA_COLUMNS = ["nodule_size_mm", "nodule_side", "nodule_zone", "nodule_lobe", "effusion_side", "effusion_size",
-                 "consolidation_side", "consolidation_zone", "consolidation_lobe", "pneumothorax_side",
+EXTRA_COLUMNS = ["nodule_size_mm", "nodule_side", "nodule_zone", "nodule_lobe", "effusion_side",
+                 "effusion_size", "consolidation_side", "consolidation_zone", "consolidation_lobe",
+                 "pneumothorax_side",
                  "pneumothorax_size", "ctr", "spacing_mm", "view", "study_number"]
 MANIFEST_COLUMNS = ["case_id", "image", "mask", "mask_organs", "mask_findings", "report", "patient_id",
                     "study_id", "site", "sex", "age", "split", *FINDINGS, *EXTRA_COLUMNS]

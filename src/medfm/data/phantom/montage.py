@@ -24,7 +24,6 @@ def _load_png(path: Path) -> np.ndarray:
 def _ct_views(img_path: Path, mask_path: Path | None) -> np.ndarray:
     """Axial slice (through the largest finding, else mid-heart) beside a coronal slice, lung window."""
     import nibabel as nib
-
     from scipy import ndimage as ndi
 
     nii = nib.load(str(img_path))

@@ -85,7 +85,8 @@ def _positive(r: np.random.Generator, name: str, rec: dict[str, Any], kind: str)
                              f"There is a {size} {s} pneumothorax."])
         return _pick(r, [
             f"{size.capitalize()} {s} apical pneumothorax.",
-            f"There is a {size} {s} pneumothorax with a visible pleural line and a lucent periphery devoid of lung markings.",
+            f"There is a {size} {s} pneumothorax with a visible pleural line and a lucent periphery "
+            "devoid of lung markings.",
             f"Visceral pleural line in the {s} hemithorax, consistent with a {size} pneumothorax.",
         ])
     raise KeyError(name)
@@ -121,7 +122,8 @@ def make_report(rec: dict[str, Any], r: np.random.Generator, kind: str = "cxr") 
     if kind == "ct":
         sentences.append(_pick(r, ["CT of the chest without contrast.", "Axial CT images of the thorax."]))
     if prior is not None:
-        sentences.append(_pick(r, ["Comparison is made with the prior study.", "Compared with the prior exam."]))
+        sentences.append(_pick(r, ["Comparison is made with the prior study.",
+                                   "Compared with the prior exam."]))
     for n in order:
         s = _positive(r, n, rec, kind)
         if n == "nodule" and rec.get("_prior_nodule_mm"):
@@ -155,7 +157,8 @@ def make_report(rec: dict[str, Any], r: np.random.Generator, kind: str = "cxr") 
             side = rec.get(f"{n}_side", "")
             parts.append(f"{side.capitalize()} {name}." if side else f"{name.capitalize()}.")
         if rec["nodule"]:
-            parts.append(_pick(r, ["Recommend CT follow-up of the nodule.", "Follow-up of the nodule advised."]))
+            parts.append(_pick(r, ["Recommend CT follow-up of the nodule.",
+                                   "Follow-up of the nodule advised."]))
         impression = " ".join(f"{i + 1}. {p}" for i, p in enumerate(parts))
     return "FINDINGS: " + " ".join(sentences) + "\nIMPRESSION: " + impression
 

@@ -62,8 +62,10 @@ def make_sites(n: int = 3) -> list[Site]:
         r = np.random.default_rng([7919, j])
         sites.append(Site(
             f"site_{chr(ord('a') + j) if j < 26 else j}", "generated site",
-            gamma=float(r.uniform(0.75, 1.4)), window=(float(r.uniform(-0.1, 0.08)), float(r.uniform(0.95, 1.15))),
-            noise=float(r.uniform(0.008, 0.04)), blur=float(r.uniform(0.4, 1.3)), zoom=float(r.uniform(0.88, 1.1)),
+            gamma=float(r.uniform(0.75, 1.4)),
+            window=(float(r.uniform(-0.1, 0.08)), float(r.uniform(0.95, 1.15))),
+            noise=float(r.uniform(0.008, 0.04)), blur=float(r.uniform(0.4, 1.3)),
+            zoom=float(r.uniform(0.88, 1.1)),
             offset=(float(r.uniform(-0.03, 0.03)), float(r.uniform(-0.04, 0.04))),
             markers=(str(r.choice(["L", "R", "AP", "PA"])),), marker_corner=str(r.choice(["tl", "tr"])),
             bit_depth=int(r.choice([8, 12])), view=str(r.choice(["PA", "AP"])),
