@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--mae-steps", type=int, default=600)
     ap.add_argument("--prompt-steps", type=int, default=300)
     ap.add_argument("--labels", default="10,50,all")
+    ap.add_argument("--feature-size", type=int, default=8, help="UNETR decoder width (8 keeps CPU runs short)")
     ap.add_argument("--methods", default="pretrained,scratch,monai_unet")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "lung_seg.json"))
@@ -89,7 +90,7 @@ def main() -> None:
     test_sz = load_pairs(args.data, "test", "shenzhen", args.size)
     test_mc = load_pairs(args.data, None, "montgomery", args.size)
     print(f"data: {len(train)} train, {len(test_sz)} shenzhen test, {len(test_mc)} montgomery ({time.time()-t0:.0f}s)")
-    res: dict = {"setup": {"size": args.size, "steps": args.steps, "batch_size": 8, "encoder": ENC_KW,
+    res: dict = {"setup": {"size": args.size, "steps": args.steps, "feature_size": args.feature_size, "batch_size": 8, "encoder": ENC_KW,
                            "hd95_units": "pixels of the 256 px grid (PNG has no spacing)",
                            "environment": environment()}, "runs": []}
     if Path(args.out).is_file():
@@ -108,7 +109,8 @@ def main() -> None:
                                  encoder_kwargs={} if method == "pretrained" else dict(ENC_KW),
                                  decoder="monai_unet" if method == "monai_unet" else "auto",
                                  n_labels=n_labels, steps=args.steps, batch_size=8, lr=1e-3,
-                                 encoder_lr_scale=0.3 if method == "pretrained" else 1.0, progress=False)
+                                 encoder_lr_scale=0.3 if method == "pretrained" else 1.0, progress=False,
+                                 feature_size=args.feature_size)
             sub = select_labels(train, n_labels, 0)
             model = build_model(cfg, 2, 1, [args.size, args.size], 2)
             secs = fit(model, sub, [args.size, args.size], cfg)

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: medfm round trips, external timm / Hugging Face weights (numerically checked), bad files."""
+"""Checkpoint I/O: medfm round trips, external timm / HF weights (numerically checked), bad files."""
 
 from __future__ import annotations
 
@@ -150,8 +150,9 @@ def test_cli_import_external(tmp_path):
     from medfm.cli.app import app
 
     _save_state(_timm_vit().state_dict(), tmp_path / "timm.safetensors")
-    res = CliRunner().invoke(app, ["models", "import", str(tmp_path / "timm.safetensors"), str(tmp_path / "run"),
-                                   "--in-chans", "1", "--img-size", "48"])
+    args = ["models", "import", str(tmp_path / "timm.safetensors"), str(tmp_path / "run"), "--in-chans", "1",
+            "--img-size", "48"]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     enc = load_encoder(tmp_path / "run")
     assert enc.in_chans == 1 and enc.img_size == (48, 48)

