@@ -37,7 +37,9 @@ def mini_mae(images: torch.Tensor, size: int, steps: int, seed: int = 0) -> Path
     torch.manual_seed(seed)
     enc = create_encoder("vit_tiny", img_size=size, **ENC_KW)
     p = ENC_KW["patch_size"]
-    dec = torch.nn.Sequential(torch.nn.Linear(enc.embed_dim, 128), torch.nn.GELU(), torch.nn.Linear(128, p * p))
+    dec = torch.nn.Sequential(
+        torch.nn.Linear(enc.embed_dim, 128), torch.nn.GELU(), torch.nn.Linear(128, p * p)
+    )
     mask_tok = torch.nn.Parameter(torch.zeros(1, 1, enc.embed_dim))
     opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters(), mask_tok], lr=1.5e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)
@@ -66,7 +68,9 @@ def mini_mae(images: torch.Tensor, size: int, steps: int, seed: int = 0) -> Path
             print(f"mae step {step} loss {float(loss):.4f}", flush=True)
     out = RESULTS / "runs" / "mini_mae"
     save_encoder(enc, out)
-    write_json(out / "config.json", {"objective": "mae (benchmark fallback)", "steps": steps, "encoder": enc.config})
+    write_json(
+        out / "config.json", {"objective": "mae (benchmark fallback)", "steps": steps, "encoder": enc.config}
+    )
     return out
 
 
@@ -79,7 +83,9 @@ def main() -> None:
     ap.add_argument("--mae-steps", type=int, default=600)
     ap.add_argument("--prompt-steps", type=int, default=300)
     ap.add_argument("--labels", default="10,50,all")
-    ap.add_argument("--feature-size", type=int, default=8, help="UNETR decoder width (8 keeps CPU runs short)")
+    ap.add_argument(
+        "--feature-size", type=int, default=8, help="UNETR decoder width (8 keeps CPU runs short)"
+    )
     ap.add_argument("--methods", default="pretrained,scratch,monai_unet")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "lung_seg.json"))
@@ -89,10 +95,22 @@ def main() -> None:
     train = load_pairs(args.data, "train", "shenzhen", args.size)
     test_sz = load_pairs(args.data, "test", "shenzhen", args.size)
     test_mc = load_pairs(args.data, None, "montgomery", args.size)
-    print(f"data: {len(train)} train, {len(test_sz)} shenzhen test, {len(test_mc)} montgomery ({time.time()-t0:.0f}s)")
-    res: dict = {"setup": {"size": args.size, "steps": args.steps, "feature_size": args.feature_size, "batch_size": 8, "encoder": ENC_KW,
-                           "hd95_units": "pixels of the 256 px grid (PNG has no spacing)",
-                           "environment": environment()}, "runs": []}
+    print(
+        f"data: {len(train)} train, {len(test_sz)} shenzhen test, {len(test_mc)} montgomery "
+        f"({time.time() - t0:.0f}s)"
+    )
+    res: dict = {
+        "setup": {
+            "size": args.size,
+            "steps": args.steps,
+            "feature_size": args.feature_size,
+            "batch_size": 8,
+            "encoder": ENC_KW,
+            "hd95_units": "pixels of the 256 px grid (PNG has no spacing)",
+            "environment": environment(),
+        },
+        "runs": [],
+    }
     if Path(args.out).is_file():
         res["runs"] = json.loads(Path(args.out).read_text()).get("runs", [])
     pre = args.pretrained
@@ -105,20 +123,32 @@ def main() -> None:
     for n in args.labels.split(","):
         n_labels = None if n == "all" else int(n)
         for method in methods:
-            cfg = SegTrainConfig(encoder=pre if method == "pretrained" else "vit_tiny",
-                                 encoder_kwargs={} if method == "pretrained" else dict(ENC_KW),
-                                 decoder="monai_unet" if method == "monai_unet" else "auto",
-                                 n_labels=n_labels, steps=args.steps, batch_size=8, lr=1e-3,
-                                 encoder_lr_scale=0.3 if method == "pretrained" else 1.0, progress=False,
-                                 feature_size=args.feature_size)
+            cfg = SegTrainConfig(
+                encoder=pre if method == "pretrained" else "vit_tiny",
+                encoder_kwargs={} if method == "pretrained" else dict(ENC_KW),
+                decoder="monai_unet" if method == "monai_unet" else "auto",
+                n_labels=n_labels,
+                steps=args.steps,
+                batch_size=8,
+                lr=1e-3,
+                encoder_lr_scale=0.3 if method == "pretrained" else 1.0,
+                progress=False,
+                feature_size=args.feature_size,
+            )
             sub = select_labels(train, n_labels, 0)
             model = build_model(cfg, 2, 1, [args.size, args.size], 2)
             secs = fit(model, sub, [args.size, args.size], cfg)
-            row = {"method": method, "n_labels": len(sub), "train_seconds": round(secs, 1),
-                   "shenzhen_test": evaluate_model(model, test_sz, 2, class_names=["lung"])["lung"],
-                   "montgomery": evaluate_model(model, test_mc, 2, class_names=["lung"])["lung"]}
+            row = {
+                "method": method,
+                "n_labels": len(sub),
+                "train_seconds": round(secs, 1),
+                "shenzhen_test": evaluate_model(model, test_sz, 2, class_names=["lung"])["lung"],
+                "montgomery": evaluate_model(model, test_mc, 2, class_names=["lung"])["lung"],
+            }
             print(json.dumps(row), flush=True)
-            res["runs"] = [r for r in res["runs"] if (r["method"], r["n_labels"]) != (method, len(sub))] + [row]
+            res["runs"] = [r for r in res["runs"] if (r["method"], r["n_labels"]) != (method, len(sub))] + [
+                row
+            ]
             write_json(args.out, res)
     if args.prompt_steps:
         from medfm.models.io import load_encoder
@@ -126,16 +156,34 @@ def main() -> None:
         from medfm.tasks.segment.prompts import evaluate_box_prompts, train_promptable_steps
 
         torch.manual_seed(0)
-        model = build_promptable(load_encoder(pre), args.size, prompt_dim=128, decoder_depth=2, decoder_heads=4,
-                                 decoder_mlp_dim=512, iou_head_hidden_dim=128)
+        model = build_promptable(
+            load_encoder(pre),
+            args.size,
+            prompt_dim=128,
+            decoder_depth=2,
+            decoder_heads=4,
+            decoder_mlp_dim=512,
+            iou_head_hidden_dim=128,
+        )
         t = time.time()
-        train_promptable_steps(model, train.images, train.masks, steps=args.prompt_steps, batch_size=8, lr=1e-3,
-                               encoder_lr_scale=0.3)
+        train_promptable_steps(
+            model,
+            train.images,
+            train.masks,
+            steps=args.prompt_steps,
+            batch_size=8,
+            lr=1e-3,
+            encoder_lr_scale=0.3,
+        )
         secs = time.time() - t
-        row = {"method": "promptable_box_per_lung", "n_labels": len(train), "train_seconds": round(secs, 1),
-               "shenzhen_test": evaluate_box_prompts(model, test_sz.images, test_sz.masks),
-               "montgomery": evaluate_box_prompts(model, test_mc.images, test_mc.masks),
-               "note": "Dice at the training size (128 px) of the union of one-box-per-lung masks"}
+        row = {
+            "method": "promptable_box_per_lung",
+            "n_labels": len(train),
+            "train_seconds": round(secs, 1),
+            "shenzhen_test": evaluate_box_prompts(model, test_sz.images, test_sz.masks),
+            "montgomery": evaluate_box_prompts(model, test_mc.images, test_mc.masks),
+            "note": "Dice at the training size (128 px) of the union of one-box-per-lung masks",
+        }
         print(json.dumps(row), flush=True)
         res["runs"] = [r for r in res["runs"] if r["method"] != row["method"]] + [row]
     res["total_seconds"] = round(time.time() - t0, 1)
@@ -144,16 +192,22 @@ def main() -> None:
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    lines = ["# Lung segmentation (Shenzhen train; Shenzhen test and all Montgomery)", "",
-             f"Setup: {json.dumps({k: v for k, v in res['setup'].items() if k != 'environment'})}", "",
-             "| method | labelled | Dice SZ | HD95 SZ | SurfDice SZ | Dice MC | HD95 MC | SurfDice MC | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Lung segmentation (Shenzhen train; Shenzhen test and all Montgomery)",
+        "",
+        f"Setup: {json.dumps({k: v for k, v in res['setup'].items() if k != 'environment'})}",
+        "",
+        "| method | labelled | Dice SZ | HD95 SZ | SurfDice SZ | Dice MC | HD95 MC | SurfDice MC | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["runs"]:
         a, b = r["shenzhen_test"], r["montgomery"]
-        lines.append(f"| {r['method']} | {r['n_labels']} | {a['dice']:.3f} | {a.get('hd95_mm', float('nan')):.1f} | "
-                     f"{a.get('surface_dice', float('nan')):.3f} | {b['dice']:.3f} | "
-                     f"{b.get('hd95_mm', float('nan')):.1f} | {b.get('surface_dice', float('nan')):.3f} | "
-                     f"{r['train_seconds']} |")
+        lines.append(
+            f"| {r['method']} | {r['n_labels']} | {a['dice']:.3f} | {a.get('hd95_mm', float('nan')):.1f} | "
+            f"{a.get('surface_dice', float('nan')):.3f} | {b['dice']:.3f} | "
+            f"{b.get('hd95_mm', float('nan')):.1f} | {b.get('surface_dice', float('nan')):.3f} | "
+            f"{r['train_seconds']} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -105,6 +105,28 @@ def test_gradient_cache_equals_full_batch_gradients(bert):
         torch.testing.assert_close(cached[n], full[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_cached_locked_text_blocks_give_same_gradients(bert):
+    torch.manual_seed(0)
+    model = build_clip(tiny_cfg(bert, lock_text=1))  # block 0 locked: its outputs can be cached
+    assert model.text_cache_layer == 1
+    images = torch.rand(6, 1, 32, 32)
+    texts = ["no effusion", "small effusion", "nodule", "normal", "no nodule", "effusion and nodule"]
+    tok = model.text.tokenize(texts)
+    hidden = model.text.hidden_at(tok["input_ids"], tok["attention_mask"], 1)
+
+    def grads(h, chunk):
+        model.zero_grad(set_to_none=True)
+        model.cfg.grad_cache_chunk = chunk
+        train_step(model, images, texts, tok["input_ids"], tok["attention_mask"], None, h)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, cached, both = grads(None, 0), grads(hidden, 0), grads(hidden, 4)
+    assert any(n.startswith("text.model.encoder.layer.1.") for n in plain)
+    for n in plain:
+        torch.testing.assert_close(cached[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(both[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_locking_keeps_only_last_blocks_trainable(bert):
     model = build_clip(tiny_cfg(bert, lock_image=1, lock_text=0))
     assert not any(p.requires_grad for p in model.text.parameters())

@@ -36,7 +36,9 @@ def test_nt_xent_matches_definition() -> None:
 def test_multi_positive_reduces_to_nt_xent_and_counts_group_members() -> None:
     torch.manual_seed(1)
     z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
-    assert torch.isclose(multi_positive_nt_xent(z1, z2, torch.arange(6), 0.2), nt_xent(z1, z2, 0.2), atol=1e-6)
+    assert torch.isclose(
+        multi_positive_nt_xent(z1, z2, torch.arange(6), 0.2), nt_xent(z1, z2, 0.2), atol=1e-6
+    )
     # by hand for groups [0, 0, 1]: anchor 0 has positives {1, 3, 4} (other same-group items and views)
     g = torch.tensor([0, 0, 1])
     a, b = torch.randn(3, 4), torch.randn(3, 4)
@@ -54,9 +56,12 @@ def test_multi_positive_reduces_to_nt_xent_and_counts_group_members() -> None:
     pid = torch.tensor([0, 0, 1, 1, 2, 2])
     clustered = (torch.randn(3, 4) * 3)[pid]
     scattered = torch.randn(6, 4) * 3
-    loss = {name: multi_positive_nt_xent(c + 0.1 * torch.randn(6, 4), c + 0.1 * torch.randn(6, 4), pid, 0.1)
-            for name, c in (("clustered", clustered), ("scattered", scattered))}
+    loss = {
+        name: multi_positive_nt_xent(c + 0.1 * torch.randn(6, 4), c + 0.1 * torch.randn(6, 4), pid, 0.1)
+        for name, c in (("clustered", clustered), ("scattered", scattered))
+    }
     assert loss["clustered"] < loss["scattered"]
+
 
 @pytest.mark.parametrize("shape,size", [((1, 40, 48), (32, 32)), ((1, 20, 24, 28), (16, 16, 16))])
 def test_view_augment_shapes_range_determinism(shape, size) -> None:

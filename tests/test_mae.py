@@ -11,8 +11,16 @@ from medfm.train.mae import MAE, mae_loss, patchify, random_masking, save_recons
 
 
 def tiny_vit(spatial_dims: int = 2, img: int = 16, patch: int = 4, depth: int = 1, chans: int = 1):
-    return create_encoder("vit_tiny", spatial_dims=spatial_dims, in_chans=chans, img_size=img, patch_size=patch,
-                          depth=depth, embed_dim=32, num_heads=2)
+    return create_encoder(
+        "vit_tiny",
+        spatial_dims=spatial_dims,
+        in_chans=chans,
+        img_size=img,
+        patch_size=patch,
+        depth=depth,
+        embed_dim=32,
+        num_heads=2,
+    )
 
 
 @pytest.mark.parametrize("dims,chans", [(2, 1), (2, 3), (3, 1)])
@@ -117,7 +125,14 @@ def test_mae_learns_on_tiny_data(tmp_path) -> None:
 
 
 def test_mae_rejects_cnn_encoder() -> None:
-    cnn = create_encoder("convnext_lk_tiny", spatial_dims=2, in_chans=1, img_size=32, depths=[1, 1, 1, 1],
-                         dims=[8, 16, 32, 64], kernel_size=3)
+    cnn = create_encoder(
+        "convnext_lk_tiny",
+        spatial_dims=2,
+        in_chans=1,
+        img_size=32,
+        depths=[1, 1, 1, 1],
+        dims=[8, 16, 32, 64],
+        kernel_size=3,
+    )
     with pytest.raises(ConfigError, match="token API"):
         MAE(cnn)

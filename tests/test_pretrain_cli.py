@@ -38,11 +38,35 @@ def test_help_explains_options() -> None:
 
 def test_mae_run_directory(ds2d, tmp_path) -> None:
     out = tmp_path / "run"
-    res = invoke(["pretrain", "mae", str(ds2d), "--out", str(out), "--img-size", "32", "--patch-size", "8",
-                  "--steps", "6", *TINY_VIT, *COMMON])
+    res = invoke(
+        [
+            "pretrain",
+            "mae",
+            str(ds2d),
+            "--out",
+            str(out),
+            "--img-size",
+            "32",
+            "--patch-size",
+            "8",
+            "--steps",
+            "6",
+            *TINY_VIT,
+            *COMMON,
+        ]
+    )
     assert res.exit_code == 0, res.output
-    for name in ("config.json", "model.safetensors", "metrics.json", "README.md", "loss_curve.png",
-                 "reconstructions.png", "checkpoints/last.ckpt", "logs/train.csv", "logs/csv/metrics.csv"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "metrics.json",
+        "README.md",
+        "loss_curve.png",
+        "reconstructions.png",
+        "checkpoints/last.ckpt",
+        "logs/train.csv",
+        "logs/csv/metrics.csv",
+    ):
         assert (out / name).is_file(), name
     assert list((out / "logs" / "tensorboard").glob("events.out.tfevents*"))
     cfg = json.loads((out / "config.json").read_text())
@@ -61,17 +85,51 @@ def test_mae_run_directory(ds2d, tmp_path) -> None:
     assert ck["global_step"] == 6
     # a different encoder on the same --out is refused instead of silently resuming
     with pytest.raises(ConfigError, match="different run"):
-        raise_from(invoke(["pretrain", "mae", str(ds2d), "--out", str(out), "--img-size", "32", "--steps", "8",
-                           "--encoder-args", '{"depth": 2, "embed_dim": 32, "num_heads": 2}', *COMMON]))
+        raise_from(
+            invoke(
+                [
+                    "pretrain",
+                    "mae",
+                    str(ds2d),
+                    "--out",
+                    str(out),
+                    "--img-size",
+                    "32",
+                    "--steps",
+                    "8",
+                    "--encoder-args",
+                    '{"depth": 2, "embed_dim": 32, "num_heads": 2}',
+                    *COMMON,
+                ]
+            )
+        )
 
 
 def test_contrastive_patient_positives_cnn_pooled(ds2d, tmp_path) -> None:
     other = write_synthetic_dataset(tmp_path / "b", n=16, size=24, seed=5)
     out = tmp_path / "run"
-    res = invoke(["pretrain", "contrastive", f"{ds2d},{other}", "--out", str(out), "--img-size", "32",
-                  "--encoder", "convnext_lk_tiny", "--encoder-args",
-                  '{"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 32], "kernel_size": 3}',
-                  "--positives", "patient", "--steps", "4", "--proj-dim", "16", *COMMON])
+    res = invoke(
+        [
+            "pretrain",
+            "contrastive",
+            f"{ds2d},{other}",
+            "--out",
+            str(out),
+            "--img-size",
+            "32",
+            "--encoder",
+            "convnext_lk_tiny",
+            "--encoder-args",
+            '{"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 32], "kernel_size": 3}',
+            "--positives",
+            "patient",
+            "--steps",
+            "4",
+            "--proj-dim",
+            "16",
+            *COMMON,
+        ]
+    )
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
     assert [d["images"] for d in cfg["data"]] == [24, 16]
@@ -86,8 +144,28 @@ def test_contrastive_patient_positives_cnn_pooled(ds2d, tmp_path) -> None:
 def test_mae_3d_crops(tmp_path) -> None:
     vols = write_synthetic_dataset(tmp_path / "v", n=6, size=20, spatial_dims=3)
     out = tmp_path / "run3d"
-    res = invoke(["pretrain", "mae", str(vols), "--out", str(out), "--spatial-dims", "3", "--img-size", "16",
-                  "--patch-size", "8", "--steps", "3", *TINY_VIT, "--workers", "0", "--batch-size", "2"])
+    res = invoke(
+        [
+            "pretrain",
+            "mae",
+            str(vols),
+            "--out",
+            str(out),
+            "--spatial-dims",
+            "3",
+            "--img-size",
+            "16",
+            "--patch-size",
+            "8",
+            "--steps",
+            "3",
+            *TINY_VIT,
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert (out / "reconstructions.png").is_file()
     assert medfm.load_encoder(out).spatial_dims == 3
@@ -99,8 +177,21 @@ def test_bad_inputs_give_one_line_errors(ds2d, tmp_path) -> None:
     with pytest.raises(ConfigError, match="positives"):
         raise_from(invoke(["pretrain", "contrastive", str(ds2d), "--positives", "site"]))
     with pytest.raises(ConfigError, match="2D images"):
-        raise_from(invoke(["pretrain", "mae", str(ds2d), "--spatial-dims", "3", "--out", str(tmp_path / "r2"),
-                           "--workers", "0"]))
+        raise_from(
+            invoke(
+                [
+                    "pretrain",
+                    "mae",
+                    str(ds2d),
+                    "--spatial-dims",
+                    "3",
+                    "--out",
+                    str(tmp_path / "r2"),
+                    "--workers",
+                    "0",
+                ]
+            )
+        )
     with pytest.raises(ConfigError, match="JSON"):
         raise_from(invoke(["pretrain", "mae", str(ds2d), "--encoder-args", "{depth"]))
 

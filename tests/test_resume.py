@@ -28,10 +28,32 @@ def rows(path):
 def test_kill_and_resume(tmp_path) -> None:
     ds = write_synthetic_dataset(tmp_path / "ds", n=32, size=32)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "medfm.cli.app", "pretrain", "mae", str(ds), "--out", str(out),
-           "--img-size", "32", "--patch-size", "8", "--batch-size", "16", "--steps", str(STEPS),
-           "--ckpt-every", "5", "--log-every", "1", "--workers", "0",
-           "--encoder-args", '{"depth": 2, "embed_dim": 64, "num_heads": 2}']
+    cmd = [
+        sys.executable,
+        "-m",
+        "medfm.cli.app",
+        "pretrain",
+        "mae",
+        str(ds),
+        "--out",
+        str(out),
+        "--img-size",
+        "32",
+        "--patch-size",
+        "8",
+        "--batch-size",
+        "16",
+        "--steps",
+        str(STEPS),
+        "--ckpt-every",
+        "5",
+        "--log-every",
+        "1",
+        "--workers",
+        "0",
+        "--encoder-args",
+        '{"depth": 2, "embed_dim": 64, "num_heads": 2}',
+    ]
     env = {**os.environ, "MEDFM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     history = out / "logs" / "train.csv"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -1,4 +1,4 @@
-"""Promptable (SAM-style) segmentation: prompt encoder, mask decoder, prompt simulation, SAM checkpoint loading."""
+"""Promptable (SAM-style) segmentation: prompt/mask decoders, prompt simulation, SAM checkpoints."""
 
 from __future__ import annotations
 
@@ -12,8 +12,21 @@ from medfm.models.seg.sam import SAMImageEncoder, build_promptable, load_sam_che
 from medfm.tasks.segment.prompts import box_from_mask, components, sample_points
 
 
-def official_sam_shapes(dim=32, depth=4, heads=2, patch=8, grid=4, window=2, glob=(1, 3), pd=32, mlp=64,
-                        dec_depth=2, in_chans=3, mask_in=16, n_mask_tokens=4):
+def official_sam_shapes(
+    dim=32,
+    depth=4,
+    heads=2,
+    patch=8,
+    grid=4,
+    window=2,
+    glob=(1, 3),
+    pd=32,
+    mlp=64,
+    dec_depth=2,
+    in_chans=3,
+    mask_in=16,
+    n_mask_tokens=4,
+):
     """Key names and shapes of an official SAM checkpoint (segment_anything layout), at a reduced size.
 
     Written out from the published key layout (not from medfm's modules) so the test catches any key the
@@ -24,21 +37,34 @@ def official_sam_shapes(dim=32, depth=4, heads=2, patch=8, grid=4, window=2, glo
         "image_encoder.patch_embed.proj.weight": (dim, in_chans, patch, patch),
         "image_encoder.patch_embed.proj.bias": (dim,),
         "image_encoder.neck.0.weight": (pd, dim, 1, 1),
-        "image_encoder.neck.1.weight": (pd,), "image_encoder.neck.1.bias": (pd,),
+        "image_encoder.neck.1.weight": (pd,),
+        "image_encoder.neck.1.bias": (pd,),
         "image_encoder.neck.2.weight": (pd, pd, 3, 3),
-        "image_encoder.neck.3.weight": (pd,), "image_encoder.neck.3.bias": (pd,),
+        "image_encoder.neck.3.weight": (pd,),
+        "image_encoder.neck.3.bias": (pd,),
     }
     hd = dim // heads
     for i in range(depth):
         b = f"image_encoder.blocks.{i}."
         r = grid if i in glob else window
-        s.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,),
-                  b + "attn.rel_pos_h": (2 * r - 1, hd), b + "attn.rel_pos_w": (2 * r - 1, hd),
-                  b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
-                  b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
-                  b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
-                  b + "mlp.lin1.weight": (4 * dim, dim), b + "mlp.lin1.bias": (4 * dim,),
-                  b + "mlp.lin2.weight": (dim, 4 * dim), b + "mlp.lin2.bias": (dim,)})
+        s.update(
+            {
+                b + "norm1.weight": (dim,),
+                b + "norm1.bias": (dim,),
+                b + "attn.rel_pos_h": (2 * r - 1, hd),
+                b + "attn.rel_pos_w": (2 * r - 1, hd),
+                b + "attn.qkv.weight": (3 * dim, dim),
+                b + "attn.qkv.bias": (3 * dim,),
+                b + "attn.proj.weight": (dim, dim),
+                b + "attn.proj.bias": (dim,),
+                b + "norm2.weight": (dim,),
+                b + "norm2.bias": (dim,),
+                b + "mlp.lin1.weight": (4 * dim, dim),
+                b + "mlp.lin1.bias": (4 * dim,),
+                b + "mlp.lin2.weight": (dim, 4 * dim),
+                b + "mlp.lin2.bias": (dim,),
+            }
+        )
     p = "prompt_encoder."
     s[p + "pe_layer.positional_encoding_gaussian_matrix"] = (2, pd // 2)
     for i in range(4):
@@ -46,11 +72,20 @@ def official_sam_shapes(dim=32, depth=4, heads=2, patch=8, grid=4, window=2, glo
     s[p + "not_a_point_embed.weight"] = (1, pd)
     s[p + "no_mask_embed.weight"] = (1, pd)
     q = mask_in // 4
-    s.update({p + "mask_downscaling.0.weight": (q, 1, 2, 2), p + "mask_downscaling.0.bias": (q,),
-              p + "mask_downscaling.1.weight": (q,), p + "mask_downscaling.1.bias": (q,),
-              p + "mask_downscaling.3.weight": (mask_in, q, 2, 2), p + "mask_downscaling.3.bias": (mask_in,),
-              p + "mask_downscaling.4.weight": (mask_in,), p + "mask_downscaling.4.bias": (mask_in,),
-              p + "mask_downscaling.6.weight": (pd, mask_in, 1, 1), p + "mask_downscaling.6.bias": (pd,)})
+    s.update(
+        {
+            p + "mask_downscaling.0.weight": (q, 1, 2, 2),
+            p + "mask_downscaling.0.bias": (q,),
+            p + "mask_downscaling.1.weight": (q,),
+            p + "mask_downscaling.1.bias": (q,),
+            p + "mask_downscaling.3.weight": (mask_in, q, 2, 2),
+            p + "mask_downscaling.3.bias": (mask_in,),
+            p + "mask_downscaling.4.weight": (mask_in,),
+            p + "mask_downscaling.4.bias": (mask_in,),
+            p + "mask_downscaling.6.weight": (pd, mask_in, 1, 1),
+            p + "mask_downscaling.6.bias": (pd,),
+        }
+    )
 
     def attn(prefix, inner):
         for n in ("q_proj", "k_proj", "v_proj"):
@@ -65,20 +100,36 @@ def official_sam_shapes(dim=32, depth=4, heads=2, patch=8, grid=4, window=2, glo
         attn(f"{lay}.cross_attn_image_to_token", pd // 2)
         for n in range(1, 5):
             s[f"{lay}.norm{n}.weight"], s[f"{lay}.norm{n}.bias"] = (pd,), (pd,)
-        s.update({f"{lay}.mlp.lin1.weight": (mlp, pd), f"{lay}.mlp.lin1.bias": (mlp,),
-                  f"{lay}.mlp.lin2.weight": (pd, mlp), f"{lay}.mlp.lin2.bias": (pd,)})
+        s.update(
+            {
+                f"{lay}.mlp.lin1.weight": (mlp, pd),
+                f"{lay}.mlp.lin1.bias": (mlp,),
+                f"{lay}.mlp.lin2.weight": (pd, mlp),
+                f"{lay}.mlp.lin2.bias": (pd,),
+            }
+        )
     attn(f"{m}transformer.final_attn_token_to_image", pd // 2)
     s[f"{m}transformer.norm_final_attn.weight"], s[f"{m}transformer.norm_final_attn.bias"] = (pd,), (pd,)
     s[m + "iou_token.weight"], s[m + "mask_tokens.weight"] = (1, pd), (n_mask_tokens, pd)
-    s.update({m + "output_upscaling.0.weight": (pd, pd // 4, 2, 2), m + "output_upscaling.0.bias": (pd // 4,),
-              m + "output_upscaling.1.weight": (pd // 4,), m + "output_upscaling.1.bias": (pd // 4,),
-              m + "output_upscaling.3.weight": (pd // 4, pd // 8, 2, 2), m + "output_upscaling.3.bias": (pd // 8,)})
+    s.update(
+        {
+            m + "output_upscaling.0.weight": (pd, pd // 4, 2, 2),
+            m + "output_upscaling.0.bias": (pd // 4,),
+            m + "output_upscaling.1.weight": (pd // 4,),
+            m + "output_upscaling.1.bias": (pd // 4,),
+            m + "output_upscaling.3.weight": (pd // 4, pd // 8, 2, 2),
+            m + "output_upscaling.3.bias": (pd // 8,),
+        }
+    )
     for t in range(n_mask_tokens):
         for j, (a, b) in enumerate([(pd, pd), (pd, pd), (pd, pd // 8)]):
             s[f"{m}output_hypernetworks_mlps.{t}.layers.{j}.weight"] = (b, a)
             s[f"{m}output_hypernetworks_mlps.{t}.layers.{j}.bias"] = (b,)
     for j, (a, b) in enumerate([(pd, 16), (16, 16), (16, n_mask_tokens)]):
-        s[f"{m}iou_prediction_head.layers.{j}.weight"], s[f"{m}iou_prediction_head.layers.{j}.bias"] = (b, a), (b,)
+        s[f"{m}iou_prediction_head.layers.{j}.weight"], s[f"{m}iou_prediction_head.layers.{j}.bias"] = (
+            (b, a),
+            (b,),
+        )
     return s
 
 
@@ -108,8 +159,11 @@ def test_loads_official_layout_consuming_every_key(tmp_path, suffix):
     x = torch.rand(2, 1, 32, 32)  # grey input is repeated to the checkpoint's 3 channels
     masks, iou = model(x, boxes=torch.tensor([[4.0, 4.0, 20.0, 20.0], [0.0, 8.0, 31.0, 30.0]]))
     assert masks.shape == (2, 3, 32, 32) and iou.shape == (2, 3)
-    one, _ = model(x, points=(torch.tensor([[[10.0, 12.0]]] * 2), torch.ones(2, 1, dtype=torch.long)),
-                   multimask_output=False)
+    one, _ = model(
+        x,
+        points=(torch.tensor([[[10.0, 12.0]]] * 2), torch.ones(2, 1, dtype=torch.long)),
+        multimask_output=False,
+    )
     assert one.shape == (2, 1, 32, 32) and torch.isfinite(one).all()
 
 
@@ -135,8 +189,16 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_windowed_attention_pads_non_multiple_grids():
-    enc = SAMImageEncoder(img_size=40, patch_size=8, in_chans=1, embed_dim=16, depth=2, num_heads=2, window_size=3,
-                          global_attn_indexes=(1,))
+    enc = SAMImageEncoder(
+        img_size=40,
+        patch_size=8,
+        in_chans=1,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+        window_size=3,
+        global_attn_indexes=(1,),
+    )
     feats = enc.forward_features(torch.rand(1, 1, 40, 40))
     assert len(feats) == 4 and feats[-1].shape == (1, 16, 5, 5)
 
@@ -164,15 +226,16 @@ def test_promptable_learns_box_prompts():
 
     torch.manual_seed(0)
     enc = create_encoder("vit_tiny", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
-    model = build_promptable(enc, 32, prompt_dim=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64,
-                             iou_head_hidden_dim=32)
+    model = build_promptable(
+        enc, 32, prompt_dim=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32
+    )
     g = torch.Generator().manual_seed(0)
     imgs, masks = [], []
     for _ in range(8):
         m = torch.zeros(32, 32, dtype=torch.long)
         for lab in (1, 2):
             y, x = torch.randint(0, 22, (2,), generator=g).tolist()
-            m[y:y + 9, x:x + 9] = lab
+            m[y : y + 9, x : x + 9] = lab
         masks.append(m)
         imgs.append((m > 0).float()[None] * 0.7 + 0.1)
     images, masks = torch.stack(imgs), torch.stack(masks)

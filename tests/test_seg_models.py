@@ -30,7 +30,8 @@ class TinyCNN(Encoder):
         chans = [in_chans, *self.feature_dims]
         self.stages = nn.ModuleList(
             nn.Sequential(conv(chans[i], chans[i + 1], 4 if i == 0 else 2, 4 if i == 0 else 2), nn.GELU())
-            for i in range(4))
+            for i in range(4)
+        )
 
     def forward_features(self, x):
         feats = []
@@ -44,8 +45,15 @@ class TinyCNN(Encoder):
 
 
 def tiny_vit(spatial_dims=2, img=32, patch=8):
-    return create_encoder("vit_tiny", spatial_dims=spatial_dims, img_size=img, patch_size=patch, depth=2,
-                          embed_dim=32, num_heads=2)
+    return create_encoder(
+        "vit_tiny",
+        spatial_dims=spatial_dims,
+        img_size=img,
+        patch_size=patch,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+    )
 
 
 @pytest.mark.parametrize("dims,shape", [(2, (32, 32)), (2, (48, 40)), (3, (16, 16, 16))])
@@ -72,7 +80,7 @@ def test_unetr_rejects_multiscale_maps():
 
 @pytest.mark.parametrize("kind", ["vit", "cnn", "unet"])
 def test_overfits_a_disk(kind):
-    """A few dozen Adam steps on one image must fit a simple shape far above chance (learning works end to end)."""
+    """A few dozen Adam steps on one image must fit a simple shape far above chance."""
     torch.manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
     mask = (((yy - 14) ** 2 + (xx - 18) ** 2) < 64).long()[None]

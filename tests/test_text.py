@@ -37,6 +37,12 @@ def test_local_directory_tower_save_reload_and_lock(tmp_path):
     tower.save(tmp_path / "copy")
     again = create_text_tower("hf_local", path=str(tmp_path / "copy"))
     torch.testing.assert_close(again.encode(["no pneumothorax"]), e)
+    # Cached states of the locked lower blocks + the upper blocks == the full forward.
+    tower.eval()
+    full = tower.forward_tokens(tok["input_ids"], tok["attention_mask"])
+    split = tower.forward_from(tower.hidden_at(tok["input_ids"], tok["attention_mask"], 2), tok["attention_mask"], 2)
+    valid = tok["attention_mask"].bool()
+    torch.testing.assert_close(split[valid], full[valid], rtol=1e-5, atol=1e-5)
     lock_tower(tower, tower.layers(), unlocked_layers=1)
     trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
     assert trainable and all(".layer.2." in n for n in trainable)

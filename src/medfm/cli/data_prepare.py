@@ -94,7 +94,8 @@ def prepare_cmd(
     )
     summary = prepare(src, out, cfg, overwrite=overwrite)
     Console().print(
-        f"prepared {summary['n_cases']} cases ({summary['n_skipped']} skipped, see {out / 'summary.json'})"
+        f"prepared {summary['n_cases']} cases ({summary['n_skipped']} skipped, see {out / 'summary.json'})",
+        soft_wrap=True,  # one line, whatever the terminal width (scripts grep it)
     )
 
 

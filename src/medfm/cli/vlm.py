@@ -190,8 +190,6 @@ def retrieve(
         return
     qp = Path(query)
     if qp.suffix and qp.is_file():
-        from medfm.tasks.vlm.data import ImageTextDataset  # noqa: F401 (same reader as the datasets)
-
         q = model.encode_images(_read_image(qp, model)[None])
         modality, what = "text", "reports nearest to the image"
     elif qp.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".gz", ".npy") and not qp.exists():
@@ -213,16 +211,15 @@ def _read_image(path: Path, model: Any) -> Any:
     import numpy as np
     import torch
 
-    from medfm.data.readers.image import read_image
-    from medfm.tasks.vlm.data import resize_image
+    from medfm.tasks.vlm.data import read_normalized, resize_image
 
     if path.suffix.lower() == ".npy":
         a = np.load(path, allow_pickle=False).astype(np.float32)
         a = a[None] if a.ndim == model.cfg.spatial_dims else a
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     else:
-        a = np.asarray(read_image(path, grey=model.cfg.in_chans == 1).array, dtype=np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        a = read_normalized(path, model.cfg.in_chans)
     return resize_image(torch.from_numpy(a), model.cfg.img_size)
 
 

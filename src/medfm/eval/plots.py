@@ -50,11 +50,15 @@ def label_efficiency(results: pd.DataFrame, metric: str = "auroc", reference: di
             ax.text(ax.get_xlim()[0] if i else 0.01, val, f" {name}", va="bottom", fontsize=8,
                     transform=ax.get_yaxis_transform() if not i else ax.get_yaxis_transform())
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        xs = sorted(set(sub["n_labels"].groupby(sub["budget"]).mean().round().astype(int)))
+        ax.set_xticks(xs)
         ax.set_xlabel("labelled training images")
         ax.set_ylabel(metric.upper() if metric == "auroc" else metric.replace("_", " "))
         ax.set_title(titles[regime])
         _style(ax)
-        ax.legend(fontsize=8, frameon=False)
+    axes[0, -1].legend(fontsize=8, frameon=True, framealpha=0.85, loc="best")
     fig.tight_layout()
     return fig
 
@@ -138,9 +142,12 @@ def prediction_grid(images: np.ndarray, y_true: list[str], y_pred: list[str], pr
         ax.axis("off")
     for i in range(n):
         ax = axes.ravel()[i]
-        img = np.asarray(images[i], dtype=np.float32)
+        raw = np.asarray(images[i])
+        img = raw.astype(np.float32)
         img = img[0] if img.ndim == 3 else img
-        ax.imshow(img, cmap="gray")
+        # fixed grey scale for stored 8-bit images, so contrast is comparable across thumbnails
+        vmin, vmax = (0, 255) if raw.dtype == np.uint8 else (None, None)
+        ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax)
         ok = y_true[i] == y_pred[i]
         ax.set_title(f"true {y_true[i]}\npred {y_pred[i]} ({probs[i]:.2f})", fontsize=7,
                      color="#1a7f37" if ok else "#c62828")

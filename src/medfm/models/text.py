@@ -90,6 +90,31 @@ class TextTower(nn.Module):
         return mean_pool(self.forward_tokens(input_ids, attention_mask), attention_mask)
 
     @torch.no_grad()
+    def hidden_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        """Token states entering block ``layer`` (0 = the embeddings), without grad and without dropout.
+
+        With the first ``layer`` blocks locked these never change, so training caches them once and runs
+        only the unlocked blocks each step (``forward_from``) — most of a text tower's cost saved.
+        """
+        was = self.model.training
+        self.model.eval()
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        self.model.train(was)
+        return out.hidden_states[layer]
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        """Run blocks ``layer..end`` on cached states from ``hidden_at``; returns the final token states."""
+        # BERT-style blocks take an additive mask broadcast over heads and query positions.
+        ext = torch.zeros(attention_mask.shape[0], 1, 1, attention_mask.shape[1], dtype=hidden.dtype,
+                          device=hidden.device)
+        ext = ext.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(hidden.dtype).min)
+        h = hidden
+        for block in self.layers()[layer:]:
+            h = block(h, ext)
+            h = h[0] if isinstance(h, tuple) else h
+        return h
+
+    @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
         """Embed a list of strings (eval mode, no grad), L2-normalised by default."""
         was = self.training

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 CATALOG: dict[str, tuple[str, str]] = {
     "mae": ("medfm.train.mae", "Masked autoencoder: reconstruct 75% hidden patches (ViT encoders)."),
-    "contrastive": ("medfm.train.contrastive",
-                    "SimCLR contrastive learning; positives by augmentation, same patient or same study."),
+    "contrastive": (
+        "medfm.train.contrastive",
+        "SimCLR contrastive learning; positives by augmentation, same patient or same study.",
+    ),
 }

@@ -31,8 +31,9 @@ def resize(img: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         return img
     mode = "bilinear" if img.ndim == 3 else "trilinear"
     shrink = any(s < o for s, o in zip(size, img.shape[1:]))
-    out = F.interpolate(img[None], size=size, mode=mode, align_corners=False,
-                        antialias=bool(shrink and img.ndim == 3))
+    out = F.interpolate(
+        img[None], size=size, mode=mode, align_corners=False, antialias=bool(shrink and img.ndim == 3)
+    )
     return out[0]
 
 
@@ -63,9 +64,13 @@ def center_crop(img: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return img[(slice(None), *(slice(a, a + t) for a, t in zip(starts, size)))]
 
 
-def random_resized_crop(img: torch.Tensor, size: tuple[int, ...], g: torch.Generator,
-                        scale: tuple[float, float] = (0.4, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+def random_resized_crop(
+    img: torch.Tensor,
+    size: tuple[int, ...],
+    g: torch.Generator,
+    scale: tuple[float, float] = (0.4, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
     """Crop a random box covering ``scale`` of the area (volume in 3D), then resize to ``size``.
 
     The aspect ratio is drawn for the last two (in-plane) axes; in 3D the depth extent follows the area scale.
@@ -99,13 +104,20 @@ def random_rotate(img: torch.Tensor, g: torch.Generator, max_deg: float = 10.0) 
     if img.ndim == 3:
         theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=img.dtype)[None]
     else:  # grid coords are (x=W, y=H, z=D): rotate x/y, keep z
-        theta = torch.tensor([[c, -s, 0.0, 0.0], [s, c, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], dtype=img.dtype)[None]
+        theta = torch.tensor([[c, -s, 0.0, 0.0], [s, c, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], dtype=img.dtype)[
+            None
+        ]
     grid = F.affine_grid(theta, [1, *img.shape], align_corners=False)
     return F.grid_sample(img[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
 
 
-def random_intensity(img: torch.Tensor, g: torch.Generator, brightness: float = 0.1, contrast: float = 0.2,
-                     gamma: tuple[float, float] = (0.7, 1.5)) -> torch.Tensor:
+def random_intensity(
+    img: torch.Tensor,
+    g: torch.Generator,
+    brightness: float = 0.1,
+    contrast: float = 0.2,
+    gamma: tuple[float, float] = (0.7, 1.5),
+) -> torch.Tensor:
     """Gamma, contrast and brightness changes of a [0, 1] image (what differs between scanners/protocols)."""
     out = img.clamp(0, 1)
     if gamma[0] != 1 or gamma[1] != 1:
@@ -123,7 +135,9 @@ def gaussian_noise(img: torch.Tensor, g: torch.Generator, max_std: float = 0.05)
     return img + std * torch.randn(img.shape, generator=g, dtype=img.dtype)
 
 
-def gaussian_blur(img: torch.Tensor, g: torch.Generator, sigma: tuple[float, float] = (0.1, 1.0)) -> torch.Tensor:
+def gaussian_blur(
+    img: torch.Tensor, g: torch.Generator, sigma: tuple[float, float] = (0.1, 1.0)
+) -> torch.Tensor:
     """Separable gaussian blur over all spatial axes."""
     s = _uniform(g, *sigma)
     radius = max(1, math.ceil(2 * s))

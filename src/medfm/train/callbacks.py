@@ -46,8 +46,9 @@ class AtomicCheckpoint(L.Callback):
         trainer.strategy.barrier("medfm-ckpt")
         self._last_saved = step
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step % self.every == 0:
             self.save(trainer)
 
@@ -67,7 +68,7 @@ class ResumeStream(L.Callback):
 
 
 class LossHistory(L.Callback):
-    """Append (step, loss, lr, images/s, wall time) to ``logs/train.csv`` every ``every`` steps, flushed at once.
+    """Append (step, loss, lr, images/s, wall time) to ``logs/train.csv`` every ``every`` steps.
 
     Appending (rather than rewriting) keeps the rows of a killed run; a resumed run adds rows after them.
     Readers keep the last row per step (a resumed run may repeat the steps after its last checkpoint).
@@ -105,8 +106,9 @@ class LossHistory(L.Callback):
             return float("nan")
         return done * self.batch_size * trainer.world_size / (time.perf_counter() - self.first_step_end)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.first_step_end is None:
             self.first_step_end = time.perf_counter()
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -115,8 +117,14 @@ class LossHistory(L.Callback):
         if not trainer.is_global_zero or (step % self.every and step != trainer.max_steps):
             return
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
-        row = [step, f"{self.last_loss:.6g}", f"{lr:.6g}", f"{self.throughput(trainer):.2f}",
-               f"{time.perf_counter() - self.t0:.2f}", self.launch]
+        row = [
+            step,
+            f"{self.last_loss:.6g}",
+            f"{lr:.6g}",
+            f"{self.throughput(trainer):.2f}",
+            f"{time.perf_counter() - self.t0:.2f}",
+            self.launch,
+        ]
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow(row)
             f.flush()
@@ -143,8 +151,9 @@ class RankReport(L.Callback):
         self.batches = 0
         self.indices: list[int] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.batches += 1
         if isinstance(batch, dict) and "index" in batch and len(self.indices) < 100_000:
             self.indices.extend(int(i) for i in batch["index"])
@@ -153,7 +162,14 @@ class RankReport(L.Callback):
         with torch.no_grad():
             checksum = float(sum(p.detach().double().sum() for p in pl_module.parameters()))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        rec = {"rank": trainer.global_rank, "world_size": trainer.world_size, "batches": self.batches,
-               "images": len(self.indices), "distinct_images": len(set(self.indices)),
-               "param_checksum": checksum, "global_step": trainer.global_step}
+        rec = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "batches": self.batches,
+            "images": len(self.indices),
+            "distinct_images": len(set(self.indices)),
+            "first_indices": self.indices[:32],
+            "param_checksum": checksum,
+            "global_step": trainer.global_step,
+        }
         (self.log_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(rec, indent=2))

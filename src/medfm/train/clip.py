@@ -216,8 +216,21 @@ class ClipModel(nn.Module):
         pooled, tok = image_features(self.encoder, x, tokens=self.needs_tokens())
         return F.normalize(self.img_proj(pooled), dim=-1), tok
 
-    def embed_text_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.text.forward_tokens(ids, mask)
+    @property
+    def text_cache_layer(self) -> int | None:
+        """First trainable text block when the blocks below it are locked (their outputs can be cached)."""
+        n = len(self.text.layers())
+        lock = self.cfg.lock_text
+        return n - lock if n and 0 <= lock <= n else None
+
+    def embed_text_ids(self, ids: torch.Tensor, mask: torch.Tensor,
+                       hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint-space text embedding and token states; ``hidden`` = cached states entering the first
+        trainable block (see TextTower.hidden_at)."""
+        if hidden is not None and self.text_cache_layer is not None:
+            tok = self.text.forward_from(hidden, mask, self.text_cache_layer)
+        else:
+            tok = self.text.forward_tokens(ids, mask)
         return F.normalize(self.txt_proj(mean_pool(tok, mask)), dim=-1), tok
 
     @torch.no_grad()
@@ -267,9 +280,10 @@ class ClipModel(nn.Module):
         return [self.vocab.decode(s) for s in ids]
 
     # ---- training objective ------------------------------------------------------------------------
-    def chunk_outputs(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+    def chunk_outputs(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                      hidden: torch.Tensor | None = None) -> tuple:
         zi, itok = self.embed_image(images)
-        zt, ttok = self.embed_text_ids(ids, mask)
+        zt, ttok = self.embed_text_ids(ids, mask, hidden)
         return zi, zt, itok, ttok
 
     def local_losses(self, zi: torch.Tensor, zt: torch.Tensor, itok: torch.Tensor | None,
@@ -383,14 +397,15 @@ def _progress(total: int, desc: str) -> Any:
 
 
 def train_step(model: ClipModel, images: torch.Tensor, texts: list[str], ids: torch.Tensor,
-               mask: torch.Tensor, cap: torch.Tensor | None) -> dict[str, float]:
+               mask: torch.Tensor, cap: torch.Tensor | None, hidden: torch.Tensor | None = None
+               ) -> dict[str, float]:
     """One optimisation step's forward + backward (gradients accumulated in .grad, no optimizer step)."""
     cfg = model.cfg
     pos = same_text(texts).to(images.device)
     b = images.shape[0]
     if cfg.grad_cache_chunk and cfg.grad_cache_chunk < b:
         def embed(sl: slice) -> tuple:
-            return model.chunk_outputs(images[sl], ids[sl], mask[sl])
+            return model.chunk_outputs(images[sl], ids[sl], mask[sl], hidden[sl] if hidden is not None else None)
 
         def loss_fn(full: list[torch.Tensor]) -> torch.Tensor:
             return cfg.w_contrastive * clip_loss(full[0], full[1], model.scale(), pos)
@@ -404,7 +419,7 @@ def train_step(model: ClipModel, images: torch.Tensor, texts: list[str], ids: to
             frac = (sl.stop - sl.start) / b
             tot = torch.zeros((), device=images.device)
             for k, v in local.items():
-                parts[k] = parts.get(k, 0.0) + float(v) * frac
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) * frac
                 tot = tot + getattr(cfg, f"w_{k}") * v * frac
             return tot
 
@@ -414,12 +429,12 @@ def train_step(model: ClipModel, images: torch.Tensor, texts: list[str], ids: to
         parts["loss"] = float(closs) + sum(getattr(cfg, f"w_{k}") * v for k, v in parts.items()
                                            if k in ("itm", "caption"))
         return parts
-    zi, zt, itok, ttok = model.chunk_outputs(images, ids, mask)
+    zi, zt, itok, ttok = model.chunk_outputs(images, ids, mask, hidden)
     losses = {"contrastive": clip_loss(zi, zt, model.scale(), pos)} if cfg.w_contrastive > 0 else {}
     losses |= model.local_losses(zi, zt, itok, ttok, mask, pos, cap)
     total = sum(getattr(cfg, f"w_{k}") * v for k, v in losses.items())
     total.backward()
-    return {"loss": float(total), **{k: float(v) for k, v in losses.items()}}
+    return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
 
 def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
@@ -441,6 +456,12 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
         raise InputError(cfg.data, "no report text found (manifest column 'report' / 'text')")
     model = build_clip(cfg, ds.texts).to(device)
     tok = model.text.tokenize(ds.texts, cfg.max_text_len)  # tokenise once: the tokenizer is the slow part
+    cache = None
+    if model.text_cache_layer is not None:  # locked lower text blocks: run them once, not every step
+        cache = torch.cat([model.text.hidden_at(tok["input_ids"][i:i + 128].to(device),
+                                                tok["attention_mask"][i:i + 128].to(device),
+                                                model.text_cache_layer).cpu()
+                           for i in range(0, len(ds), 128)])
     caps = model.vocab.batch(ds.texts, cfg.max_report_len) if model.vocab is not None else None
 
     bs = min(cfg.batch_size, len(ds))
@@ -483,7 +504,8 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
                 c = caps[idx]
                 cap = c[:, : int((c != model.vocab.pad).sum(1).max())].to(device)
             opt.zero_grad(set_to_none=True)
-            rec = train_step(model, x, batch["text"], ids, mask, cap)
+            hid = cache[idx][:, :keep].to(device) if cache is not None else None
+            rec = train_step(model, x, batch["text"], ids, mask, cap, hid)
             torch.nn.utils.clip_grad_norm_([p for gr in groups for p in gr["params"]], 1.0)
             opt.step()
             sched.step()

@@ -92,5 +92,17 @@ class PretrainConfig:
 
 
 # Settings that must match for a rerun to resume an existing checkpoint (others, e.g. steps, may change).
-RESUME_KEYS = ("objective", "encoder", "spatial_dims", "img_size", "patch_size", "encoder_kwargs",
-               "decoder_dim", "decoder_depth", "decoder_heads", "proj_dim", "proj_hidden", "batch_size")
+RESUME_KEYS = (
+    "objective",
+    "encoder",
+    "spatial_dims",
+    "img_size",
+    "patch_size",
+    "encoder_kwargs",
+    "decoder_dim",
+    "decoder_depth",
+    "decoder_heads",
+    "proj_dim",
+    "proj_hidden",
+    "batch_size",
+)

@@ -26,8 +26,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     return F.cross_entropy(sim, targets)
 
 
-def multi_positive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, groups: torch.Tensor,
-                           temperature: float = 0.1) -> torch.Tensor:
+def multi_positive_nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, groups: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
     """NT-Xent where every item of the same group (e.g. patient) is a positive (SupCon 'L_out' form).
 
     z1, z2: (B, D) the two views; groups: (B,) integer group ids. For each of the 2B anchors the loss averages
@@ -50,8 +51,12 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int = 512, out_dim: int = 128) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden, out_dim))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_dim),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -67,7 +72,9 @@ def _embed_dim(encoder: nn.Module) -> int:
     raise ValueError(f"cannot tell the embedding size of {type(encoder).__name__}")
 
 
-@OBJECTIVES.register("contrastive", help="SimCLR contrastive learning; positives by augmentation, patient or study")
+@OBJECTIVES.register(
+    "contrastive", help="SimCLR contrastive learning; positives by augmentation, patient or study"
+)
 class ContrastiveObjective(Objective):
     """SimCLR objective (LightningModule); ``cfg.positives`` picks how positive pairs are formed."""
 
@@ -93,7 +100,7 @@ class ContrastiveObjective(Objective):
         return multi_positive_nt_xent(z1, z2, batch["group"], self.cfg.temperature)
 
     def save_figures(self, run_dir: Path, dataset: torch.utils.data.Dataset, tag: str = "") -> list[Path]:
-        """views.png: a few (view 1, view 2) pairs as the model saw them — a quick sanity check of the augmentations."""
+        """views.png: a few (view 1, view 2) pairs as the model saw them (checks the augmentations)."""
         import matplotlib
 
         matplotlib.use("Agg")

@@ -70,7 +70,7 @@ class PooledImages(Dataset):
         return self.image(i)
 
     def group_keys(self, by: str) -> list[str]:
-        """Per-image key of its patient ('patient') or study ('study'); images without one get a unique key."""
+        """Per-image patient ('patient') or study ('study') key; images without one get a unique key."""
         col = {"patient": "patient_id", "study": "study_id"}[by]
         keys: list[str] = []
         for k, p in enumerate(self.parts):
@@ -100,9 +100,9 @@ class PairedViewsDataset(Dataset):
     """Two views per item for contrastive learning, with a group id per item for the loss.
 
     ``positives="augment"``: both views are augmentations of the same image (SimCLR).
-    ``"patient"`` / ``"study"``: the second view is a DIFFERENT image of the same patient/study when one exists
-    (falling back to a second augmentation of the same image); ``group`` identifies the patient/study so the
-    loss also treats other same-patient items in the batch as positives.
+    ``"patient"`` / ``"study"``: the second view is a DIFFERENT image of the same patient/study when one
+    exists (falling back to a second augmentation of the same image); ``group`` identifies the patient/study
+    so the loss also treats other same-patient items in the batch as positives.
     """
 
     def __init__(self, base: PooledImages, augment: Augment, seed: int, positives: str = "augment") -> None:
@@ -137,8 +137,12 @@ class PairedViewsDataset(Dataset):
         i, draw = key if isinstance(key, tuple) else (key, key)
         g = item_generator(self.seed, draw)
         j = self.partner(i, g)
-        return {"view1": self.augment(self.base.image(i), g), "view2": self.augment(self.base.image(j), g),
-                "group": int(self.groups[i]), "index": i}
+        return {
+            "view1": self.augment(self.base.image(i), g),
+            "view2": self.augment(self.base.image(j), g),
+            "group": int(self.groups[i]),
+            "index": i,
+        }
 
 
 class StreamSampler(Sampler):
@@ -172,8 +176,16 @@ class StreamSampler(Sampler):
             yield int(perm[p % self.n]), p
 
 
-def make_loader(dataset: Dataset, sampler: StreamSampler, batch_size: int, workers: int,
-                pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-                      pin_memory=pin_memory, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+def make_loader(
+    dataset: Dataset, sampler: StreamSampler, batch_size: int, workers: int, pin_memory: bool = False
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -3,9 +3,9 @@
 Read top to bottom: pure functions (patchify, random_masking, mae_loss), the MAE module (encoder on the
 visible 25% of patches only, a light decoder with mask tokens), then the registered training objective.
 
-Speed on CPU comes from doing less work, not from tricks: the encoder sees only visible tokens, the decoder is
-narrow and shallow (128 x 2 by default), attention uses ``scaled_dot_product_attention`` with fused qkv, and the
-prediction head runs on masked tokens only (the loss ignores the others).
+Speed on CPU comes from doing less work, not from tricks: the encoder sees only visible tokens, the decoder
+is narrow and shallow (128 x 2 by default), attention uses ``scaled_dot_product_attention`` with fused qkv,
+and the prediction head runs on masked tokens only (the loss ignores the others).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medfm.errors import ConfigError
@@ -56,12 +55,17 @@ def unpatchify(x: torch.Tensor, patch: int, grid: tuple[int, ...], channels: int
     return x.reshape(b, channels, *(g * patch for g in grid))
 
 
-def random_masking(n_batch: int, n_tokens: int, ratio: float, generator: torch.Generator | None = None,
-                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(
+    n_batch: int,
+    n_tokens: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random masking by argsort of uniform noise.
 
-    Returns ``ids_keep`` (B, K) indices of visible tokens, ``mask`` (B, N) with 1 = masked / 0 = visible in the
-    original token order, and ``ids_restore`` (B, N) that undoes the shuffle.
+    Returns ``ids_keep`` (B, K) indices of visible tokens, ``mask`` (B, N) with 1 = masked / 0 = visible in
+    the original token order, and ``ids_restore`` (B, N) that undoes the shuffle.
     """
     n_keep = max(1, int(round(n_tokens * (1 - ratio))))
     dev = device if device is not None else (generator.device if generator is not None else "cpu")
@@ -75,8 +79,9 @@ def random_masking(n_batch: int, n_tokens: int, ratio: float, generator: torch.G
     return ids_keep, mask, ids_restore
 
 
-def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True,
-             eps: float = 1e-6) -> torch.Tensor:
+def mae_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """Mean squared error over the MASKED patches only.
 
     pred, target: (B, N, P) patch pixels; mask: (B, N), 1 = masked. With ``norm_pix`` each target patch is
@@ -93,14 +98,23 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 class MAE(nn.Module):
     """Masked autoencoder around a ViT-family encoder with the token API (patch_tokens / forward_tokens)."""
 
-    def __init__(self, encoder: nn.Module, decoder_dim: int = 128, decoder_depth: int = 2,
-                 decoder_heads: int = 4, mask_ratio: float = 0.75, norm_pix: bool = True) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder_dim: int = 128,
+        decoder_depth: int = 2,
+        decoder_heads: int = 4,
+        mask_ratio: float = 0.75,
+        norm_pix: bool = True,
+    ) -> None:
         super().__init__()
         for attr in ("patch_tokens", "forward_tokens", "grid", "patch_size"):
             if not hasattr(encoder, attr):
                 name = getattr(encoder, "config", {}).get("name", type(encoder).__name__)
-                raise ConfigError(f"MAE needs a ViT-style encoder with a token API; '{name}' has no {attr} "
-                                  "(use --objective contrastive for CNN encoders)")
+                raise ConfigError(
+                    f"MAE needs a ViT-style encoder with a token API; '{name}' has no {attr} "
+                    "(use --objective contrastive for CNN encoders)"
+                )
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.norm_pix = norm_pix
@@ -124,16 +138,18 @@ class MAE(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def encode(self, imgs: torch.Tensor, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(
+        self, imgs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens = self.encoder.patch_tokens(imgs)
         b, n, d = tokens.shape
         ids_keep, mask, ids_restore = random_masking(b, n, self.mask_ratio, generator, device=tokens.device)
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
         return self.encoder.forward_tokens(visible), mask, ids_restore
 
-    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor,
-               only: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, only: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict patch pixels; ``only`` (B, M) token indices restricts the (costly) head to those tokens."""
         x = self.decoder_embed(latent)
         b, n = ids_restore.shape
@@ -148,8 +164,9 @@ class MAE(nn.Module):
             x = torch.gather(x, 1, only.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         return self.decoder_pred(self.decoder_norm(x))
 
-    def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, imgs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred (B, N, P) for all patches, mask (B, N)). For training use :meth:`loss`."""
         latent, mask, ids_restore = self.encode(imgs, generator)
         pred = self.decode(latent, ids_restore)
@@ -167,8 +184,9 @@ class MAE(nn.Module):
         return mae_loss(pred, target, torch.ones_like(ids_masked, dtype=pred.dtype), self.norm_pix)
 
     @torch.no_grad()
-    def reconstruct(self, imgs: torch.Tensor, generator: torch.Generator | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(
+        self, imgs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked input, reconstruction) images for display; visible patches are pasted from the input."""
         _, pred, mask = self.forward(imgs, generator)
         target = patchify(imgs, self.patch, self.spatial_dims)
@@ -182,8 +200,9 @@ class MAE(nn.Module):
         return masked, recon.clamp(0, 1)
 
 
-def save_reconstructions(mae: MAE, imgs: torch.Tensor, path: Path, generator: torch.Generator | None = None
-                         ) -> Path:
+def save_reconstructions(
+    mae: MAE, imgs: torch.Tensor, path: Path, generator: torch.Generator | None = None
+) -> Path:
     """A PNG grid: rows = images, columns = original / masked / reconstruction (3D: the middle slice)."""
     import matplotlib
 
@@ -204,7 +223,9 @@ def save_reconstructions(mae: MAE, imgs: torch.Tensor, path: Path, generator: to
     n = imgs.shape[0]
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
     for i in range(n):
-        for j, (title, t) in enumerate([("original", imgs[i]), ("masked", masked[i]), ("reconstruction", recon[i])]):
+        for j, (title, t) in enumerate(
+            [("original", imgs[i]), ("masked", masked[i]), ("reconstruction", recon[i])]
+        ):
             axes[i, j].imshow(show(t), cmap="gray", vmin=0, vmax=1)
             axes[i, j].axis("off")
             if i == 0:
@@ -224,8 +245,9 @@ class MAEObjective(Objective):
 
     def __init__(self, encoder: nn.Module, cfg: Any) -> None:
         super().__init__(encoder, cfg)
-        self.mae = MAE(encoder, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio,
-                       cfg.norm_pix)
+        self.mae = MAE(
+            encoder, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio, cfg.norm_pix
+        )
 
     def make_dataset(self, base: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
         from medfm.train.augment import MaskedModelingAugment
@@ -240,7 +262,9 @@ class MAEObjective(Objective):
         every = self.cfg.recon_every
         if every and self.run_dir is not None and self.global_rank == 0 and self.global_step % every == 0:
             imgs = batch["image"][:4].detach()
-            save_reconstructions(self.mae, imgs, self.run_dir / "reconstructions" / f"step{self.global_step:06d}.png")
+            save_reconstructions(
+                self.mae, imgs, self.run_dir / "reconstructions" / f"step{self.global_step:06d}.png"
+            )
 
     def save_figures(self, run_dir: Path, dataset: torch.utils.data.Dataset, tag: str = "") -> list[Path]:
         n = min(4, len(dataset))

@@ -35,28 +35,35 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_model_card(run_dir: str | Path, config: dict[str, Any], metrics: dict[str, Any],
-                     data: list[dict[str, Any]]) -> Path:
+def write_model_card(
+    run_dir: str | Path, config: dict[str, Any], metrics: dict[str, Any], data: list[dict[str, Any]]
+) -> Path:
     """README.md: what was trained on what, how, the result, and how to load it."""
     run_dir = Path(run_dir)
     cfg = config["pretrain"]
     enc = config["encoder"]
     obj = cfg["objective"]
-    detail = (f"mask ratio {cfg['mask_ratio']}, decoder {cfg['decoder_dim']}x{cfg['decoder_depth']}, "
-              f"norm-pix {cfg['norm_pix']}" if obj == "mae" else
-              f"positives = {cfg['positives']}, temperature {cfg['temperature']}, projection "
-              f"{cfg['proj_hidden']}->{cfg['proj_dim']}")
-    data_lines = "\n".join(f"| `{d['path']}` | {d.get('split') or 'all'} | {d['images']} | {d.get('patients', '?')} |"
-                           for d in data)
+    detail = (
+        f"mask ratio {cfg['mask_ratio']}, decoder {cfg['decoder_dim']}x{cfg['decoder_depth']}, "
+        f"norm-pix {cfg['norm_pix']}"
+        if obj == "mae"
+        else f"positives = {cfg['positives']}, temperature {cfg['temperature']}, projection "
+        f"{cfg['proj_hidden']}->{cfg['proj_dim']}"
+    )
+    data_lines = "\n".join(
+        f"| `{d['path']}` | {d.get('split') or 'all'} | {d['images']} | {d.get('patients', '?')} |"
+        for d in data
+    )
     enc_args = ", ".join(f"{k}={_fmt(v)}" for k, v in enc.items() if k != "name")
     figs = [p for p in ("loss_curve.png", "reconstructions.png", "views.png") if (run_dir / p).is_file()]
     fig_lines = "\n".join(f"![{p}]({p})" for p in figs)
-    text = f"""# medfm pretrained encoder: {enc['name']} ({obj})
+    crops = " crops" if cfg["spatial_dims"] == 3 else ""
+    text = f"""# medfm pretrained encoder: {enc["name"]} ({obj})
 
 Self-supervised pretraining with `medfm pretrain {obj}`. No labels were used.
 
 ## Encoder
-`{enc['name']}` ({enc_args})
+`{enc["name"]}` ({enc_args})
 
 ## Data
 | dataset | split | images | patients |
@@ -64,13 +71,14 @@ Self-supervised pretraining with `medfm pretrain {obj}`. No labels were used.
 {data_lines}
 
 ## Objective
-{obj}: {detail}. Input {cfg['spatial_dims']}D, {cfg['img_size']} px{' crops' if cfg['spatial_dims'] == 3 else ''}.
+{obj}: {detail}. Input {cfg["spatial_dims"]}D, {cfg["img_size"]} px{crops}.
 
 ## Training
-{metrics.get('steps')} steps, batch {cfg['batch_size']} x {metrics.get('world_size', 1)} device(s), AdamW lr {cfg['lr']}
-(warmup + cosine), weight decay {cfg['weight_decay']}, precision {cfg['precision']}, seed {cfg['seed']}.
-Final loss **{_fmt(metrics.get('final_loss'))}**; {_fmt(metrics.get('images_per_s'))} images/s;
-wall time {_fmt(metrics.get('wall_time_s'))} s.
+{metrics.get("steps")} steps, batch {cfg["batch_size"]} x {metrics.get("world_size", 1)} device(s),
+AdamW lr {cfg["lr"]} (warmup + cosine), weight decay {cfg["weight_decay"]}, precision {cfg["precision"]},
+seed {cfg["seed"]}.
+Final loss **{_fmt(metrics.get("final_loss"))}**; {_fmt(metrics.get("images_per_s"))} images/s;
+wall time {_fmt(metrics.get("wall_time_s"))} s.
 
 {fig_lines}
 
@@ -78,7 +86,7 @@ wall time {_fmt(metrics.get('wall_time_s'))} s.
 ```python
 import medfm
 encoder = medfm.load_encoder("{run_dir}")    # rebuilt from config.json + model.safetensors
-embedding = encoder(images)                  # (B, {enc.get('embed_dim', 'D')}) pooled features
+embedding = encoder(images)                  # (B, {enc.get("embed_dim", "D")}) pooled features
 ```
 
 ## Limitations

@@ -97,9 +97,14 @@ class Objective(L.LightningModule):
         for n, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if _no_decay(n, p) else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=self.cfg.lr, betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.cfg.lr,
+            betas=(0.9, 0.95),
+        )
         warm, total = self.cfg.warmup, self.cfg.steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -109,7 +114,13 @@ class Objective(L.LightningModule):
         st = np.random.get_state()
         checkpoint["medfm"] = {
             "torch_rng": torch.get_rng_state(),
-            "numpy_rng": [st[0], torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]), float(st[4])],
+            "numpy_rng": [
+                st[0],
+                torch.from_numpy(st[1].astype(np.int64)),
+                int(st[2]),
+                int(st[3]),
+                float(st[4]),
+            ],
             "python_rng": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
             "cuda_rng": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
         }

@@ -20,8 +20,15 @@ class SegmentationModule(L.LightningModule):
     keeps it fixed (linear-probe style, and much faster on CPU).
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, encoder_lr_scale: float = 0.1,
-                 freeze_encoder: bool = False, weight_decay: float = 1e-4, max_steps: int = 1000) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        encoder_lr_scale: float = 0.1,
+        freeze_encoder: bool = False,
+        weight_decay: float = 1e-4,
+        max_steps: int = 1000,
+    ) -> None:
         super().__init__()
         self.model = model
         self.lr, self.encoder_lr_scale, self.weight_decay = lr, encoder_lr_scale, weight_decay
@@ -57,13 +64,27 @@ class SegmentationModule(L.LightningModule):
         opt = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
         warm = max(1, min(50, self.max_steps // 10))
         sched = torch.optim.lr_scheduler.SequentialLR(
-            opt, [torch.optim.lr_scheduler.LinearLR(opt, 0.1, 1.0, warm),
-                  torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, self.max_steps - warm))], [warm])
+            opt,
+            [
+                torch.optim.lr_scheduler.LinearLR(opt, 0.1, 1.0, warm),
+                torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, self.max_steps - warm)),
+            ],
+            [warm],
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def make_trainer(max_steps: int, progress: bool = True, **kw) -> L.Trainer:
     """A quiet Lightning trainer: no logger/checkpoint files (the run directory is written by the task)."""
-    return L.Trainer(max_steps=max_steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-                     log_every_n_steps=10, **kw)
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        **kw,
+    )

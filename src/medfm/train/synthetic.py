@@ -25,33 +25,65 @@ def synthetic_images(n: int, size: int, spatial_dims: int = 2, seed: int = 0) ->
         for _ in range(rng.integers(2, 5)):
             c = rng.uniform(-0.6, 0.6, spatial_dims)
             s = rng.uniform(0.08, 0.25)
-            img = img + rng.uniform(0.2, 0.5) * np.exp(-sum((a - ci) ** 2 for a, ci in zip(axes, c)) / (2 * s * s))
+            img = img + rng.uniform(0.2, 0.5) * np.exp(
+                -sum((a - ci) ** 2 for a, ci in zip(axes, c)) / (2 * s * s)
+            )
         img = img + rng.normal(0, 0.02, img.shape)
         out[i, 0] = (np.clip(img, 0, 1) * 255).astype(np.uint8)
     return out
 
 
-def write_synthetic_dataset(root: str | Path, n: int = 32, size: int = 32, spatial_dims: int = 2,
-                            images_per_patient: int = 2, shard_size: int = 16, seed: int = 0,
-                            split: str = "train") -> Path:
+def write_synthetic_dataset(
+    root: str | Path,
+    n: int = 32,
+    size: int = 32,
+    spatial_dims: int = 2,
+    images_per_patient: int = 2,
+    shard_size: int = 16,
+    seed: int = 0,
+    split: str = "train",
+) -> Path:
     """Write ``n`` synthetic images as a prepared dataset at ``root``; returns root."""
     root = Path(root)
     imgs = synthetic_images(n, size, spatial_dims, seed)
     rows = []
     for s0 in range(0, n, shard_size):
-        save_npy_atomic(root / "images" / shard_name(s0 // shard_size), imgs[s0:s0 + shard_size])
+        save_npy_atomic(root / "images" / shard_name(s0 // shard_size), imgs[s0 : s0 + shard_size])
     for i in range(n):
         pid = f"p{i // images_per_patient:04d}"
-        rows.append({"case_id": f"c{i:05d}", "shard": i // shard_size, "index": i % shard_size, "split": split,
-                     "patient_id": pid, "study_id": f"{pid}-s{(i % images_per_patient) // 2}",
-                     "site": f"site{i % 2}", "sex": "", "age": np.nan, "report": "", "has_mask": False,
-                     "source": "synthetic", "orig_shape": str([size] * spatial_dims),
-                     "orig_spacing": str([1.0] * spatial_dims)})
+        rows.append(
+            {
+                "case_id": f"c{i:05d}",
+                "shard": i // shard_size,
+                "index": i % shard_size,
+                "split": split,
+                "patient_id": pid,
+                "study_id": f"{pid}-s{(i % images_per_patient) // 2}",
+                "site": f"site{i % 2}",
+                "sex": "",
+                "age": np.nan,
+                "report": "",
+                "has_mask": False,
+                "source": "synthetic",
+                "orig_shape": str([size] * spatial_dims),
+                "orig_spacing": str([1.0] * spatial_dims),
+            }
+        )
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     root.mkdir(parents=True, exist_ok=True)
     df.to_parquet(root / "manifest.parquet", index=False)
-    write_json_atomic(root / "summary.json", {
-        "format_version": FORMAT_VERSION, "n_cases": n, "image_shape": [1] + [size] * spatial_dims,
-        "dtype": "uint8", "spatial_dims": spatial_dims, "label_columns": [], "task": None,
-        "splits": {split: n}, "source": "medfm.train.synthetic"})
+    write_json_atomic(
+        root / "summary.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "n_cases": n,
+            "image_shape": [1] + [size] * spatial_dims,
+            "dtype": "uint8",
+            "spatial_dims": spatial_dims,
+            "label_columns": [],
+            "task": None,
+            "splits": {split: n},
+            "source": "medfm.train.synthetic",
+        },
+    )
     return root

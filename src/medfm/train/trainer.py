@@ -1,9 +1,9 @@
 """Run a pretraining objective with Lightning and write the run directory.
 
-``run_pretrain(cfg)`` is the whole pipeline: pooled data -> encoder -> objective -> Lightning Trainer (DDP/FSDP,
-mixed precision, atomic checkpoints, CSV + TensorBoard logs) -> run directory (config.json, model.safetensors,
-metrics.json, loss_curve.png, figures, README.md). Rerunning the same command on the same ``out`` resumes from
-``checkpoints/last.ckpt``.
+``run_pretrain(cfg)`` is the whole pipeline: pooled data -> encoder -> objective -> Lightning Trainer
+(DDP/FSDP, mixed precision, atomic checkpoints, CSV + TensorBoard logs) -> run directory (config.json,
+model.safetensors, metrics.json, loss_curve.png, figures, README.md). Rerunning the same command on the same
+``out`` resumes from ``checkpoints/last.ckpt``.
 """
 
 from __future__ import annotations
@@ -49,15 +49,18 @@ def _parse_devices(devices: str) -> Any:
         return devices  # e.g. "0,1"
 
 
-def build_trainer(cfg: PretrainConfig, run_dir: Path, callbacks: list[L.Callback],
-                  progress: bool = True) -> L.Trainer:
+def build_trainer(
+    cfg: PretrainConfig, run_dir: Path, callbacks: list[L.Callback], progress: bool = True
+) -> L.Trainer:
     """A Lightning Trainer for step-based pretraining with our loggers and checkpointing."""
     from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     logs = run_dir / "logs"
-    loggers = [CSVLogger(logs, name="", version="csv", flush_logs_every_n_steps=cfg.log_every),
-               TensorBoardLogger(logs, name="", version="tensorboard", default_hp_metric=False)]
+    loggers = [
+        CSVLogger(logs, name="", version="csv", flush_logs_every_n_steps=cfg.log_every),
+        TensorBoardLogger(logs, name="", version="tensorboard", default_hp_metric=False),
+    ]
     cbs = list(callbacks) + [LearningRateMonitor(logging_interval="step")]
     if progress:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, min(cfg.log_every, 10))))
@@ -68,17 +71,30 @@ def build_trainer(cfg: PretrainConfig, run_dir: Path, callbacks: list[L.Callback
         strategy = DDPStrategy(process_group_backend="gloo")
     try:
         return L.Trainer(
-            accelerator=cfg.accelerator, devices=_parse_devices(cfg.devices), num_nodes=cfg.num_nodes,
-            strategy=strategy, precision=cfg.precision, max_steps=cfg.steps, max_epochs=-1,
-            logger=loggers, callbacks=cbs, log_every_n_steps=cfg.log_every,
-            gradient_clip_val=cfg.grad_clip or None, enable_checkpointing=False, enable_progress_bar=progress,
-            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            accelerator=cfg.accelerator,
+            devices=_parse_devices(cfg.devices),
+            num_nodes=cfg.num_nodes,
+            strategy=strategy,
+            precision=cfg.precision,
+            max_steps=cfg.steps,
+            max_epochs=-1,
+            logger=loggers,
+            callbacks=cbs,
+            log_every_n_steps=cfg.log_every,
+            gradient_clip_val=cfg.grad_clip or None,
+            enable_checkpointing=False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
             use_distributed_sampler=False,  # our StreamSampler splits the stream across ranks itself
             default_root_dir=str(run_dir),
         )
     except (ValueError, RuntimeError, TypeError) as e:
-        raise ConfigError(f"cannot set up training with accelerator={cfg.accelerator} devices={cfg.devices} "
-                          f"strategy={cfg.strategy} precision={cfg.precision}: {e}") from None
+        raise ConfigError(
+            f"cannot set up training with accelerator={cfg.accelerator} devices={cfg.devices} "
+            f"strategy={cfg.strategy} precision={cfg.precision}: {e}"
+        ) from None
 
 
 def build_encoder(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
@@ -101,17 +117,24 @@ def _check_resume(run_dir: Path, cfg: PretrainConfig) -> None:
     diff = [k for k in RESUME_KEYS if k in old and old[k] != getattr(cfg, k)]
     if diff:
         show = ", ".join(f"{k}: {old[k]} -> {getattr(cfg, k)}" for k in diff)
-        raise ConfigError(f"{run_dir} holds a checkpoint of a different run ({show}); "
-                          "use another --out or --no-resume")
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of a different run ({show}); use another --out or --no-resume"
+        )
 
 
 def _data_summary(data: PooledImages) -> list[dict[str, Any]]:
     out = []
     for p in data.parts:
         pids = p.manifest["patient_id"] if "patient_id" in p.manifest.columns else None
-        out.append({"path": str(p.root.resolve()), "split": p.manifest["split"].iloc[0] if len(p) else None,
-                    "images": len(p), "patients": int(pids.nunique()) if pids is not None else None,
-                    "format_version": p.summary.get("format_version")})
+        out.append(
+            {
+                "path": str(p.root.resolve()),
+                "split": p.manifest["split"].iloc[0] if len(p) else None,
+                "images": len(p),
+                "patients": int(pids.nunique()) if pids is not None else None,
+                "format_version": p.summary.get("format_version"),
+            }
+        )
     return out
 
 
@@ -122,7 +145,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*Experiment logs directory.*")
     warnings.filterwarnings("ignore", message=".*is not a valid bool.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    # We resume the data stream ourselves (StreamSampler + ResumeStream), so Lightning's caveat does not apply.
+    # We resume the data stream ourselves (StreamSampler + ResumeStream): Lightning's caveat does not apply.
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 
 
@@ -142,7 +165,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = PooledImages(cfg.data, cfg.split)
     if data.spatial_dims != cfg.spatial_dims:
-        raise ConfigError(f"the data holds {data.spatial_dims}D images but --spatial-dims is {cfg.spatial_dims}")
+        raise ConfigError(
+            f"the data holds {data.spatial_dims}D images but --spatial-dims is {cfg.spatial_dims}"
+        )
     encoder = build_encoder(cfg, data.channels)
     objective = get_objective(cfg.objective)(encoder, cfg)
     objective.run_dir = run_dir
@@ -155,16 +180,29 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None
     resume_cb = ResumeStream(placeholder, cfg.batch_size)
     trainer = build_trainer(cfg, run_dir, [ckpt, history, resume_cb, RankReport(run_dir / "logs")], progress)
     # Rank and world size are known once the Trainer exists; give this rank its slice of the stream.
-    sampler = StreamSampler(len(train_ds), cfg.steps * cfg.batch_size, cfg.seed, trainer.global_rank,
-                            trainer.world_size)
+    sampler = StreamSampler(
+        len(train_ds), cfg.steps * cfg.batch_size, cfg.seed, trainer.global_rank, trainer.world_size
+    )
     resume_cb.sampler = sampler
-    loader = make_loader(train_ds, sampler, cfg.batch_size, cfg.workers,
-                         pin_memory=torch.cuda.is_available() and cfg.accelerator != "cpu")
+    loader = make_loader(
+        train_ds,
+        sampler,
+        cfg.batch_size,
+        cfg.workers,
+        pin_memory=torch.cuda.is_available() and cfg.accelerator != "cpu",
+    )
 
-    config = {"kind": "pretrain", "pretrain": cfg.to_dict(), "encoder": dict(encoder.config),
-              "data": _data_summary(data), "environment": environment(),
-              "n_params": {"encoder": sum(p.numel() for p in encoder.parameters()),
-                           "total": sum(p.numel() for p in objective.parameters())}}
+    config = {
+        "kind": "pretrain",
+        "pretrain": cfg.to_dict(),
+        "encoder": dict(encoder.config),
+        "data": _data_summary(data),
+        "environment": environment(),
+        "n_params": {
+            "encoder": sum(p.numel() for p in encoder.parameters()),
+            "total": sum(p.numel() for p in objective.parameters()),
+        },
+    }
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", config)
@@ -172,17 +210,37 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None
     resumed_from = None
     if last.is_file() and resume:
         resumed_from = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
-    trainer.fit(objective, train_dataloaders=loader, ckpt_path=str(last) if resumed_from is not None else None,
-                weights_only=True)
+    trainer.fit(
+        objective,
+        train_dataloaders=loader,
+        ckpt_path=str(last) if resumed_from is not None else None,
+        weights_only=True,
+    )
 
     if trainer.is_global_zero:
-        finish_run(run_dir, objective, train_ds, trainer, history, config, resumed_from,
-                   time.perf_counter() - t_start)
+        finish_run(
+            run_dir,
+            objective,
+            train_ds,
+            trainer,
+            history,
+            config,
+            resumed_from,
+            time.perf_counter() - t_start,
+        )
     return run_dir
 
 
-def finish_run(run_dir: Path, objective: Any, dataset: Any, trainer: L.Trainer, history: LossHistory,
-               config: dict[str, Any], resumed_from: int | None, wall: float) -> None:
+def finish_run(
+    run_dir: Path,
+    objective: Any,
+    dataset: Any,
+    trainer: L.Trainer,
+    history: LossHistory,
+    config: dict[str, Any],
+    resumed_from: int | None,
+    wall: float,
+) -> None:
     """Encoder weights, figures, metrics.json, loss curve and model card (rank 0 only)."""
     from medfm.models.io import save_encoder
     from medfm.train.modelcard import plot_loss_curve, write_model_card
@@ -205,8 +263,11 @@ def finish_run(run_dir: Path, objective: Any, dataset: Any, trainer: L.Trainer, 
         "images_seen": int(trainer.global_step) * objective.cfg.batch_size * trainer.world_size,
     }
     write_json(run_dir / "metrics.json", metrics)
-    plot_loss_curve(run_dir / "logs" / "train.csv", run_dir / "loss_curve.png",
-                    f"{objective.name} / {config['encoder']['name']}")
+    plot_loss_curve(
+        run_dir / "logs" / "train.csv",
+        run_dir / "loss_curve.png",
+        f"{objective.name} / {config['encoder']['name']}",
+    )
     try:
         objective.save_figures(run_dir, dataset)
     except Exception as e:  # a figure must never lose a finished training run

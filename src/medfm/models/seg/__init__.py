@@ -1,4 +1,4 @@
-"""Segmentation models on medfm encoders: dense decoders (UNETR, U-Net), promptable (SAM-style), in-context."""
+"""Segmentation models on medfm encoders: dense (UNETR, U-Net), promptable (SAM), in-context."""
 
 from medfm.models.seg.registry import DECODERS, SegmentationModel, build_segmentation_model
 

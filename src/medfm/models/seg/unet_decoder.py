@@ -23,8 +23,16 @@ def _resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 
 class UNetDecoder(nn.Module):
-    def __init__(self, feature_dims: list[int], feature_strides: list[int], in_chans: int, num_classes: int,
-                 spatial_dims: int = 2, feature_size: int = 16, norm_name: str = "instance") -> None:
+    def __init__(
+        self,
+        feature_dims: list[int],
+        feature_strides: list[int],
+        in_chans: int,
+        num_classes: int,
+        spatial_dims: int = 2,
+        feature_size: int = 16,
+        norm_name: str = "instance",
+    ) -> None:
         super().__init__()
         nd = spatial_dims
         widths = [max(feature_size, d // 2) for d in feature_dims]  # decoder width at each encoder scale

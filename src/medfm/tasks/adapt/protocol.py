@@ -23,7 +23,7 @@ class Budget:
 
     @property
     def label(self) -> str:
-        return f"{self.value:g} of labels" if self.regime == "fraction" else f"{int(self.value)}-shot"
+        return f"{100 * self.value:g}% of labels" if self.regime == "fraction" else f"{int(self.value)}-shot"
 
 
 def parse_budgets(fractions: str | None, shots: str | None) -> list[Budget]:

@@ -36,11 +36,26 @@ def prototype_predict(x_tr: np.ndarray, y_tr: np.ndarray, x: np.ndarray, task: s
     return p[:, 1] if task == "binary" else p
 
 
+TEMPERATURES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray, task: str) -> float:
+    eps = 1e-7
+    p = np.clip(p, eps, 1 - eps)
+    if task == "multiclass":
+        return float(-np.mean(np.log(p[np.arange(len(y)), y.astype(int)])))
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
 @ADAPTERS.register("prototype", help="nearest class prototype (mean of L2-normalised features), cosine")
 @feature_method
 def prototype(ctx, train_idx: np.ndarray, seed: int) -> dict:
+    """The softmax temperature only changes calibration (not the ranking), so it is picked on val by log-loss;
+    ``cfg.proto_temperature`` > 0 fixes it instead."""
     f, y = ctx.features, ctx.labels["train"][train_idx]
-    t = ctx.cfg.proto_temperature
+    temps = [ctx.cfg.proto_temperature] if ctx.cfg.proto_temperature > 0 else TEMPERATURES
+    t = min(temps, key=lambda t: _log_loss(ctx.labels["val"], prototype_predict(
+        f["train"][train_idx], y, f["val"], ctx.task, ctx.n_out, t), ctx.task))
     return {"val": prototype_predict(f["train"][train_idx], y, f["val"], ctx.task, ctx.n_out, t),
             "test": prototype_predict(f["train"][train_idx], y, f["test"], ctx.task, ctx.n_out, t),
-            "info": {}}
+            "info": {"temperature": t}}

@@ -38,7 +38,7 @@ class AdaptConfig:
     budgets: list[Budget] = field(default_factory=lambda: [Budget("fraction", 1.0)])
     seeds: int = 3
     knn_k: int = 20
-    proto_temperature: float = 0.1
+    proto_temperature: float = 0.0  # 0: chosen on val by log-loss
     c_grid: tuple[float, ...] = linear.C_GRID
     steps: int = 100
     batch_size: int = 32

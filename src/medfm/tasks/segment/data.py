@@ -1,4 +1,4 @@
-"""Image + mask pairs for segmentation, from a prepared dataset or a CSV manifest (image, mask[, split, site]).
+"""Image + mask pairs for segmentation, from a prepared dataset or a CSV (image, mask[, split, site]).
 
 Everything is loaded into memory: segmentation sets with labels are small (tens to thousands of cases),
 and in-memory tensors make random crops cheap. Images are scaled to [0, 1]; 2D pairs are resized to
@@ -21,10 +21,10 @@ from medfm.errors import InputError
 
 @dataclass
 class SegPairs:
-    images: torch.Tensor                 # (N, C, *S) float32 in [0, 1], at training resolution
-    masks: torch.Tensor                  # (N, *S) int64 label maps, at training resolution
-    native_masks: list[torch.Tensor]     # per case (*S_native) int64
-    spacing: list[tuple[float, ...]]     # per case, mm per pixel of the native grid
+    images: torch.Tensor  # (N, C, *S) float32 in [0, 1], at training resolution
+    masks: torch.Tensor  # (N, *S) int64 label maps, at training resolution
+    native_masks: list[torch.Tensor]  # per case (*S_native) int64
+    spacing: list[tuple[float, ...]]  # per case, mm per pixel of the native grid
     case_ids: list[str]
     sources: list[str] = field(default_factory=list)
     affines: list[Any] = field(default_factory=list)  # NIfTI affines (None for 2D pictures)
@@ -33,10 +33,15 @@ class SegPairs:
         return int(self.images.shape[0])
 
     def subset(self, idx: list[int]) -> SegPairs:
-        return SegPairs(self.images[idx], self.masks[idx], [self.native_masks[i] for i in idx],
-                        [self.spacing[i] for i in idx], [self.case_ids[i] for i in idx],
-                        [self.sources[i] for i in idx] if self.sources else [],
-                        [self.affines[i] for i in idx] if self.affines else [])
+        return SegPairs(
+            self.images[idx],
+            self.masks[idx],
+            [self.native_masks[i] for i in idx],
+            [self.spacing[i] for i in idx],
+            [self.case_ids[i] for i in idx],
+            [self.sources[i] for i in idx] if self.sources else [],
+            [self.affines[i] for i in idx] if self.affines else [],
+        )
 
 
 def read_array(path: Path, is_mask: bool = False) -> tuple[np.ndarray, tuple[float, ...], Any]:
@@ -58,11 +63,16 @@ def read_array(path: Path, is_mask: bool = False) -> tuple[np.ndarray, tuple[flo
             return (arr if is_mask else arr[None]), (sz, sy, sx), img.affine
         if name.endswith(".npy"):
             arr = np.load(path, allow_pickle=False)
-            return (arr if is_mask or arr.ndim == 4 else arr[None]), (1.0,) * (arr.ndim - (0 if is_mask else 0)), None
+            return (
+                (arr if is_mask or arr.ndim == 4 else arr[None]),
+                (1.0,) * (arr.ndim - (0 if is_mask else 0)),
+                None,
+            )
         from PIL import Image
 
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("L"))
+            # 16-bit PNGs (12-bit detectors) keep their range; colour/palette pictures become grey.
+            arr = np.asarray(im) if im.mode in ("I;16", "I;16B", "I", "F") else np.asarray(im.convert("L"))
         return (arr if is_mask else arr[None]), (1.0, 1.0), None
     except InputError:
         raise
@@ -76,7 +86,7 @@ def to_unit(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         return a / 255.0
     lo, hi = np.percentile(a, [0.5, 99.5])
-    return np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
+    return np.clip((a - lo) / max(float(hi - lo), 1e-6), 0, 1).astype(np.float32)
 
 
 def mask_labels(mask: np.ndarray) -> np.ndarray:
@@ -97,8 +107,13 @@ def resize_pair(img: torch.Tensor, mask: torch.Tensor, size: int | None) -> tupl
     return img, mask
 
 
-def load_pairs(root: str | Path, split: str | None = None, site: str | None = None, size: int | None = None,
-               limit: int | None = None) -> SegPairs:
+def load_pairs(
+    root: str | Path,
+    split: str | None = None,
+    site: str | None = None,
+    size: int | None = None,
+    limit: int | None = None,
+) -> SegPairs:
     """Image/mask pairs of a prepared dataset directory or a CSV manifest file/folder."""
     root = Path(root)
     if (root / "summary.json").is_file():
@@ -139,12 +154,18 @@ def load_pairs(root: str | Path, split: str | None = None, site: str | None = No
     return SegPairs(torch.stack(imgs), torch.stack(masks), native, spacing, ids, srcs, affs)
 
 
-def _from_prepared(root: Path, split: str | None, site: str | None, size: int | None, limit: int | None) -> SegPairs:
+def _from_prepared(
+    root: Path, split: str | None, site: str | None, size: int | None, limit: int | None
+) -> SegPairs:
     from medfm.data.store import PreparedDataset
 
     ds = PreparedDataset(root, split=split)
-    rows = [i for i in range(len(ds)) if bool(ds.manifest.iloc[i].get("has_mask", False))
-            and (site is None or str(ds.manifest.iloc[i].get("site", "")) == site)]
+    rows = [
+        i
+        for i in range(len(ds))
+        if bool(ds.manifest.iloc[i].get("has_mask", False))
+        and (site is None or str(ds.manifest.iloc[i].get("site", "")) == site)
+    ]
     if limit is not None:
         rows = rows[:limit]
     if not rows:
@@ -164,8 +185,14 @@ def _from_prepared(root: Path, split: str | None, site: str | None, size: int | 
 class CropDataset(Dataset):
     """Random crops (padded when the image is smaller) + flips + mild intensity jitter, for training."""
 
-    def __init__(self, pairs: SegPairs, patch: tuple[int, ...], augment: bool = True, length: int | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        pairs: SegPairs,
+        patch: tuple[int, ...],
+        augment: bool = True,
+        length: int | None = None,
+        seed: int = 0,
+    ) -> None:
         self.images, self.masks, self.patch, self.augment = pairs.images, pairs.masks, tuple(patch), augment
         self.length = length or len(pairs)
         self.gen = np.random.default_rng(seed)

@@ -11,9 +11,14 @@ from torch import nn
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int] | None = None,
-                   overlap: float = 0.25, sw_batch_size: int = 4, out_size: Sequence[int] | None = None
-                   ) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    out_size: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Logits (B, K, *S) for a batch (B, C, *S).
 
     Windows of ``roi_size`` are blended with Gaussian weights; images smaller than the window are padded
@@ -24,8 +29,9 @@ def predict_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int
     if roi_size is None or all(r >= s for r, s in zip(roi_size, spatial)) and tuple(roi_size) == spatial:
         logits = model(image)
     else:
-        logits = sliding_window_inference(image, list(roi_size), sw_batch_size, model, overlap=overlap,
-                                          mode="gaussian")
+        logits = sliding_window_inference(
+            image, list(roi_size), sw_batch_size, model, overlap=overlap, mode="gaussian"
+        )
     if out_size is not None and tuple(out_size) != tuple(logits.shape[2:]):
         mode = "bilinear" if logits.ndim == 4 else "trilinear"
         logits = F.interpolate(logits, size=tuple(out_size), mode=mode, align_corners=False)
@@ -37,26 +43,39 @@ def predict_labels(model: nn.Module, image: torch.Tensor, **kw) -> torch.Tensor:
     return predict_logits(model, image, **kw).argmax(1)
 
 
-def predict_pairs(model: nn.Module, pairs, roi_size: Sequence[int] | None = None, overlap: float = 0.25,
-                  native: bool = True) -> list[torch.Tensor]:
+def predict_pairs(
+    model: nn.Module, pairs, roi_size: Sequence[int] | None = None, overlap: float = 0.25, native: bool = True
+) -> list[torch.Tensor]:
     """Label maps for every case of a SegPairs, resized back to each case's native grid when ``native``."""
     out = []
     for i in range(len(pairs)):
         size = tuple(pairs.native_masks[i].shape) if native else None
-        out.append(predict_labels(model, pairs.images[i:i + 1], roi_size=roi_size, overlap=overlap,
-                                  out_size=size)[0])
+        out.append(
+            predict_labels(model, pairs.images[i : i + 1], roi_size=roi_size, overlap=overlap, out_size=size)[
+                0
+            ]
+        )
     return out
 
 
-def evaluate_model(model: nn.Module, pairs, num_classes: int, roi_size: Sequence[int] | None = None,
-                   class_names: Sequence[str] | None = None, tolerance_mm: float = 2.0) -> dict:
+def evaluate_model(
+    model: nn.Module,
+    pairs,
+    num_classes: int,
+    roi_size: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    tolerance_mm: float = 2.0,
+) -> dict:
     """Dice / HD95 (mm, using each case's spacing) / surface Dice, per class, against native-grid masks."""
     from medfm.tasks.segment.metrics import segmentation_metrics
 
     preds = predict_pairs(model, pairs, roi_size)
-    per_case = [segmentation_metrics(p[None], t[None], num_classes, spacing=s, tolerance_mm=tolerance_mm,
-                                     class_names=class_names)
-                for p, t, s in zip(preds, pairs.native_masks, pairs.spacing)]
+    per_case = [
+        segmentation_metrics(
+            p[None], t[None], num_classes, spacing=s, tolerance_mm=tolerance_mm, class_names=class_names
+        )
+        for p, t, s in zip(preds, pairs.native_masks, pairs.spacing)
+    ]
     return aggregate(per_case)
 
 

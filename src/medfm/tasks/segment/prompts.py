@@ -31,8 +31,10 @@ def components(mask: torch.Tensor, min_size: int = 4) -> list[torch.Tensor]:
     return out
 
 
-def box_from_mask(mask: torch.Tensor, jitter: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(x0, y0, x1, y1) inclusive pixel box of a binary mask; each side moved by up to ``jitter`` x box size."""
+def box_from_mask(
+    mask: torch.Tensor, jitter: float = 0.1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(x0, y0, x1, y1) inclusive pixel box of a binary mask; sides moved by up to ``jitter`` x box size."""
     ys, xs = torch.nonzero(mask, as_tuple=True)
     box = torch.tensor([xs.min(), ys.min(), xs.max(), ys.max()], dtype=torch.float32)
     if jitter > 0:
@@ -53,8 +55,9 @@ def _pick(mask: torch.Tensor, n: int, generator: torch.Generator | None) -> torc
     return sel.flip(-1).float()  # (row, col) -> (x, y)
 
 
-def sample_points(mask: torch.Tensor, n_pos: int = 1, n_neg: int = 0, generator: torch.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_points(
+    mask: torch.Tensor, n_pos: int = 1, n_neg: int = 0, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(points (n, 2) pixel x, y; labels (n,) 1 inside / 0 outside) sampled uniformly from the mask and its
     complement."""
     fg = mask > 0
@@ -63,8 +66,9 @@ def sample_points(mask: torch.Tensor, n_pos: int = 1, n_neg: int = 0, generator:
     return torch.cat([pos, neg]), labels
 
 
-def correction_point(pred: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def correction_point(
+    pred: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One click in the error region, labelled as the reference says (iterative correction, as in SAM)."""
     err = pred.bool() != target.bool()
     if not err.any():
@@ -119,8 +123,9 @@ def _episode(masks: torch.Tensor, rng: np.random.Generator, g: torch.Generator, 
     return target, (torch.stack(pts), torch.stack(labs)), None
 
 
-def promptable_loss(model, images, target, points, boxes, correction_rounds: int = 0,
-                    g: torch.Generator | None = None) -> torch.Tensor:
+def promptable_loss(
+    model, images, target, points, boxes, correction_rounds: int = 0, g: torch.Generator | None = None
+) -> torch.Tensor:
     """SAM's recipe: min-over-candidates mask loss + MSE of the predicted IoU; optional corrective clicks."""
     emb = model.embed_image(images)
     logits, iou_pred = model.decode(emb, points=points, boxes=boxes)
@@ -128,7 +133,9 @@ def promptable_loss(model, images, target, points, boxes, correction_rounds: int
     loss = losses.min(1).values.mean() + F.mse_loss(iou_pred, _iou(logits.detach() > 0, target))
     for _ in range(correction_rounds):
         with torch.no_grad():
-            best = logits.gather(1, iou_pred.argmax(1)[:, None, None, None].expand(-1, 1, *logits.shape[2:]))[:, 0]
+            best = logits.gather(1, iou_pred.argmax(1)[:, None, None, None].expand(-1, 1, *logits.shape[2:]))[
+                :, 0
+            ]
         clicks = [correction_point(best[i] > 0, target[i], g) for i in range(len(target))]
         cp = torch.stack([c[0] for c in clicks])
         cl = torch.stack([c[1] for c in clicks])
@@ -140,16 +147,30 @@ def promptable_loss(model, images, target, points, boxes, correction_rounds: int
     return loss
 
 
-def train_promptable_steps(model, images: torch.Tensor, masks: torch.Tensor, steps: int = 200, batch_size: int = 8,
-                           lr: float = 1e-3, jitter: float = 0.1, correction_rounds: int = 0, seed: int = 0,
-                           encoder_lr_scale: float = 0.1, progress: bool = False) -> list[float]:
-    """Train on (N, C, H, W) images and (N, H, W) label maps with simulated prompts; returns the loss curve."""
+def train_promptable_steps(
+    model,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    steps: int = 200,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    jitter: float = 0.1,
+    correction_rounds: int = 0,
+    seed: int = 0,
+    encoder_lr_scale: float = 0.1,
+    progress: bool = False,
+) -> list[float]:
+    """Train on (N, C, H, W) images and (N, H, W) label maps with simulated prompts; returns losses."""
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     enc_ids = {id(p) for p in model.encoder.parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in enc_ids], "lr": lr},
-              {"params": [p for p in model.parameters() if id(p) in enc_ids], "lr": lr * encoder_lr_scale}]
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in enc_ids], "lr": lr},
+        {"params": [p for p in model.parameters() if id(p) in enc_ids], "lr": lr * encoder_lr_scale},
+    ]
     opt = torch.optim.AdamW([gr for gr in groups if gr["params"]], weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     hist = []
     model.train()
     it = range(steps)
@@ -180,8 +201,9 @@ def segment_with_boxes(model, image: torch.Tensor, boxes: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def evaluate_box_prompts(model, images: torch.Tensor, masks: torch.Tensor, jitter: float = 0.0,
-                         seed: int = 0) -> dict[str, float]:
+def evaluate_box_prompts(
+    model, images: torch.Tensor, masks: torch.Tensor, jitter: float = 0.0, seed: int = 0
+) -> dict[str, float]:
     """Dice of the union of one-box-per-object predictions against the foreground of each reference mask."""
     from medfm.tasks.segment.metrics import dice_score
 

@@ -7,6 +7,7 @@ Run directory: ``config.json`` (enough to rebuild), ``seg_model.safetensors`` (e
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,28 +31,30 @@ class SegTrainConfig:
     """Options of `medfm segment train` (see the CLI help for each)."""
 
     data: str = ""
-    encoder: str = "vit_tiny"          # registry name, or a run directory / checkpoint (pretrained)
+    encoder: str = "vit_tiny"  # registry name, or a run directory / checkpoint (pretrained)
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
-    decoder: str = "auto"              # auto | unetr | unet | monai_unet (baseline without an encoder)
+    decoder: str = "auto"  # auto | unetr | unet | monai_unet (baseline without an encoder)
     train_split: str | None = "train"
     site: str | None = None
-    n_labels: int | None = None        # use only the first N labelled training cases (after shuffling)
-    img_size: int | None = 128         # 2D images resized to img_size^2; volumes keep their grid
-    patch: list[int] | None = None     # training crop / inference window; default: the whole (resized) image
+    n_labels: int | None = None  # use only the first N labelled training cases (after shuffling)
+    img_size: int | None = 128  # 2D images resized to img_size^2; volumes keep their grid
+    patch: list[int] | None = None  # training crop / inference window; default: the whole (resized) image
     steps: int = 500
     batch_size: int = 8
     lr: float = 1e-3
     encoder_lr_scale: float = 0.1
     freeze_encoder: bool = False
     feature_size: int = 16
-    num_classes: int | None = None     # background included; default: max label + 1 (at least 2)
+    num_classes: int | None = None  # background included; default: max label + 1 (at least 2)
     class_names: list[str] | None = None
     seed: int = 0
     augment: bool = True
     progress: bool = True
 
 
-def make_encoder(spec: str, spatial_dims: int, in_chans: int, img_size: list[int], **kw: Any) -> torch.nn.Module:
+def make_encoder(
+    spec: str, spatial_dims: int, in_chans: int, img_size: list[int], **kw: Any
+) -> torch.nn.Module:
     """A fresh registry encoder, or a pretrained one from a run directory / checkpoint path."""
     if Path(spec).exists():
         from medfm.models.io import load_encoder
@@ -65,12 +68,19 @@ def make_encoder(spec: str, spatial_dims: int, in_chans: int, img_size: list[int
     return create_encoder(spec, spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size, **kw)
 
 
-def build_model(cfg: SegTrainConfig, spatial_dims: int, in_chans: int, patch: list[int],
-                num_classes: int) -> SegmentationModel | BaselineModel:
+def build_model(
+    cfg: SegTrainConfig, spatial_dims: int, in_chans: int, patch: list[int], num_classes: int
+) -> SegmentationModel | BaselineModel:
     if cfg.decoder == "monai_unet":
-        return monai_unet(spatial_dims, in_chans, num_classes)
+        return monai_unet(spatial_dims, in_chans, num_classes, channels=unet_channels(patch))
     enc = make_encoder(cfg.encoder, spatial_dims, in_chans, patch, **cfg.encoder_kwargs)
     return build_segmentation_model(enc, num_classes, cfg.decoder, cfg.feature_size)
+
+
+def unet_channels(patch: list[int]) -> tuple[int, ...]:
+    """MONAI UNet widths: up to 4 downsamplings, fewer for small patches (>= 2 voxels at the bottleneck)."""
+    n_down = max(1, min(4, int(math.log2(max(2, min(patch)) / 2))))
+    return tuple(16 * 2**i for i in range(n_down + 1))
 
 
 def select_labels(pairs: SegPairs, n: int | None, seed: int) -> SegPairs:
@@ -90,8 +100,13 @@ def fit(model: torch.nn.Module, pairs: SegPairs, patch: list[int], cfg: SegTrain
     torch.manual_seed(cfg.seed)
     ds = CropDataset(pairs, tuple(patch), cfg.augment, length=cfg.steps * cfg.batch_size, seed=cfg.seed)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
-    module = SegmentationModule(model, lr=cfg.lr, encoder_lr_scale=cfg.encoder_lr_scale,
-                                freeze_encoder=cfg.freeze_encoder, max_steps=cfg.steps)
+    module = SegmentationModule(
+        model,
+        lr=cfg.lr,
+        encoder_lr_scale=cfg.encoder_lr_scale,
+        freeze_encoder=cfg.freeze_encoder,
+        max_steps=cfg.steps,
+    )
     t0 = time.time()
     make_trainer(cfg.steps, progress=cfg.progress).fit(module, loader)
     return time.time() - t0
@@ -113,12 +128,21 @@ def train_segmentation(cfg: SegTrainConfig, out: str | Path, pairs: SegPairs | N
     model = build_model(cfg, spatial_dims, in_chans, patch, num_classes)
     seconds = fit(model, pairs, patch, cfg)
     enc = getattr(model, "encoder", None)
-    conf = {"task": "segment", "train": asdict(cfg), "num_classes": num_classes, "spatial_dims": spatial_dims,
-            "in_chans": in_chans, "patch": patch, "img_size": cfg.img_size,
-            "decoder": getattr(model, "decoder_name", "monai_unet"), "feature_size": cfg.feature_size,
-            "encoder": enc.config if enc is not None else None,
-            "class_names": cfg.class_names or [f"class_{k}" for k in range(1, num_classes)],
-            "n_train": len(pairs), "environment": environment()}
+    conf = {
+        "task": "segment",
+        "train": asdict(cfg),
+        "num_classes": num_classes,
+        "spatial_dims": spatial_dims,
+        "in_chans": in_chans,
+        "patch": patch,
+        "img_size": cfg.img_size,
+        "decoder": getattr(model, "decoder_name", "monai_unet"),
+        "feature_size": cfg.feature_size,
+        "encoder": enc.config if enc is not None else None,
+        "class_names": cfg.class_names or [f"class_{k}" for k in range(1, num_classes)],
+        "n_train": len(pairs),
+        "environment": environment(),
+    }
     save_segmentation_run(model, conf, out)
     update_metrics(out, train_seconds=round(seconds, 1), n_train=len(pairs))
     return out
@@ -128,7 +152,9 @@ def save_segmentation_run(model: torch.nn.Module, conf: dict[str, Any], out: Pat
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", conf)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(out / SEG_WEIGHTS), metadata={"medfm_segment": json.dumps({"decoder": conf["decoder"]})})
+    save_file(
+        sd, str(out / SEG_WEIGHTS), metadata={"medfm_segment": json.dumps({"decoder": conf["decoder"]})}
+    )
     enc = getattr(model, "encoder", None)
     if enc is not None and getattr(enc, "config", {}).get("name"):
         from medfm.models.io import save_encoder
@@ -146,7 +172,9 @@ def load_segmentation_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict[st
     if conf.get("task") != "segment":
         raise InputError(cfg_path, f"run is a '{conf.get('task')}' run, not a segmentation run")
     if conf["decoder"] == "monai_unet":
-        model: torch.nn.Module = monai_unet(conf["spatial_dims"], conf["in_chans"], conf["num_classes"])
+        model: torch.nn.Module = monai_unet(
+            conf["spatial_dims"], conf["in_chans"], conf["num_classes"], channels=unet_channels(conf["patch"])
+        )
     else:
         from medfm.models.registry import create_encoder
 
@@ -158,6 +186,8 @@ def load_segmentation_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict[st
         raise InputError(w_path, f"not a readable safetensors checkpoint ({type(e).__name__})") from None
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise InputError(w_path, f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise InputError(
+            w_path, f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.eval()
     return model, conf

@@ -31,6 +31,18 @@ def resize_image(img: torch.Tensor, size: int | tuple[int, ...] | None) -> torch
     return F.interpolate(img[None].float(), size=target, mode=mode, align_corners=False)[0]
 
 
+def read_normalized(path: str | Path, in_chans: int = 1) -> np.ndarray:
+    """An image file as float32 (C, H, W) in [0, 1], scaled the way `medfm data prepare` scales it."""
+    from medfm.data.normalize import guess_modality, normalize_intensity
+    from medfm.data.readers.image import read_image
+
+    sample = read_image(path, grey=in_chans == 1)
+    try:
+        return normalize_intensity(sample.array, guess_modality(sample.array, sample.meta, 2))
+    except ValueError as e:  # NaN / infinite pixels
+        raise InputError(path, str(e)) from None
+
+
 class ImageTextDataset(Dataset):
     """Image-report pairs with optional multi-hot labels; see the module docstring for the item layout."""
 
@@ -104,13 +116,7 @@ class ImageTextDataset(Dataset):
     def _read(self, i: int) -> torch.Tensor:
         if i in self._cache:
             return self._cache[i]
-        from medfm.data.readers.image import read_image
-
-        sample = read_image(self._images[i], grey=self.in_chans == 1)
-        a = np.asarray(sample.array, dtype=np.float32)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-        img = resize_image(torch.from_numpy(a), self.img_size)
+        img = resize_image(torch.from_numpy(read_normalized(self._images[i], self.in_chans)), self.img_size)
         self._cache[i] = img
         return img
 

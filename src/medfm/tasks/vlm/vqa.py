@@ -26,7 +26,6 @@ _YESNO = re.compile(r"^\s*(is|are|does|do|was|can|could|has|have)\s+(there\s+)?(
                     r"in this image|show\w*))?\s*\?*\s*$", re.I)
 _SHOW = re.compile(r"^\s*(does|do)\s+(the|this)\s+(image|x-?ray|film|radiograph|scan)\s+(show|demonstrate|"
                    r"contain)\s+(any\s+|an?\s+)?(?P<x>.+?)\s*\?*\s*$", re.I)
-_CHOICE = re.compile(r"[:?]\s*(?P<opts>[^:?]+?)\s*\??\s*$")
 REQUIRED = ("image_name", "question", "answer")
 
 
@@ -99,9 +98,12 @@ def parse_question(q: dict[str, Any]) -> dict[str, Any]:
         m = _SHOW.match(text) or _YESNO.match(text)
         if m:
             return {"kind": "yesno", "phrase": m.group("x").strip()}
-    m = _CHOICE.search(text) if " or " in text else None
-    if m and q.get("answer_type") == "CLOSED":
-        opts = [o.strip(" ,") for o in re.split(r",|\bor\b", m.group("opts")) if o.strip(" ,")]
+    if " or " in text and q.get("answer_type") == "CLOSED":
+        if ":" in text:  # "Which finding is present: a, b or c?"
+            opts = [o.strip(" ,?") for o in re.split(r",|\bor\b", text.split(":")[-1]) if o.strip(" ,?")]
+        else:  # "Is the lesion on the left or right?"
+            m = re.search(r"(\w[\w-]*)\s+or\s+(\w[\w-]*)\W*$", text)
+            opts = [m.group(1), m.group(2)] if m else []
         if len(opts) >= 2:
             return {"kind": "choice", "options": opts}
     return {"kind": "open"}

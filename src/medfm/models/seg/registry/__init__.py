@@ -38,7 +38,9 @@ class SegmentationModel(nn.Module):
     ``num_classes`` counts background: binary segmentation is 2 classes (softmax over classes throughout).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, num_classes: int, decoder_name: str = "") -> None:
+    def __init__(
+        self, encoder: nn.Module, decoder: nn.Module, num_classes: int, decoder_name: str = ""
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -62,25 +64,42 @@ class BaselineModel(nn.Module):
         return self.net(x)
 
 
-def build_segmentation_model(encoder: nn.Module, num_classes: int, decoder: str = "auto",
-                             feature_size: int = 16) -> SegmentationModel:
+def build_segmentation_model(
+    encoder: nn.Module, num_classes: int, decoder: str = "auto", feature_size: int = 16
+) -> SegmentationModel:
     """Attach the decoder that fits ``encoder`` (or the named one)."""
     if num_classes < 2:
         raise ConfigError(f"num_classes must count background too (>= 2), got {num_classes}")
     name = decoder_for(getattr(encoder, "family", "cnn")) if decoder == "auto" else decoder
     if name not in DECODERS:
         raise ConfigError(f"unknown decoder '{name}'; known: {', '.join(DECODERS.names())}")
-    dec = DECODERS.create(name, feature_dims=list(encoder.feature_dims), feature_strides=list(encoder.feature_strides),
-                          in_chans=int(encoder.in_chans), num_classes=num_classes,
-                          spatial_dims=int(encoder.spatial_dims), feature_size=feature_size)
+    dec = DECODERS.create(
+        name,
+        feature_dims=list(encoder.feature_dims),
+        feature_strides=list(encoder.feature_strides),
+        in_chans=int(encoder.in_chans),
+        num_classes=num_classes,
+        spatial_dims=int(encoder.spatial_dims),
+        feature_size=feature_size,
+    )
     return SegmentationModel(encoder, dec, num_classes, decoder_name=name)
 
 
-def monai_unet(spatial_dims: int = 2, in_chans: int = 1, num_classes: int = 2,
-               channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> BaselineModel:
+def monai_unet(
+    spatial_dims: int = 2,
+    in_chans: int = 1,
+    num_classes: int = 2,
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256),
+) -> BaselineModel:
     """The MONAI UNet baseline (no foundation encoder), used to judge what pretraining buys."""
     from monai.networks.nets import UNet
 
-    net = UNet(spatial_dims=spatial_dims, in_channels=in_chans, out_channels=num_classes, channels=channels,
-               strides=(2,) * (len(channels) - 1), num_res_units=2)
+    net = UNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_chans,
+        out_channels=num_classes,
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=2,
+    )
     return BaselineModel(net, num_classes)

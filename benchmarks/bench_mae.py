@@ -1,0 +1,218 @@
+"""MAE pretraining throughput and memory: medfm vs lightly (timm ViT) vs MONAI MaskedAutoEncoderViT.
+
+Same ViT-Tiny encoder (192 dim, 12 blocks, 3 heads, MLP 768), 64x64x1 images, patch 8, mask ratio 0.75,
+batch 64, same decoder size (128 dim, 2 blocks, 4 heads), same AdamW, same in-memory data and thread count.
+A step is forward + backward + optimizer step. Each library runs in its own fresh process (so its peak RSS is
+its own), in alternating rounds; the best round counts (the machine may be shared).
+
+Also measures this machine's fp32 matmul peak (torch.mm at 2048^2) and the fraction of it one medfm MAE step
+reaches (FLOPs counted with torch.utils.flop_counter.FlopCounterMode).
+
+    .venv/bin/python benchmarks/bench_mae.py                      # CPU, 2 threads
+    .venv/bin/python benchmarks/bench_mae.py --device cuda --precision bf16 --batch-size 256
+
+Writes benchmarks/results/mae_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+IMG, PATCH, CHANS, MASK = 64, 8, 1, 0.75
+ENC = dict(embed_dim=192, depth=12, num_heads=3)
+DEC = dict(dim=128, depth=2, heads=4)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- the three contenders: each returns (model, step_loss(images) -> loss) ---------------------------------
+def build_medfm(dev):
+    from medfm.models.registry import create_encoder
+    from medfm.train.mae import MAE
+
+    enc = create_encoder("vit_tiny", spatial_dims=2, in_chans=CHANS, img_size=IMG, patch_size=PATCH, **ENC)
+    model = MAE(enc, decoder_dim=DEC["dim"], decoder_depth=DEC["depth"], decoder_heads=DEC["heads"],
+                mask_ratio=MASK, norm_pix=True).to(dev)
+    return model, lambda x: model.loss(x)
+
+
+def build_lightly(dev):
+    import torch
+    from lightly.models import utils
+    from lightly.models.modules import MAEDecoderTIMM, MaskedVisionTransformerTIMM
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=IMG, patch_size=PATCH, in_chans=CHANS, num_classes=0, **ENC)
+    backbone = MaskedVisionTransformerTIMM(vit=vit)
+    decoder = MAEDecoderTIMM(num_patches=vit.patch_embed.num_patches, patch_size=PATCH, in_chans=CHANS,
+                             embed_dim=ENC["embed_dim"], decoder_embed_dim=DEC["dim"],
+                             decoder_depth=DEC["depth"], decoder_num_heads=DEC["heads"])
+    model = torch.nn.ModuleDict({"backbone": backbone, "decoder": decoder}).to(dev)
+    seq = backbone.sequence_length
+
+    def step_loss(images):  # as in lightly's MAE example
+        b = images.shape[0]
+        idx_keep, idx_mask = utils.random_token_mask(size=(b, seq), mask_ratio=MASK, device=images.device)
+        x_enc = backbone.encode(images=images, idx_keep=idx_keep)
+        x_dec = decoder.embed(x_enc)
+        x_masked = utils.repeat_token(decoder.mask_token, (b, seq))
+        x_masked = utils.set_at_index(x_masked, idx_keep, x_dec.type_as(x_masked))
+        x_pred = decoder.predict(utils.get_at_index(decoder.decode(x_masked), idx_mask))
+        target = utils.get_at_index(utils.patchify(images, PATCH), idx_mask - 1)
+        return torch.nn.functional.mse_loss(x_pred.float(), target.float())
+
+    return model, step_loss
+
+
+def build_monai(dev):
+    from monai.networks.nets import MaskedAutoEncoderViT
+
+    from medfm.train.mae import mae_loss, patchify
+
+    model = MaskedAutoEncoderViT(
+        in_channels=CHANS, img_size=IMG, patch_size=PATCH, hidden_size=ENC["embed_dim"],
+        mlp_dim=4 * ENC["embed_dim"], num_layers=ENC["depth"], num_heads=ENC["num_heads"], masking_ratio=MASK,
+        decoder_hidden_size=DEC["dim"], decoder_mlp_dim=4 * DEC["dim"], decoder_num_layers=DEC["depth"],
+        decoder_num_heads=DEC["heads"], spatial_dims=2, qkv_bias=True).to(dev)
+
+    def step_loss(images):
+        pred, mask = model(images)
+        return mae_loss(pred, patchify(images, PATCH, 2), mask.to(pred.dtype), norm_pix=True)
+
+    return model, step_loss
+
+
+BUILDERS = {"medfm": build_medfm, "lightly": build_lightly, "monai": build_monai}
+
+
+def run_one(name: str, args: dict, q) -> None:
+    """Time `steps` training steps of one contender in this (fresh) process; put the result on q."""
+    import torch
+
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    dev = torch.device(args["device"])
+    images = torch.rand(args["batch_size"], CHANS, IMG, IMG, device=dev)
+    model, step_loss = BUILDERS[name](dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    def amp():
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if args["precision"] == "bf16" else nullcontext()
+
+    def step():
+        with amp():
+            loss = step_loss(images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(args["warmup"]):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = rss_mb()
+    t0 = time.perf_counter()
+    for _ in range(args["steps"]):
+        loss = step()
+    float(loss)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    res = {"images_per_s": args["steps"] * args["batch_size"] / dt, "step_ms": 1000 * dt / args["steps"],
+           "params": sum(p.numel() for p in model.parameters()),
+           "peak_rss_delta_mb": max(0.0, peak_rss_mb() - base), "peak_rss_mb": peak_rss_mb()}
+    if dev.type == "cuda":
+        res["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if name == "medfm":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            step()
+        res["flops_per_step"] = fc.get_total_flops()
+    q.put((name, res))
+
+
+def matmul_peak(threads: int, device: str, n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    for _ in range(2):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(3):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * reps / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best counts")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--only", default="medfm,lightly,monai")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mae_throughput.json"))
+    a = ap.parse_args()
+    args = {k: getattr(a, k) for k in ("threads", "batch_size", "steps", "warmup", "device", "precision")}
+    names = [n.strip() for n in a.only.split(",")]
+    ctx = mp.get_context("spawn")
+    rounds: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(a.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            q = ctx.Queue()
+            p = ctx.Process(target=run_one, args=(name, args, q))
+            p.start()
+            got, res = q.get()
+            p.join()
+            rounds[got].append(res)
+            print(f"round {r} {name}: {res['images_per_s']:.1f} img/s, peak RSS +{res['peak_rss_delta_mb']:.0f} MB",
+                  flush=True)
+    best = {n: max(v, key=lambda x: x["images_per_s"]) for n, v in rounds.items()}
+    peak = matmul_peak(a.threads, a.device)
+    out = {"benchmark": "mae_throughput", "config": {**args, "img": IMG, "patch": PATCH, "in_chans": CHANS,
+                                                      "mask_ratio": MASK, "encoder": ENC, "decoder": DEC},
+           "results": best, "all_rounds": rounds, "matmul_gflops": peak,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                       "loadavg": os.getloadavg()}}
+    others = [best[n]["images_per_s"] for n in ("lightly", "monai") if n in best]
+    if "medfm" in best and others:
+        out["medfm_vs_fastest_other"] = best["medfm"]["images_per_s"] / max(others)
+    if "medfm" in best and "flops_per_step" in best["medfm"]:
+        achieved = best["medfm"]["flops_per_step"] / (best["medfm"]["step_ms"] / 1000) / 1e9
+        out["medfm_achieved_gflops"] = achieved
+        out["medfm_fraction_of_matmul_peak"] = achieved / peak
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("all_rounds",)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

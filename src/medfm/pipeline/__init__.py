@@ -1,0 +1,1 @@
+"""End-to-end pipelines built from the public commands (the demo)."""
