@@ -28,7 +28,14 @@ from pathlib import Path
 
 IMG, PATCH, CHANS, MASK = 64, 8, 1, 0.75
 ENC = dict(embed_dim=192, depth=12, num_heads=3)
-DEC = dict(dim=128, depth=2, heads=4)
+DEC = dict(dim=128, depth=2, heads=4)  # medfm's default decoder; "--decoder same" gives it to all three
+# "--decoder defaults": each library's documented default (lightly's MAE example: 512 x 1, 16 heads;
+# MONAI MaskedAutoEncoderViT: 384 x 4, 12 heads, MLP 512), medfm keeps its own default.
+DEFAULT_DEC = {
+    "medfm": DEC,
+    "lightly": dict(dim=512, depth=1, heads=16, mlp=2048),
+    "monai": dict(dim=384, depth=4, heads=12, mlp=512),
+}
 
 
 def rss_mb() -> float:
@@ -41,17 +48,23 @@ def peak_rss_mb() -> float:
 
 
 # ---- the three contenders: each returns (model, step_loss(images) -> loss) ---------------------------------
-def build_medfm(dev):
+def build_medfm(dev, dec=DEC):
     from medfm.models.registry import create_encoder
     from medfm.train.mae import MAE
 
     enc = create_encoder("vit_tiny", spatial_dims=2, in_chans=CHANS, img_size=IMG, patch_size=PATCH, **ENC)
-    model = MAE(enc, decoder_dim=DEC["dim"], decoder_depth=DEC["depth"], decoder_heads=DEC["heads"],
-                mask_ratio=MASK, norm_pix=True).to(dev)
+    model = MAE(
+        enc,
+        decoder_dim=dec["dim"],
+        decoder_depth=dec["depth"],
+        decoder_heads=dec["heads"],
+        mask_ratio=MASK,
+        norm_pix=True,
+    ).to(dev)
     return model, lambda x: model.loss(x)
 
 
-def build_lightly(dev):
+def build_lightly(dev, dec=DEC):
     import torch
     from lightly.models import utils
     from lightly.models.modules import MAEDecoderTIMM, MaskedVisionTransformerTIMM
@@ -59,9 +72,16 @@ def build_lightly(dev):
 
     vit = VisionTransformer(img_size=IMG, patch_size=PATCH, in_chans=CHANS, num_classes=0, **ENC)
     backbone = MaskedVisionTransformerTIMM(vit=vit)
-    decoder = MAEDecoderTIMM(num_patches=vit.patch_embed.num_patches, patch_size=PATCH, in_chans=CHANS,
-                             embed_dim=ENC["embed_dim"], decoder_embed_dim=DEC["dim"],
-                             decoder_depth=DEC["depth"], decoder_num_heads=DEC["heads"])
+    decoder = MAEDecoderTIMM(
+        num_patches=vit.patch_embed.num_patches,
+        patch_size=PATCH,
+        in_chans=CHANS,
+        embed_dim=ENC["embed_dim"],
+        decoder_embed_dim=dec["dim"],
+        decoder_depth=dec["depth"],
+        decoder_num_heads=dec["heads"],
+        mlp_ratio=dec.get("mlp", 4 * dec["dim"]) / dec["dim"],
+    )
     model = torch.nn.ModuleDict({"backbone": backbone, "decoder": decoder}).to(dev)
     seq = backbone.sequence_length
 
@@ -79,16 +99,27 @@ def build_lightly(dev):
     return model, step_loss
 
 
-def build_monai(dev):
+def build_monai(dev, dec=DEC):
     from monai.networks.nets import MaskedAutoEncoderViT
 
     from medfm.train.mae import mae_loss, patchify
 
     model = MaskedAutoEncoderViT(
-        in_channels=CHANS, img_size=IMG, patch_size=PATCH, hidden_size=ENC["embed_dim"],
-        mlp_dim=4 * ENC["embed_dim"], num_layers=ENC["depth"], num_heads=ENC["num_heads"], masking_ratio=MASK,
-        decoder_hidden_size=DEC["dim"], decoder_mlp_dim=4 * DEC["dim"], decoder_num_layers=DEC["depth"],
-        decoder_num_heads=DEC["heads"], spatial_dims=2, qkv_bias=True).to(dev)
+        in_channels=CHANS,
+        img_size=IMG,
+        patch_size=PATCH,
+        hidden_size=ENC["embed_dim"],
+        mlp_dim=4 * ENC["embed_dim"],
+        num_layers=ENC["depth"],
+        num_heads=ENC["num_heads"],
+        masking_ratio=MASK,
+        decoder_hidden_size=dec["dim"],
+        decoder_mlp_dim=dec.get("mlp", 4 * dec["dim"]),
+        decoder_num_layers=dec["depth"],
+        decoder_num_heads=dec["heads"],
+        spatial_dims=2,
+        qkv_bias=True,
+    ).to(dev)
 
     def step_loss(images):
         pred, mask = model(images)
@@ -108,10 +139,14 @@ def run_one(name: str, args: dict, q) -> None:
     torch.manual_seed(0)
     dev = torch.device(args["device"])
     images = torch.rand(args["batch_size"], CHANS, IMG, IMG, device=dev)
-    model, step_loss = BUILDERS[name](dev)
+    dec = DEFAULT_DEC[name] if args["decoder"] == "defaults" else DEC
+    model, step_loss = BUILDERS[name](dev, dec)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
     def amp():
-        return torch.autocast(dev.type, dtype=torch.bfloat16) if args["precision"] == "bf16" else nullcontext()
+        return (
+            torch.autocast(dev.type, dtype=torch.bfloat16) if args["precision"] == "bf16" else nullcontext()
+        )
 
     def step():
         with amp():
@@ -134,9 +169,13 @@ def run_one(name: str, args: dict, q) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    res = {"images_per_s": args["steps"] * args["batch_size"] / dt, "step_ms": 1000 * dt / args["steps"],
-           "params": sum(p.numel() for p in model.parameters()),
-           "peak_rss_delta_mb": max(0.0, peak_rss_mb() - base), "peak_rss_mb": peak_rss_mb()}
+    res = {
+        "images_per_s": args["steps"] * args["batch_size"] / dt,
+        "step_ms": 1000 * dt / args["steps"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "peak_rss_delta_mb": max(0.0, peak_rss_mb() - base),
+        "peak_rss_mb": peak_rss_mb(),
+    }
     if dev.type == "cuda":
         res["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if name == "medfm":
@@ -179,9 +218,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--only", default="medfm,lightly,monai")
+    ap.add_argument(
+        "--decoder",
+        default="same",
+        choices=["same", "defaults"],
+        help="same: one decoder config for all (fair); defaults: each library's own default",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mae_throughput.json"))
     a = ap.parse_args()
-    args = {k: getattr(a, k) for k in ("threads", "batch_size", "steps", "warmup", "device", "precision")}
+    args = {
+        k: getattr(a, k)
+        for k in ("threads", "batch_size", "steps", "warmup", "device", "precision", "decoder")
+    }
     names = [n.strip() for n in a.only.split(",")]
     ctx = mp.get_context("spawn")
     rounds: dict[str, list[dict]] = {n: [] for n in names}
@@ -193,15 +241,29 @@ def main() -> None:
             got, res = q.get()
             p.join()
             rounds[got].append(res)
-            print(f"round {r} {name}: {res['images_per_s']:.1f} img/s, peak RSS +{res['peak_rss_delta_mb']:.0f} MB",
-                  flush=True)
+            print(
+                f"round {r} {name}: {res['images_per_s']:.1f} img/s, "
+                f"peak RSS +{res['peak_rss_delta_mb']:.0f} MB",
+                flush=True,
+            )
     best = {n: max(v, key=lambda x: x["images_per_s"]) for n, v in rounds.items()}
     peak = matmul_peak(a.threads, a.device)
-    out = {"benchmark": "mae_throughput", "config": {**args, "img": IMG, "patch": PATCH, "in_chans": CHANS,
-                                                      "mask_ratio": MASK, "encoder": ENC, "decoder": DEC},
-           "results": best, "all_rounds": rounds, "matmul_gflops": peak,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                       "loadavg": os.getloadavg()}}
+    out = {
+        "benchmark": "mae_throughput",
+        "config": {
+            **args,
+            "img": IMG,
+            "patch": PATCH,
+            "in_chans": CHANS,
+            "mask_ratio": MASK,
+            "encoder": ENC,
+            "decoder": DEC,
+        },
+        "results": best,
+        "all_rounds": rounds,
+        "matmul_gflops": peak,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
+    }
     others = [best[n]["images_per_s"] for n in ("lightly", "monai") if n in best]
     if "medfm" in best and others:
         out["medfm_vs_fastest_other"] = best["medfm"]["images_per_s"] / max(others)

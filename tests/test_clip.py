@@ -1,4 +1,4 @@
-"""CLIP-style training: losses, gradient caching equals full-batch gradients, locking, run directory round trip."""
+"""CLIP-style training: losses, gradient caching equals full-batch gradients, locking, run dir round trip."""
 
 from __future__ import annotations
 
@@ -37,8 +37,17 @@ def toy(tmp_path_factory):
 
 
 def tiny_cfg(bert: str, **kw) -> ClipConfig:
-    base = dict(text_tower=bert, img_size=32, encoder_kwargs=dict(TINY_VIT), lock_text=-1, fusion_dim=32,
-                decoder_dim=32, batch_size=8, epochs=1, augment=False)
+    base = dict(
+        text_tower=bert,
+        img_size=32,
+        encoder_kwargs=dict(TINY_VIT),
+        lock_text=-1,
+        fusion_dim=32,
+        decoder_dim=32,
+        batch_size=8,
+        epochs=1,
+        augment=False,
+    )
     base.update(kw)
     return ClipConfig(**base)
 
@@ -62,12 +71,16 @@ def test_clip_loss_duplicate_texts_are_not_negatives():
     assert pos[0, 1] and pos[1, 0] and not pos[0, 2]
     scale = torch.tensor(10.0)
     # Only the diagonal positive: plain InfoNCE.
-    assert torch.isclose(clip_loss(img, txt, scale, torch.eye(4, dtype=torch.bool)), clip_loss(img, txt, scale))
+    assert torch.isclose(
+        clip_loss(img, txt, scale, torch.eye(4, dtype=torch.bool)), clip_loss(img, txt, scale)
+    )
     # Duplicates: the target puts half the mass on each copy, in both directions.
     target = pos.float() / pos.float().sum(1, keepdim=True)
     logits = scale * img @ txt.t()
-    want = 0.5 * (torch.nn.functional.cross_entropy(logits, target)
-                  + torch.nn.functional.cross_entropy(logits.t(), target))
+    want = 0.5 * (
+        torch.nn.functional.cross_entropy(logits, target)
+        + torch.nn.functional.cross_entropy(logits.t(), target)
+    )
     assert torch.isclose(clip_loss(img, txt, scale, pos), want)
     assert not torch.isclose(clip_loss(img, txt, scale, pos), clip_loss(img, txt, scale))
 
@@ -142,17 +155,30 @@ def test_3d_image_tower_trains(bert):
     model = build_clip(cfg)
     texts = ["lesion present", "no lesion", "lesion present", "normal"]
     tok = model.text.tokenize(texts)
-    rec = train_step(model, torch.rand(4, 1, 16, 16, 16), texts, tok["input_ids"], tok["attention_mask"], None)
+    rec = train_step(
+        model, torch.rand(4, 1, 16, 16, 16), texts, tok["input_ids"], tok["attention_mask"], None
+    )
     assert math.isfinite(rec["loss"]) and "itm" in rec
     assert model.encoder.patch_embed.weight.grad is not None
 
 
 def test_train_writes_run_dir_and_reloads(bert, toy, tmp_path):
-    cfg = tiny_cfg(bert, data=toy, out=str(tmp_path / "run"), w_itm=1.0, w_caption=1.0, epochs=2,
-                   grad_cache_chunk=4)
+    cfg = tiny_cfg(
+        bert, data=toy, out=str(tmp_path / "run"), w_itm=1.0, w_caption=1.0, epochs=2, grad_cache_chunk=4
+    )
     run = train_clip(cfg, progress=False)
-    for f in ("config.json", "model.safetensors", "heads.safetensors", "decoder.safetensors", "vocab.json",
-              "metrics.json", "loss.png", "README.md", "text/model.safetensors", "text/config.json"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "heads.safetensors",
+        "decoder.safetensors",
+        "vocab.json",
+        "metrics.json",
+        "loss.png",
+        "README.md",
+        "text/model.safetensors",
+        "text/config.json",
+    ):
         assert (run / f).is_file(), f
     m = json.loads((run / "metrics.json").read_text())
     assert m["steps"] == 4 and all(math.isfinite(h["loss"]) for h in m["history"])

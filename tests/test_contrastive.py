@@ -106,6 +106,8 @@ def test_patient_pairs_use_other_images_of_the_same_patient(tmp_path) -> None:
     item = ds[(3, 3)]
     assert item["view1"].shape == item["view2"].shape == (1, 16, 16)
     assert item["group"] == ds.groups[3]
+    study = PairedViewsDataset(base, A.ViewAugment((16, 16)), seed=0, positives="study")
+    assert study.groups[0] == study.groups[1] != study.groups[2]  # synthetic studies: 2 images, then 1
     aug_ds = PairedViewsDataset(base, A.ViewAugment((16, 16)), seed=0, positives="augment")
     assert len(set(aug_ds.groups.tolist())) == len(base)
 

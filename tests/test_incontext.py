@@ -78,3 +78,62 @@ def test_episodic_training_learns_and_output_follows_references():
         model, images[16:], masks[16:], labels=[2], k=1, ref_images=images[:16], ref_masks=masks[:16]
     )
     assert 0.0 <= res["label_2"] <= 1.0 and set(res) == {"label_2", "mean"}
+
+
+def test_cli_incontext_train_then_evaluate_held_out(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from medfm.cli.app import app
+
+    images, masks = shapes_dataset(10)
+    rows = ["image,mask,split"]
+    for i in range(10):
+        Image.fromarray((images[i, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / f"i{i}.png")
+        Image.fromarray(masks[i].numpy().astype(np.uint8)).save(tmp_path / f"m{i}.png")
+        rows.append(f"i{i}.png,m{i}.png,{'train' if i < 7 else 'test'}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "ic"
+    r = CliRunner().invoke(
+        app,
+        [
+            "segment",
+            "incontext",
+            str(tmp_path),
+            "-o",
+            str(run),
+            "--train-labels",
+            "1,3",
+            "--test-labels",
+            "2",
+            "--img-size",
+            "32",
+            "--steps",
+            "2",
+            "--encoder-depth",
+            "2",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads((run / "metrics.json").read_text())["incontext_eval"]
+    assert set(res) == {"k1", "k5"} and 0.0 <= res["k5"]["label_2"] <= 1.0
+    r = CliRunner().invoke(
+        app,
+        [
+            "segment",
+            "incontext",
+            str(tmp_path),
+            "-o",
+            str(run),
+            "--test-labels",
+            "2",
+            "--k",
+            "1",
+            "--img-size",
+            "32",
+        ],
+    )
+    assert r.exit_code == 0, r.output  # reload the run: evaluation only, no training

@@ -51,6 +51,8 @@ def test_mae_run_directory(ds2d, tmp_path) -> None:
             "8",
             "--steps",
             "6",
+            "--recon-every",
+            "3",
             *TINY_VIT,
             *COMMON,
         ]
@@ -69,6 +71,7 @@ def test_mae_run_directory(ds2d, tmp_path) -> None:
     ):
         assert (out / name).is_file(), name
     assert list((out / "logs" / "tensorboard").glob("events.out.tfevents*"))
+    assert (out / "reconstructions" / "step000003.png").is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["pretrain"]["objective"] == "mae" and cfg["encoder"]["depth"] == 1
     assert cfg["data"][0]["images"] == 24 and "torch" in cfg["environment"]

@@ -245,3 +245,177 @@ def test_promptable_learns_box_prompts():
 
     res = evaluate_box_prompts(model, images, masks)
     assert res["dice"] > 0.6, res
+
+
+def test_cli_prompt_with_sam_file_and_trained_run(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from medfm.cli.app import app
+
+    ckpt = tmp_path / "sam_tiny.pth"
+    torch.save(_random_state(official_sam_shapes()), ckpt)
+    img = np.zeros((48, 40), dtype=np.uint8)
+    img[10:30, 8:24] = 200
+    Image.fromarray(img).save(tmp_path / "x.png")
+    out = tmp_path / "m.png"
+    r = CliRunner().invoke(
+        app,
+        [
+            "segment",
+            "prompt",
+            str(ckpt),
+            str(tmp_path / "x.png"),
+            "--box",
+            "8,10,23,29",
+            "--point",
+            "15,20,1",
+            "-o",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert np.asarray(Image.open(out)).shape == (48, 40) and (tmp_path / "m_overlay.png").is_file()
+    # train a tiny promptable run from a CSV dataset, then evaluate box prompts on it
+    rows = ["image,mask,split"]
+    for i in range(4):
+        m = np.zeros((32, 32), dtype=np.uint8)
+        m[4 + i : 14 + i, 6:16] = 255
+        Image.fromarray(m).save(tmp_path / f"m{i}.png")
+        Image.fromarray((m * 0.7).astype(np.uint8)).save(tmp_path / f"i{i}.png")
+        rows.append(f"i{i}.png,m{i}.png,{'train' if i < 3 else 'test'}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "prun"
+    r = CliRunner().invoke(
+        app,
+        [
+            "segment",
+            "prompt-train",
+            str(tmp_path),
+            "-o",
+            str(run),
+            "--img-size",
+            "32",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--prompt-dim",
+            "32",
+            "--encoder-depth",
+            "2",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["segment", "prompt", str(run), "--data", str(tmp_path)])
+    assert r.exit_code == 0 and "box-prompt dice" in r.output, r.output
+    r = CliRunner().invoke(app, ["segment", "prompt", str(run), str(tmp_path / "x.png")])
+    assert r.exit_code != 0 and "--box" in str(r.exception)
+
+
+def _official_to_hf(key: str) -> list[str]:
+    """Official SAM key -> Hugging Face SamModel key(s): an independent implementation to compare against."""
+    import re
+
+    subs = [
+        (r"^image_encoder\.patch_embed\.proj", "vision_encoder.patch_embed.projection"),
+        (r"^image_encoder\.blocks\.(\d+)\.norm(\d)", r"vision_encoder.layers.\1.layer_norm\2"),
+        (r"^image_encoder\.blocks\.", "vision_encoder.layers."),
+        (r"^image_encoder\.neck\.0", "vision_encoder.neck.conv1"),
+        (r"^image_encoder\.neck\.1", "vision_encoder.neck.layer_norm1"),
+        (r"^image_encoder\.neck\.2", "vision_encoder.neck.conv2"),
+        (r"^image_encoder\.neck\.3", "vision_encoder.neck.layer_norm2"),
+        (r"^image_encoder\.", "vision_encoder."),
+        (r"point_embeddings\.", "point_embed."),
+        (r"mask_downscaling\.0", "mask_embed.conv1"),
+        (r"mask_downscaling\.1", "mask_embed.layer_norm1"),
+        (r"mask_downscaling\.3", "mask_embed.conv2"),
+        (r"mask_downscaling\.4", "mask_embed.layer_norm2"),
+        (r"mask_downscaling\.6", "mask_embed.conv3"),
+        (r"transformer\.layers\.(\d+)\.norm(\d)", r"transformer.layers.\1.layer_norm\2"),
+        (r"norm_final_attn", "layer_norm_final_attn"),
+        (r"output_upscaling\.0", "upscale_conv1"),
+        (r"output_upscaling\.1", "upscale_layer_norm"),
+        (r"output_upscaling\.3", "upscale_conv2"),
+        (r"(mlps\.\d+|iou_prediction_head)\.layers\.0\.", r"\1.proj_in."),
+        (r"(mlps\.\d+|iou_prediction_head)\.layers\.1\.", r"\1.layers.0."),
+        (r"(mlps\.\d+|iou_prediction_head)\.layers\.2\.", r"\1.proj_out."),
+    ]
+    if key == "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix":
+        return [
+            "prompt_encoder.shared_embedding.positional_embedding",
+            "shared_image_embedding.positional_embedding",
+        ]
+    for a, b in subs:
+        key = re.sub(a, b, key)
+    return [key]
+
+
+def test_matches_hugging_face_sam_numerically(tmp_path):
+    """Same official weights in medfm's model and in transformers' SamModel give the same masks and IoU."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.sam.configuration_sam import (
+        SamConfig,
+        SamMaskDecoderConfig,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    sd = _random_state(official_sam_shapes(), seed=1)
+    path = tmp_path / "sam.pth"
+    torch.save(sd, path)
+    ours, _ = load_sam_checkpoint(path, decoder_heads=2)
+    vc = SamVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        output_channels=32,
+        window_size=2,
+        global_attn_indexes=[1, 3],
+        mlp_dim=128,
+        num_pos_feats=16,
+    )
+    pc = SamPromptEncoderConfig(hidden_size=32, image_size=32, patch_size=8, mask_input_channels=16)
+    mc = SamMaskDecoderConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_dim=64,
+        iou_head_depth=3,
+        iou_head_hidden_dim=16,
+    )
+    hf = transformers.SamModel(
+        SamConfig(
+            vision_config=vc.to_dict(), prompt_encoder_config=pc.to_dict(), mask_decoder_config=mc.to_dict()
+        )
+    ).eval()
+    hf_sd = {h: v for k, v in sd.items() for h in _official_to_hf(k)}
+    missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
+    assert not unexpected and not [k for k in missing if "positional" not in k], (missing, unexpected)
+    x = torch.rand(1, 1, 32, 32)
+    boxes = torch.tensor([[3.0, 5.0, 20.0, 27.0]])
+    mean = torch.tensor(ours.pixel_mean).view(1, 3, 1, 1)
+    std = torch.tensor(ours.pixel_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        emb = ours.embed_image(x)
+        sparse, dense = ours.prompt_encoder(boxes=boxes)
+        low, iou = ours.mask_decoder(emb, ours.prompt_encoder.get_dense_pe(), sparse, dense)
+        out = hf(pixel_values=(x.expand(-1, 3, -1, -1) - mean) / std, input_boxes=boxes[None])
+    assert torch.allclose(hf.get_image_embeddings((x.expand(-1, 3, -1, -1) - mean) / std), emb, atol=1e-4)
+    assert torch.allclose(out.pred_masks[0, 0], low[0], atol=1e-4)
+    assert torch.allclose(out.iou_scores[0, 0], iou[0], atol=1e-4)
+    # points only (a padding point is appended, as in the official model)
+    pts, labs = torch.tensor([[[10.0, 12.0], [25.0, 4.0]]]), torch.tensor([[1, 0]])
+    with torch.no_grad():
+        sparse, dense = ours.prompt_encoder(points=(pts, labs))
+        low, iou = ours.mask_decoder(emb, ours.prompt_encoder.get_dense_pe(), sparse, dense)
+        out = hf(
+            pixel_values=(x.expand(-1, 3, -1, -1) - mean) / std,
+            input_points=pts[None],
+            input_labels=labs[None],
+        )
+    assert torch.allclose(out.pred_masks[0, 0], low[0], atol=1e-4)
+    assert torch.allclose(out.iou_scores[0, 0], iou[0], atol=1e-4)

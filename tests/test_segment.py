@@ -123,6 +123,8 @@ def test_cli_train_evaluate_predict_2d(tmp_path):
     m = np.asarray(Image.open(out / "im10_mask.png"))
     assert m.shape == (32, 32) and set(np.unique(m)) <= {0, 1}
     assert (out / "im10_overlay.png").is_file()
+    html = (out / "report.html").read_text()
+    assert "im10" in html and "data:image/png;base64" in html
 
 
 def test_cli_3d_sliding_window_writes_aligned_nifti(tmp_path):

@@ -12,8 +12,14 @@ from medfm.models.text import TEXT_TOWERS, create_text_tower, lock_tower, mean_p
 def test_minilm_embeds_similar_sentences_closer():
     tower = create_text_tower("minilm")
     assert tower.embed_dim == 384 and tower.config["name"] == "minilm"
-    e = tower.encode(["Small left pleural effusion.", "There is a small pleural effusion on the left side.",
-                      "The cardiac silhouette is enlarged.", "Normal bones, no fracture."])
+    e = tower.encode(
+        [
+            "Small left pleural effusion.",
+            "There is a small pleural effusion on the left side.",
+            "The cardiac silhouette is enlarged.",
+            "Normal bones, no fracture.",
+        ]
+    )
     assert torch.allclose(e.norm(dim=-1), torch.ones(4), atol=1e-5)
     sim = e @ e.t()
     assert sim[0, 1] > 0.7
@@ -31,8 +37,10 @@ def test_local_directory_tower_save_reload_and_lock(tmp_path):
     tower = create_text_tower(str(path))  # a directory name works directly
     assert tower.embed_dim == 32 and len(tower.layers()) == 3
     tok = tower.tokenize(["no pneumothorax", "a much longer report about a pleural effusion"])
-    assert tok["input_ids"].shape == tok["attention_mask"].shape and tok["attention_mask"][0].sum() < \
-        tok["attention_mask"][1].sum()
+    assert (
+        tok["input_ids"].shape == tok["attention_mask"].shape
+        and tok["attention_mask"][0].sum() < tok["attention_mask"][1].sum()
+    )
     e = tower.encode(["no pneumothorax"])
     tower.save(tmp_path / "copy")
     again = create_text_tower("hf_local", path=str(tmp_path / "copy"))
@@ -40,7 +48,9 @@ def test_local_directory_tower_save_reload_and_lock(tmp_path):
     # Cached states of the locked lower blocks + the upper blocks == the full forward.
     tower.eval()
     full = tower.forward_tokens(tok["input_ids"], tok["attention_mask"])
-    split = tower.forward_from(tower.hidden_at(tok["input_ids"], tok["attention_mask"], 2), tok["attention_mask"], 2)
+    split = tower.forward_from(
+        tower.hidden_at(tok["input_ids"], tok["attention_mask"], 2), tok["attention_mask"], 2
+    )
     valid = tok["attention_mask"].bool()
     torch.testing.assert_close(split[valid], full[valid], rtol=1e-5, atol=1e-5)
     lock_tower(tower, tower.layers(), unlocked_layers=1)

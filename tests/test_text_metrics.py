@@ -17,21 +17,28 @@ from medfm.eval.text_metrics import (
 )
 
 
-@pytest.mark.parametrize("text,want", [
-    ("Small right pleural effusion.", {"effusion": POSITIVE}),
-    ("No pleural effusion or pneumothorax.", {"effusion": NEGATIVE, "pneumothorax": NEGATIVE}),
-    ("There is a small left pleural effusion without pneumothorax.", {"effusion": POSITIVE,
-                                                                       "pneumothorax": NEGATIVE}),
-    ("Lungs are free of consolidation.", {"consolidation": NEGATIVE}),
-    ("Negative for pneumothorax.", {"pneumothorax": NEGATIVE}),
-    ("The previously seen consolidation has resolved.", {"consolidation": NEGATIVE}),
-    ("No focal consolidation, but there is a 6 mm nodule in the right upper zone.",
-     {"consolidation": NEGATIVE, "nodule": POSITIVE}),
-    ("Heart size is normal.", {"cardiomegaly": NEGATIVE}),
-    ("The cardiac silhouette is enlarged.", {"cardiomegaly": POSITIVE}),
-    ("Stable cardiomediastinal silhouette.", {}),
-    ("Possible left basilar atelectasis.", {"atelectasis": UNCERTAIN}),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("Small right pleural effusion.", {"effusion": POSITIVE}),
+        ("No pleural effusion or pneumothorax.", {"effusion": NEGATIVE, "pneumothorax": NEGATIVE}),
+        (
+            "There is a small left pleural effusion without pneumothorax.",
+            {"effusion": POSITIVE, "pneumothorax": NEGATIVE},
+        ),
+        ("Lungs are free of consolidation.", {"consolidation": NEGATIVE}),
+        ("Negative for pneumothorax.", {"pneumothorax": NEGATIVE}),
+        ("The previously seen consolidation has resolved.", {"consolidation": NEGATIVE}),
+        (
+            "No focal consolidation, but there is a 6 mm nodule in the right upper zone.",
+            {"consolidation": NEGATIVE, "nodule": POSITIVE},
+        ),
+        ("Heart size is normal.", {"cardiomegaly": NEGATIVE}),
+        ("The cardiac silhouette is enlarged.", {"cardiomegaly": POSITIVE}),
+        ("Stable cardiomediastinal silhouette.", {}),
+        ("Possible left basilar atelectasis.", {"atelectasis": UNCERTAIN}),
+    ],
+)
 def test_labeller_handles_negation_and_scope(text, want):
     assert label_report(text) == want
 

@@ -28,10 +28,24 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm")
     bert = save_tiny_bert(root / "bert")
     data = write_toy_pairs(root / "toy", n=32, size=32)
-    cfg = ClipConfig(data=str(data), out=str(root / "run"), text_tower=str(bert), img_size=32,
-                     encoder_kwargs={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}, lock_text=-1,
-                     fusion_dim=32, decoder_dim=32, decoder_depth=1, w_itm=0.5, w_caption=0.5, batch_size=8,
-                     epochs=3, augment=False, lr=2e-3, text_lr=1e-3)
+    cfg = ClipConfig(
+        data=str(data),
+        out=str(root / "run"),
+        text_tower=str(bert),
+        img_size=32,
+        encoder_kwargs={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2},
+        lock_text=-1,
+        fusion_dim=32,
+        decoder_dim=32,
+        decoder_depth=1,
+        w_itm=0.5,
+        w_caption=0.5,
+        batch_size=8,
+        epochs=3,
+        augment=False,
+        lr=2e-3,
+        text_lr=1e-3,
+    )
     run = train_clip(cfg, progress=False)
     return {"run": run, "data": data, "model": load_clip(run), "root": root}
 
@@ -48,7 +62,7 @@ def test_dataset_reads_prepared_and_manifest(trained, tmp_path):
     for i in range(3):
         arr = (ds.image(i)[0].numpy() * 255).astype(np.uint8)
         Image.fromarray(arr).save(tmp_path / f"{i}.png")
-        rows.append(f"{i}.png,\"{ds.texts[i]}\",{int(ds.labels()[i, 0])}")
+        rows.append(f'{i}.png,"{ds.texts[i]}",{int(ds.labels()[i, 0])}')
     (tmp_path / "m.csv").write_text("image,report,effusion\n" + "\n".join(rows) + "\n")
     csv = ImageTextDataset(tmp_path / "m.csv", img_size=16, label_columns=["effusion"])
     assert len(csv) == 3 and csv.texts == ds.texts[:3]
@@ -64,20 +78,27 @@ def test_zeroshot_probs_and_auroc():
     pos, neg = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     p = zeroshot_probs(img, pos, neg, 10.0)
     assert p.shape == (2, 1) and p[0, 0] > 0.99 and p[1, 0] < 0.01
-    au = auroc_per_class(np.array([[1, 0], [0, 0], [1, 1]]), np.array([[0.9, 0.1], [0.1, 0.2], [0.8, 0.3]]),
-                         ["a", "b"])
+    au = auroc_per_class(
+        np.array([[1, 0], [0, 0], [1, 1]]), np.array([[0.9, 0.1], [0.1, 0.2], [0.8, 0.3]]), ["a", "b"]
+    )
     assert au["a"] == 1.0 and au["b"] == 1.0
     assert auroc_per_class(np.array([[1], [1]]), np.array([[0.2], [0.3]]), ["c"])["c"] is None
 
 
 def test_prompts_default_and_file(tmp_path):
     pr = default_prompts(["effusion", "cardiomegaly"])
-    assert "Pleural effusion." in pr["effusion"]["positive"] and "No pleural effusion." in pr["effusion"]["negative"]
+    assert (
+        "Pleural effusion." in pr["effusion"]["positive"]
+        and "No pleural effusion." in pr["effusion"]["negative"]
+    )
     assert "Heart size is normal." in pr["cardiomegaly"]["negative"]
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"edema": ["pulmonary edema"], "x": {"positive": ["x."], "negative": ["no x."]}}))
     got = load_prompts(f)
-    assert got["x"] == {"positive": ["x."], "negative": ["no x."]} and "No pulmonary edema." in got["edema"]["negative"]
+    assert (
+        got["x"] == {"positive": ["x."], "negative": ["no x."]}
+        and "No pulmonary edema." in got["edema"]["negative"]
+    )
     f.write_text(json.dumps({"bad": {"positive": []}}))
     with pytest.raises(InputError, match="bad"):
         load_prompts(f)
@@ -116,19 +137,33 @@ def test_index_build_save_load_search(trained, tmp_path):
         CaseIndex.load(tmp_path)
     # RAG on the trained run: one composed report per query, citing indexed cases.
     out = rag_reports(again, img[:2], k=3)
-    assert len(out) == 2 and out[0]["report"].startswith("FINDINGS:") and set(out[0]["cited"]) <= set(ds.case_ids)
+    assert (
+        len(out) == 2
+        and out[0]["report"].startswith("FINDINGS:")
+        and set(out[0]["cited"]) <= set(ds.case_ids)
+    )
     assert nearest_reports(again, txt[5:6], modality="text")[0]["report"] == ds.texts[5]
 
 
 def test_compose_report_votes_and_cites():
     nb = [
-        {"case_id": "a", "similarity": 0.9,
-         "report": "FINDINGS: Small right pleural effusion. No pneumothorax.\nIMPRESSION: 1. Right pleural effusion."},
-        {"case_id": "b", "similarity": 0.85,
-         "report": "FINDINGS: There is a left pleural effusion. A 5 mm nodule in the left upper zone.\n"
-                   "IMPRESSION: 1. Left effusion. 2. Left nodule."},
-        {"case_id": "c", "similarity": 0.5, "report": "FINDINGS: No pleural effusion. No pneumothorax.\n"
-                                                      "IMPRESSION: Normal chest radiograph."},
+        {
+            "case_id": "a",
+            "similarity": 0.9,
+            "report": "FINDINGS: Small right pleural effusion. No pneumothorax.\n"
+            "IMPRESSION: 1. Right pleural effusion.",
+        },
+        {
+            "case_id": "b",
+            "similarity": 0.85,
+            "report": "FINDINGS: There is a left pleural effusion. A 5 mm nodule in the left upper zone.\n"
+            "IMPRESSION: 1. Left effusion. 2. Left nodule.",
+        },
+        {
+            "case_id": "c",
+            "similarity": 0.5,
+            "report": "FINDINGS: No pleural effusion. No pneumothorax.\nIMPRESSION: Normal chest radiograph.",
+        },
     ]
     r = compose_report(nb)
     assert r["votes"]["effusion"] > 0.5 and r["votes"]["nodule"] < 0.5
@@ -151,15 +186,29 @@ def test_vqa_questions_parse_and_answer(trained, tmp_path):
         assert q["answer"] == ("yes" if labels[q["index"], names.index(q["finding"])] else "no")
     choice = [q for q in qs if q["question_type"] == "choice"]
     assert choice and all(q["answer"] in q["options"] for q in choice)
-    assert parse_question({"question": "Is there a pleural effusion?", "answer": "yes"}) == \
-        {"kind": "yesno", "phrase": "pleural effusion"}
-    assert parse_question({"question": "Is the lesion on the left or right?", "answer": "left",
-                           "answer_type": "CLOSED"})["options"][-2:] == ["left", "right"]
+    assert parse_question({"question": "Is there a pleural effusion?", "answer": "yes"}) == {
+        "kind": "yesno",
+        "phrase": "pleural effusion",
+    }
+    assert parse_question(
+        {"question": "Is the lesion on the left or right?", "answer": "left", "answer_type": "CLOSED"}
+    )["options"][-2:] == ["left", "right"]
     assert parse_question({"question": "What organ is shown?", "answer": "lung"})["kind"] == "open"
     f = tmp_path / "q.json"
-    f.write_text(json.dumps([{"image_name": "a.png", "question": "Is there a nodule?", "answer": "Yes",
-                              "answer_type": "CLOSED", "question_type": "PRES"},
-                             {"image_name": "a.png", "question": "Where?", "answer": "left lung"}]))
+    f.write_text(
+        json.dumps(
+            [
+                {
+                    "image_name": "a.png",
+                    "question": "Is there a nodule?",
+                    "answer": "Yes",
+                    "answer_type": "CLOSED",
+                    "question_type": "PRES",
+                },
+                {"image_name": "a.png", "question": "Where?", "answer": "left lung"},
+            ]
+        )
+    )
     loaded = load_vqa_json(f)
     assert loaded[0]["answer"] == "Yes" and loaded[1]["answer_type"] == "OPEN"
     f.write_text(json.dumps([{"question": "x"}]))
@@ -169,7 +218,8 @@ def test_vqa_questions_parse_and_answer(trained, tmp_path):
     ds = ImageTextDataset(trained["data"], img_size=32)
     x = torch.stack([ds.image(i) for i in range(8)])
     qs = phantom_questions(ds.labels()[:8], ds.label_names) + [
-        {"index": 0, "question": "What is this?", "answer": "a lung", "question_type": "open"}]
+        {"index": 0, "question": "What is this?", "answer": "a lung", "question_type": "open"}
+    ]
     for method in ("zeroshot", "itm"):
         res = evaluate_vqa(m, x, qs, method=method)
         assert res["n"] == len(qs) - 1 and res["skipped_open"] == 1 and 0 <= res["accuracy"] <= 1
@@ -196,8 +246,10 @@ def test_cli_commands_end_to_end(trained, tmp_path):
     assert res.exit_code == 0, res.output
     res = r.invoke(app, ["report", run, str(png), "--rag", "3", "--train-data", data])
     assert res.exit_code == 0 and "FINDINGS:" in res.output and "Evidence" in res.output, res.output
-    res = r.invoke(app, ["report", run, data, "--eval", "--rag", "3", "--train-data", data, "--out",
-                         str(tmp_path / "rep")])
+    res = r.invoke(
+        app,
+        ["report", run, data, "--eval", "--rag", "3", "--train-data", data, "--out", str(tmp_path / "rep")],
+    )
     assert res.exit_code == 0, res.output
     assert "bleu4" in json.loads((tmp_path / "rep" / "report_metrics.json").read_text())
     res = r.invoke(app, ["vqa", run, data, "--split", "all"])

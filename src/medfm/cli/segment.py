@@ -111,21 +111,35 @@ def predict(
 
     from medfm.tasks.segment.data import load_pairs
     from medfm.tasks.segment.infer import predict_pairs
-    from medfm.tasks.segment.io import write_mask_nifti, write_mask_png, write_overlay_png
+    from medfm.tasks.segment.io import write_mask_nifti, write_mask_png, write_overlay_png, write_report
     from medfm.tasks.segment.train import load_segmentation_run
 
     model, conf = load_segmentation_run(run)
     pairs = load_pairs(data, None if split == "all" else split, None, conf.get("img_size"))
     preds = predict_pairs(model, pairs, _roi(conf))
+    from medfm.tasks.segment.metrics import segmentation_metrics
+
+    rows, pngs = [], []
     for i, (cid, p) in enumerate(zip(pairs.case_ids, preds)):
+        m = segmentation_metrics(p[None], pairs.native_masks[i][None], conf["num_classes"], pairs.spacing[i])
+        rows.append({"case": cid, "dice": m["mean"]["dice"], "hd95_mm": m["mean"]["hd95_mm"]})
         if p.ndim == 3:
             write_mask_nifti(p, out / f"{cid}_mask.nii.gz", pairs.affines[i] if pairs.affines else None)
             continue
         write_mask_png(p, out / f"{cid}_mask.png")
         if overlays:
             img = F.interpolate(pairs.images[i : i + 1], size=tuple(p.shape), mode="bilinear")[0]
-            write_overlay_png(img, p, out / f"{cid}_overlay.png", reference=pairs.native_masks[i])
-    typer.echo(f"wrote {len(preds)} masks to {out}")
+            pngs.append(
+                write_overlay_png(img, p, out / f"{cid}_overlay.png", reference=pairs.native_masks[i])
+            )
+    write_report(
+        out / "report.html",
+        f"Segmentation: {run.name}",
+        rows,
+        pngs,
+        {"run": str(run), "data": str(data), "split": split, "decoder": conf["decoder"]},
+    )
+    typer.echo(f"wrote {len(preds)} masks and report.html to {out}")
 
 
 def _roi(conf: dict) -> list[int] | None:
@@ -154,3 +168,212 @@ def _size(v: str | None) -> list[int] | None:
 def register(app: typer.Typer) -> None:
     """Add the `segment` group to the main app."""
     app.add_typer(seg_app, name="segment")
+
+
+@seg_app.command("prompt")
+def prompt(
+    model: Path = typer.Argument(
+        ..., help="Promptable run dir (`segment prompt-train`) or a SAM/MedSAM file."
+    ),
+    image: Path = typer.Argument(None, help="One image to segment with --box / --point prompts."),
+    box: list[str] = typer.Option(
+        None, "--box", help="x0,y0,x1,y1 in pixels of the input image; repeatable."
+    ),
+    point: list[str] = typer.Option(None, "--point", help="x,y,label (1 inside, 0 outside); repeatable."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Mask PNG to write (an overlay PNG is written beside it)."
+    ),
+    data: Path = typer.Option(
+        None,
+        help="Instead of one image: a dataset with masks; reports Dice of one box "
+        "per object (boxes simulated from the reference masks).",
+    ),
+    split: str = typer.Option("test", help="Split of --data to evaluate ('all' for every case)."),
+    site: str = typer.Option(None, help="Only cases of this site (with --data)."),
+) -> None:
+    """Promptable segmentation: boxes / points on one image, or box-prompt Dice on a dataset."""
+    import torch
+    import torch.nn.functional as F
+
+    from medfm.tasks.segment.data import load_pairs, read_array, to_unit
+    from medfm.tasks.segment.io import write_mask_png, write_overlay_png
+    from medfm.tasks.segment.prompts import evaluate_box_prompts
+    from medfm.tasks.segment.runs import load_promptable
+
+    net = load_promptable(model)
+    size = net.img_size
+    if data is not None:
+        pairs = load_pairs(data, None if split == "all" else split, site, size)
+        res = evaluate_box_prompts(net, pairs.images, pairs.masks)
+        typer.echo(f"box-prompt dice {res['dice']:.4f} over {res['n']} images")
+        return
+    if image is None or out is None or not (box or point):
+        raise ConfigError("give IMAGE, --out and at least one --box or --point (or --data to evaluate)")
+    arr, _, _ = read_array(image)
+    img = torch.from_numpy(to_unit(arr))
+    h, w = img.shape[1:]
+    x = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)
+    sx, sy = size / w, size / h
+    boxes = (
+        torch.tensor([[float(v) * s for v, s in zip(_floats(b, 4, "--box"), (sx, sy, sx, sy))] for b in box])
+        if box
+        else None
+    )
+    pts = None
+    if point:
+        vals = [_floats(p, 3, "--point") for p in point]
+        xy = torch.tensor([[v[0] * sx, v[1] * sy] for v in vals])[None]
+        pts = (xy, torch.tensor([[int(v[2]) for v in vals]]))
+    with torch.no_grad():
+        emb = net.embed_image(x)
+        n = len(boxes) if boxes is not None else 1
+        logits, iou = net.decode(
+            emb.expand(n, -1, -1, -1),
+            points=None if pts is None else (pts[0].expand(n, -1, -1), pts[1].expand(n, -1)),
+            boxes=boxes,
+        )
+        best = logits[torch.arange(n), iou.argmax(1)]
+        mask = (F.interpolate(best[None], size=(h, w), mode="bilinear", align_corners=False)[0] > 0).any(0)
+    write_mask_png(mask.long(), out)
+    write_overlay_png(img, mask.long(), out.with_name(out.stem + "_overlay.png"))
+    typer.echo(f"wrote {out} ({int(mask.sum())} pixels)")
+
+
+@seg_app.command("prompt-train")
+def prompt_train(
+    data: Path = typer.Argument(..., help="Dataset with masks (as for train)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+    encoder: str = typer.Option(
+        "vit_tiny", help="Encoder registry name, or a pretrained run dir / checkpoint."
+    ),
+    img_size: int = typer.Option(128, help="Images are resized to this square size."),
+    steps: int = typer.Option(300, help="Optimisation steps."),
+    batch_size: int = typer.Option(8, help="Batch size."),
+    lr: float = typer.Option(1e-3, help="Learning rate of neck / prompt encoder / mask decoder."),
+    encoder_lr_scale: float = typer.Option(0.1, help="Encoder lr = lr x this."),
+    prompt_dim: int = typer.Option(128, help="Width of prompt embeddings and mask decoder (SAM: 256)."),
+    jitter: float = typer.Option(0.1, help="Box jitter as a fraction of the box size."),
+    correction_rounds: int = typer.Option(0, help="Extra corrective-click rounds per step (SAM-style)."),
+    split: str = typer.Option("train", help="Split to train on."),
+    encoder_depth: int = typer.Option(None, help="Override the encoder depth (fresh encoders only)."),
+) -> None:
+    """Train a promptable (SAM-style) model with box / point prompts simulated from the masks."""
+    from medfm.models.seg.sam import build_promptable
+    from medfm.tasks.segment.data import load_pairs
+    from medfm.tasks.segment.prompts import train_promptable_steps
+    from medfm.tasks.segment.runs import save_run
+    from medfm.tasks.segment.train import make_encoder
+
+    pairs = load_pairs(data, split, None, img_size)
+    kw = {"depth": encoder_depth} if encoder_depth else {}
+    enc = make_encoder(encoder, 2, int(pairs.images.shape[1]), [img_size, img_size], **kw)
+    heads = 8 if prompt_dim % 16 == 0 else 2
+    net = build_promptable(
+        enc,
+        img_size,
+        prompt_dim=prompt_dim,
+        decoder_heads=heads,
+        decoder_mlp_dim=4 * prompt_dim,
+        iou_head_hidden_dim=prompt_dim,
+    )
+    hist = train_promptable_steps(
+        net,
+        pairs.images,
+        pairs.masks,
+        steps,
+        batch_size,
+        lr,
+        jitter,
+        correction_rounds,
+        encoder_lr_scale=encoder_lr_scale,
+        progress=True,
+    )
+    save_run(net, "segment_prompt", {"model": net.config, "final_loss": hist[-1] if hist else None}, out)
+    typer.echo(f"wrote {out}")
+
+
+@seg_app.command("incontext")
+def incontext(
+    data: Path = typer.Argument(..., help="Dataset with multi-label masks (e.g. `medfm data phantom`)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Run directory (written when training, read otherwise)."
+    ),
+    train_labels: str = typer.Option(None, help="Train episodically on these label ids, e.g. 1,2,5."),
+    test_labels: str = typer.Option(None, help="Evaluate on these (held-out) label ids, e.g. 3,4."),
+    k: str = typer.Option("1,5", help="Numbers of reference images to evaluate with."),
+    encoder: str = typer.Option(
+        "vit_tiny", help="Encoder registry name, or a pretrained run dir / checkpoint."
+    ),
+    img_size: int = typer.Option(128, help="2D images are resized to this square size."),
+    steps: int = typer.Option(300, help="Training episodes batches."),
+    batch_size: int = typer.Option(4, help="Episodes per step."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    encoder_depth: int = typer.Option(None, help="Override the encoder depth (fresh encoders only)."),
+) -> None:
+    """In-context segmentation: train episodically (--train-labels) and/or evaluate on held-out labels with
+    k references and no weight update (--test-labels; queries from split 'test', references from 'train')."""
+    from medfm.models.seg.incontext import IncontextSegmenter
+    from medfm.runs import update_metrics
+    from medfm.tasks.segment.data import load_pairs
+    from medfm.tasks.segment.incontext import evaluate_incontext, train_incontext
+    from medfm.tasks.segment.runs import load_incontext, save_run
+    from medfm.tasks.segment.train import make_encoder
+
+    train = load_pairs(data, "train", None, img_size)
+    if train_labels:
+        labels = _ints(train_labels, "--train-labels")
+        kw = {"depth": encoder_depth} if encoder_depth else {}
+        enc = make_encoder(
+            encoder, train.images.ndim - 2, int(train.images.shape[1]), list(train.images.shape[2:]), **kw
+        )
+        net = IncontextSegmenter(enc, dim=64, feature_size=16)
+        hist = train_incontext(
+            net, train.images, train.masks, labels, steps, batch_size, lr=lr, progress=True
+        )
+        save_run(
+            net,
+            "segment_incontext",
+            {
+                "encoder": enc.config,
+                "dim": 64,
+                "feature_size": 16,
+                "train_labels": labels,
+                "final_loss": hist[-1],
+            },
+            out,
+        )
+        typer.echo(f"wrote {out}")
+    else:
+        net, _ = load_incontext(out)
+    if test_labels:
+        test = load_pairs(data, "test", None, img_size)
+        res = {}
+        for kk in _ints(k, "--k"):
+            res[f"k{kk}"] = evaluate_incontext(
+                net,
+                test.images,
+                test.masks,
+                _ints(test_labels, "--test-labels"),
+                kk,
+                ref_images=train.images,
+                ref_masks=train.masks,
+            )
+            typer.echo(f"k={kk}: " + "  ".join(f"{n} {v:.4f}" for n, v in res[f"k{kk}"].items()))
+        update_metrics(out, incontext_eval=res)
+
+
+def _floats(v: str, n: int, name: str) -> list[float]:
+    try:
+        vals = [float(s) for s in v.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != n:
+        raise ConfigError(f"{name} needs {n} comma-separated numbers, got {v!r}")
+    return vals
+
+
+def _ints(v: str, name: str) -> list[int]:
+    try:
+        return [int(s) for s in v.split(",")]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated integers, got {v!r}") from None

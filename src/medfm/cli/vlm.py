@@ -39,8 +39,9 @@ def _dataset(model: Any, data: Path, split: str) -> Any:
     from medfm.tasks.vlm.data import ImageTextDataset
 
     cfg = model.cfg
-    return ImageTextDataset(data, split=None if split in ("", "all") else split, img_size=cfg.img_size,
-                            in_chans=cfg.in_chans)
+    return ImageTextDataset(
+        data, split=None if split in ("", "all") else split, img_size=cfg.img_size, in_chans=cfg.in_chans
+    )
 
 
 def _images(ds: Any) -> Any:
@@ -54,51 +55,83 @@ def _print_json(obj: Any) -> None:
 
 
 def clip(
-    data: str = typer.Argument(..., help="Image-report pairs: a prepared dataset directory (`medfm data prepare`) "
-                               "or a CSV/Parquet manifest with image and report columns."),
+    data: str = typer.Argument(
+        ...,
+        help="Image-report pairs: a prepared dataset directory (`medfm data prepare`) "
+        "or a CSV/Parquet manifest with image and report columns.",
+    ),
     out: str = typer.Option(..., "--out", "-o", help="Run directory to write."),
     split: str = typer.Option("train", help="Split to train on ('all' for every case)."),
-    encoder: str = typer.Option("vit_tiny", help="Image encoder from `medfm models list` (trained from scratch).",
-                                rich_help_panel=_ENC),
-    init_from: str = typer.Option("", help="Start the image tower from a run directory or weights file "
-                                  "(e.g. a `medfm pretrain mae` run).", rich_help_panel=_ENC),
+    encoder: str = typer.Option(
+        "vit_tiny",
+        help="Image encoder from `medfm models list` (trained from scratch).",
+        rich_help_panel=_ENC,
+    ),
+    init_from: str = typer.Option(
+        "",
+        help="Start the image tower from a run directory or weights file (e.g. a `medfm pretrain mae` run).",
+        rich_help_panel=_ENC,
+    ),
     spatial_dims: int = typer.Option(2, help="2 for images, 3 for volumes.", rich_help_panel=_ENC),
     in_chans: int = typer.Option(1, help="Image channels (1: grey images natively).", rich_help_panel=_ENC),
     img_size: int = typer.Option(64, help="Input size per axis (images are resized).", rich_help_panel=_ENC),
-    patch_size: int = typer.Option(8, help="ViT patch size (ignored when --init-from is given).",
-                                   rich_help_panel=_ENC),
-    depth: int = typer.Option(4, help="Encoder depth for scratch ViTs (ignored with --init-from).",
-                              rich_help_panel=_ENC),
-    encoder_args: str = typer.Option("", help='More encoder options as JSON, e.g. \'{"embed_dim": 128}\'.',
-                                     rich_help_panel=_ENC),
-    lock_image: int = typer.Option(-1, help="-1 train the image tower, 0 lock it, N train only its last N blocks.",
-                                   rich_help_panel=_ENC),
-    text_tower: str = typer.Option("minilm", help="Text tower: 'minilm' (bundled all-MiniLM-L6-v2) or a local "
-                                   "Hugging Face BERT-style directory.", rich_help_panel=_TXT),
-    lock_text: int = typer.Option(2, help="-1 train the text tower, 0 lock it, N train only its last N layers.",
-                                  rich_help_panel=_TXT),
+    patch_size: int = typer.Option(
+        8, help="ViT patch size (ignored when --init-from is given).", rich_help_panel=_ENC
+    ),
+    depth: int = typer.Option(
+        4, help="Encoder depth for scratch ViTs (ignored with --init-from).", rich_help_panel=_ENC
+    ),
+    encoder_args: str = typer.Option(
+        "", help="More encoder options as JSON, e.g. '{\"embed_dim\": 128}'.", rich_help_panel=_ENC
+    ),
+    lock_image: int = typer.Option(
+        -1, help="-1 train the image tower, 0 lock it, N train only its last N blocks.", rich_help_panel=_ENC
+    ),
+    text_tower: str = typer.Option(
+        "minilm",
+        help="Text tower: 'minilm' (bundled all-MiniLM-L6-v2) or a local Hugging Face BERT-style directory.",
+        rich_help_panel=_TXT,
+    ),
+    lock_text: int = typer.Option(
+        2, help="-1 train the text tower, 0 lock it, N train only its last N layers.", rich_help_panel=_TXT
+    ),
     max_text_len: int = typer.Option(96, help="Report tokens seen by the text tower.", rich_help_panel=_TXT),
     proj_dim: int = typer.Option(128, help="Joint embedding size.", rich_help_panel=_OBJ),
-    w_contrastive: float = typer.Option(1.0, help="Weight of the symmetric InfoNCE loss.", rich_help_panel=_OBJ),
-    w_itm: float = typer.Option(0.0, help="Weight of image-text matching with hard negatives (0: off).",
-                                rich_help_panel=_OBJ),
-    w_caption: float = typer.Option(0.0, help="Weight of the report-generation loss (0: no decoder).",
-                                    rich_help_panel=_OBJ),
+    w_contrastive: float = typer.Option(
+        1.0, help="Weight of the symmetric InfoNCE loss.", rich_help_panel=_OBJ
+    ),
+    w_itm: float = typer.Option(
+        0.0, help="Weight of image-text matching with hard negatives (0: off).", rich_help_panel=_OBJ
+    ),
+    w_caption: float = typer.Option(
+        0.0, help="Weight of the report-generation loss (0: no decoder).", rich_help_panel=_OBJ
+    ),
     max_report_len: int = typer.Option(80, help="Decoder length in words.", rich_help_panel=_OBJ),
     epochs: int = typer.Option(10, help="Passes over the data.", rich_help_panel=_OPT),
     max_steps: int = typer.Option(0, help="Stop after this many steps (0: no limit).", rich_help_panel=_OPT),
     batch_size: int = typer.Option(64, help="Pairs per contrastive batch.", rich_help_panel=_OPT),
-    grad_cache: int = typer.Option(0, help="Gradient caching: embed the batch in chunks of this size so large "
-                                   "batches fit small memory (0: off).", rich_help_panel=_OPT),
+    grad_cache: int = typer.Option(
+        0,
+        help="Gradient caching: embed the batch in chunks of this size so large "
+        "batches fit small memory (0: off).",
+        rich_help_panel=_OPT,
+    ),
     lr: float = typer.Option(5e-4, help="AdamW learning rate (image tower and heads).", rich_help_panel=_OPT),
-    text_lr: float = typer.Option(5e-5, help="Learning rate of the unlocked text layers.", rich_help_panel=_OPT),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Small shifts and contrast jitter.",
-                                 rich_help_panel=_OPT),
+    text_lr: float = typer.Option(
+        5e-5, help="Learning rate of the unlocked text layers.", rich_help_panel=_OPT
+    ),
+    augment: bool = typer.Option(
+        True, "--augment/--no-augment", help="Small shifts and contrast jitter.", rich_help_panel=_OPT
+    ),
     seed: int = typer.Option(0, help="Random seed.", rich_help_panel=_OPT),
     threads: int = typer.Option(0, help="CPU threads for torch (0: default).", rich_help_panel=_OPT),
     device: str = typer.Option("auto", help="auto | cpu | cuda.", rich_help_panel=_OPT),
 ) -> None:
-    """Train a CLIP-style image-report model (contrastive + optional ITM + report decoder) into a run directory."""
+    """Train a CLIP-style image-report model (contrastive + optional ITM + report decoder) into a run dir.
+
+    DATA: a prepared dataset directory (`medfm data prepare`) or a CSV/Parquet manifest with image and report
+    columns.
+    """
     from medfm.train.clip import ClipConfig, train_clip
 
     kw = _json_arg(encoder_args, "--encoder-args")
@@ -107,27 +140,59 @@ def clip(
     text_path = None
     if text_tower not in ("minilm", "hf_local"):
         text_path, text_tower = text_tower, "hf_local"
-    cfg = ClipConfig(data=data, out=out, split=None if split == "all" else split, encoder=encoder,
-                     init_from=init_from or None, spatial_dims=spatial_dims, in_chans=in_chans, img_size=img_size,
-                     encoder_kwargs=kw, text_tower=text_tower, text_path=text_path, max_text_len=max_text_len,
-                     lock_image=lock_image, lock_text=lock_text, proj_dim=proj_dim, w_contrastive=w_contrastive,
-                     w_itm=w_itm, w_caption=w_caption, max_report_len=max_report_len, epochs=epochs,
-                     max_steps=max_steps, batch_size=batch_size, grad_cache_chunk=grad_cache, lr=lr,
-                     text_lr=text_lr, augment=augment, seed=seed, threads=threads, device=device)
+    cfg = ClipConfig(
+        data=data,
+        out=out,
+        split=None if split == "all" else split,
+        encoder=encoder,
+        init_from=init_from or None,
+        spatial_dims=spatial_dims,
+        in_chans=in_chans,
+        img_size=img_size,
+        encoder_kwargs=kw,
+        text_tower=text_tower,
+        text_path=text_path,
+        max_text_len=max_text_len,
+        lock_image=lock_image,
+        lock_text=lock_text,
+        proj_dim=proj_dim,
+        w_contrastive=w_contrastive,
+        w_itm=w_itm,
+        w_caption=w_caption,
+        max_report_len=max_report_len,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_cache_chunk=grad_cache,
+        lr=lr,
+        text_lr=text_lr,
+        augment=augment,
+        seed=seed,
+        threads=threads,
+        device=device,
+    )
     run = train_clip(cfg)
     m = json.loads((run / "metrics.json").read_text())
-    typer.echo(f"wrote {run}  (steps {m['steps']}, final loss {m['final_loss']:.4f}, {m['pairs_per_s']} pairs/s)")
+    typer.echo(
+        f"wrote {run}  (steps {m['steps']}, final loss {m['final_loss']:.4f}, {m['pairs_per_s']} pairs/s)"
+    )
 
 
 def zeroshot(
     run: Path = typer.Argument(..., help="CLIP run directory (from `medfm clip`)."),
     data: Path = typer.Argument(..., help="Prepared dataset or manifest to classify."),
-    prompts: str = typer.Option("default", help="'default' (prompt ensembles for the dataset's label names) or "
-                                "a JSON file {finding: {positive: [...], negative: [...]}}."),
+    prompts: str = typer.Option(
+        "default",
+        help="'default' (prompt ensembles for the dataset's label names) or "
+        "a JSON file {finding: {positive: [...], negative: [...]}}.",
+    ),
     split: str = typer.Option("test", help="Split to classify ('all' for every case)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write metrics JSON (and predictions CSV) here."),
 ) -> None:
-    """Zero-shot multi-label classification from class prompts (positive vs negative ensembles), AUROC per class."""
+    """Zero-shot multi-label classification from class prompts (positive vs negative), AUROC per class.
+
+    RUN: a CLIP run directory (`medfm clip`). DATA: a prepared dataset or manifest to classify.
+    """
     import pandas as pd
 
     from medfm.tasks.vlm.prompts import load_prompts
@@ -153,21 +218,29 @@ def zeroshot(
         out.mkdir(parents=True, exist_ok=True)
         (out / "zeroshot.json").write_text(json.dumps(summary, indent=2))
         pd.DataFrame(res["probs"], columns=res["findings"]).assign(case_id=ds.case_ids).to_csv(
-            out / "zeroshot_predictions.csv", index=False)
+            out / "zeroshot_predictions.csv", index=False
+        )
         typer.echo(f"wrote {out / 'zeroshot.json'}")
 
 
 def retrieve(
     run: Path = typer.Argument(..., help="CLIP run directory."),
-    data: Path = typer.Argument(..., help="Prepared dataset or manifest to search (indexed once, then reused)."),
+    data: Path = typer.Argument(
+        ..., help="Prepared dataset or manifest to search (indexed once, then reused)."
+    ),
     query: str = typer.Option("", "--query", "-q", help="An image file path, or free text."),
     k: int = typer.Option(5, help="Number of cases to show."),
     split: str = typer.Option("all", help="Split of DATA to index ('all' for every case)."),
-    index: Path = typer.Option(None, help="Index directory (default RUN/index-<data name>); rebuilt with --rebuild."),
+    index: Path = typer.Option(
+        None, help="Index directory (default RUN/index-<data name>); rebuilt with --rebuild."
+    ),
     rebuild: bool = typer.Option(False, help="Rebuild the index even if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Also report Recall@1/5/10 both directions on DATA."),
 ) -> None:
-    """Cross-modal retrieval: find the cases whose images / reports are nearest to an image or a text query."""
+    """Cross-modal retrieval: the cases whose images / reports are nearest to an image or a text query.
+
+    RUN: a CLIP run directory. DATA: the prepared dataset or manifest to search (indexed once, then reused).
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -224,19 +297,32 @@ def _read_image(path: Path, model: Any) -> Any:
 
 
 def report(
-    run: Path = typer.Argument(..., help="CLIP run directory trained with a report decoder (--w-caption > 0)."),
+    run: Path = typer.Argument(
+        ..., help="CLIP run directory trained with a report decoder (--w-caption > 0)."
+    ),
     image: Path = typer.Argument(..., help="An image file, or a dataset (prepared / manifest) with --eval."),
     beam: int = typer.Option(1, help="Beam width (1: greedy decoding)."),
-    rag: int = typer.Option(0, help="Retrieval-augmented: compose the report from the k most similar cases of "
-                            "--train-data (per-finding vote), citing their case ids. 0: use the decoder."),
+    rag: int = typer.Option(
+        0,
+        help="Retrieval-augmented: compose the report from the k most similar cases of "
+        "--train-data (per-finding vote), citing their case ids. 0: use the decoder.",
+    ),
     train_data: Path = typer.Option(None, help="Dataset whose cases are retrieved for --rag."),
     train_split: str = typer.Option("train", help="Split of --train-data to index."),
-    evaluate: bool = typer.Option(False, "--eval", help="IMAGE is a dataset: generate for its --split and report "
-                                  "BLEU-1..4, ROUGE-L and clinical F1 against its reports."),
+    evaluate: bool = typer.Option(
+        False,
+        "--eval",
+        help="IMAGE is a dataset: generate for its --split and report "
+        "BLEU-1..4, ROUGE-L and clinical F1 against its reports.",
+    ),
     split: str = typer.Option("test", help="Split of the dataset evaluated with --eval."),
     out: Path = typer.Option(None, "--out", "-o", help="Write metrics / generated reports JSON here."),
 ) -> None:
-    """Write a FINDINGS / IMPRESSION report for an image (decoder, or retrieval-augmented with cited evidence)."""
+    """Write a FINDINGS / IMPRESSION report for an image (decoder, or retrieval-augmented with evidence).
+
+    RUN: a CLIP run directory trained with --w-caption > 0 (for decoder reports). IMAGE: an image file, or a
+    dataset when --eval is given.
+    """
     from medfm.tasks.vlm.rag import rag_reports
     from medfm.tasks.vlm.report import evaluate_reports, generate_reports
     from medfm.tasks.vlm.retrieval import CaseIndex, embed_dataset
@@ -261,9 +347,15 @@ def report(
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "report_metrics.json").write_text(json.dumps(res, indent=2))
-            (out / "generated.json").write_text(json.dumps(
-                [{"case_id": c, "generated": g, "reference": r} for c, g, r in zip(ds.case_ids, gen, ds.texts)],
-                indent=2))
+            (out / "generated.json").write_text(
+                json.dumps(
+                    [
+                        {"case_id": c, "generated": g, "reference": r}
+                        for c, g, r in zip(ds.case_ids, gen, ds.texts)
+                    ],
+                    indent=2,
+                )
+            )
         return
     if not image.is_file():
         raise InputError(image, "image not found (use --eval to evaluate on a dataset)")
@@ -286,15 +378,26 @@ def report(
 
 def vqa(
     run: Path = typer.Argument(..., help="CLIP run directory."),
-    data: Path = typer.Argument(..., help="Dataset with labels (phantom questions are generated from them), or, "
-                                "with --questions, the folder holding the questions' images."),
-    questions: Path = typer.Option(None, help="VQA-RAD / SLAKE style JSON list (image_name, question, answer, "
-                                   "answer_type, question_type)."),
-    method: str = typer.Option("zeroshot", help="zeroshot (prompt ensembles) | itm (the run's matching head)."),
+    data: Path = typer.Argument(
+        ...,
+        help="Dataset with labels (phantom questions are generated from them), or, "
+        "with --questions, the folder holding the questions' images.",
+    ),
+    questions: Path = typer.Option(
+        None,
+        help="VQA-RAD / SLAKE style JSON list (image_name, question, answer, answer_type, question_type).",
+    ),
+    method: str = typer.Option(
+        "zeroshot", help="zeroshot (prompt ensembles) | itm (the run's matching head)."
+    ),
     split: str = typer.Option("test", help="Split of a labelled dataset to ask about."),
     out: Path = typer.Option(None, "--out", "-o", help="Write accuracy and answers JSON here."),
 ) -> None:
-    """Answer closed questions (yes/no, multiple choice) about images; accuracy per question type."""
+    """Answer closed questions (yes/no, multiple choice) about images; accuracy per question type.
+
+    RUN: a CLIP run directory. DATA: a labelled dataset (questions are generated from its labels), or with
+    --questions the folder holding the questions' images.
+    """
     import torch
 
     from medfm.tasks.vlm.vqa import evaluate_vqa, load_vqa_json, phantom_questions
@@ -307,8 +410,9 @@ def vqa(
         names = sorted({q["image_name"] for q in qs})
         missing = [n for n in names if not (data / n).is_file()]
         if missing:
-            raise InputError(data / missing[0], f"image named in {questions.name} not found "
-                                                f"({len(missing)} missing)")
+            raise InputError(
+                data / missing[0], f"image named in {questions.name} not found ({len(missing)} missing)"
+            )
         images = torch.stack([_read_image(data / n, model) for n in names])
         pos = {n: i for i, n in enumerate(names)}
         qs = [{**q, "index": pos[q["image_name"]]} for q in qs]

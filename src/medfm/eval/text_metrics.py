@@ -22,8 +22,9 @@ FINDING_PATTERNS: dict[str, str] = {
     "nodule": r"nodul\w*|rounded opacit\w*|(pulmonary|lung) mass(es)?|\bmass(es)?\b",
     "effusion": r"effusions?|pleural fluid|meniscus|blunting",
     "consolidation": r"consolidat\w*|airspace (opacit\w*|disease)|patchy opacit\w*|infiltrat\w*",
-    "cardiomegaly": r"cardiomegaly|enlarged (cardiac|heart)( silhouette)?|(heart|cardiac silhouette) is enlarged|"
-                    r"cardiac enlargement|enlargement of the (heart|cardiac silhouette)",
+    "cardiomegaly": r"cardiomegaly|enlarged (cardiac|heart)( silhouette)?|"
+    r"(heart|cardiac silhouette) is enlarged|"
+    r"cardiac enlargement|enlargement of the (heart|cardiac silhouette)",
     "pneumothorax": r"pneumothora\w*|pleural line",
     "edema": r"edema|oedema|vascular congestion|interstitial (prominence|markings)",
     "atelectasis": r"atelecta\w*|volume loss",
@@ -36,16 +37,25 @@ ANATOMY_PATTERNS: dict[str, str] = {
     "cardiomegaly": r"heart size|cardiac silhouette|cardiomediastinal silhouette|heart",
 }
 ABNORMAL_QUALIFIER = r"\b(enlarg\w*|increased|prominent|large|mildly enlarged)\b"
-NEGATION_PRE = (r"\b(no|not|without|free of|negative for|absence of|clear of|no evidence of|no signs? of|"
-                r"rule[sd]? out|resolution of|resolved)\b")
-NEGATION_POST = (r"\b(ha(s|ve) resolved|resolved|(is|are) (now )?(normal|clear)|within normal limits|"
-                 r"(is|are) not (seen|identified|present)|absent|unremarkable|normal in size|"
-                 r"(is|are) stable and normal)\b")
-UNCERTAINTY = r"\b(may|might|possible|possibly|probable|questionable|cannot be excluded|could represent|suggest\w*|" \
-              r"versus|vs)\b"
-# Clause breaks limit a negation's scope: "no effusion, but a small pneumothorax"; "effusion without pneumothorax".
-_CLAUSE = re.compile(r";|,?\s+\b(?:but|however|although|though|whereas)\b|\s+with\s+(?=(?:a|an|the|small|large|"
-                     r"mild|moderate|left|right|bilateral)\b)")
+NEGATION_PRE = (
+    r"\b(no|not|without|free of|negative for|absence of|clear of|no evidence of|no signs? of|"
+    r"rule[sd]? out|resolution of|resolved)\b"
+)
+NEGATION_POST = (
+    r"\b(ha(s|ve) resolved|resolved|(is|are) (now )?(normal|clear)|within normal limits|"
+    r"(is|are) not (seen|identified|present)|absent|unremarkable|normal in size|"
+    r"(is|are) stable and normal)\b"
+)
+UNCERTAINTY = (
+    r"\b(may|might|possible|possibly|probable|questionable|cannot be excluded|could represent|suggest\w*|"
+    r"versus|vs)\b"
+)
+# Clause breaks limit a negation's scope: "no effusion, but a small pneumothorax";
+# "effusion without pneumothorax".
+_CLAUSE = re.compile(
+    r";|,?\s+\b(?:but|however|although|though|whereas)\b|\s+with\s+(?=(?:a|an|the|small|large|"
+    r"mild|moderate|left|right|bilateral)\b)"
+)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -102,8 +112,9 @@ def positive_findings(text: str, findings: Sequence[str] | None = None) -> set[s
     return {f for f, lab in label_report(text, findings).items() if lab == POSITIVE}
 
 
-def clinical_scores(preds: Sequence[str], refs: Sequence[str], findings: Sequence[str] | None = None
-                    ) -> dict[str, Any]:
+def clinical_scores(
+    preds: Sequence[str], refs: Sequence[str], findings: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Micro precision / recall / F1 of positive findings (generated vs reference), and per-finding F1."""
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions vs {len(refs)} references")
@@ -125,8 +136,13 @@ def clinical_scores(preds: Sequence[str], refs: Sequence[str], findings: Sequenc
 
     P, R, F = prf(sum(tp.values()), sum(fp.values()), sum(fn.values()))
     per = {f: round(prf(tp[f], fp[f], fn[f])[2], 4) for f in findings if tp[f] + fp[f] + fn[f] > 0}
-    return {"clinical_precision": P, "clinical_recall": R, "clinical_f1": F, "clinical_f1_per_finding": per,
-            "clinical_support": {f: tp[f] + fn[f] for f in findings if tp[f] + fn[f] > 0}}
+    return {
+        "clinical_precision": P,
+        "clinical_recall": R,
+        "clinical_f1": F,
+        "clinical_f1_per_finding": per,
+        "clinical_support": {f: tp[f] + fn[f] for f in findings if tp[f] + fn[f] > 0},
+    }
 
 
 def _norm(text: str) -> str:
@@ -154,8 +170,9 @@ def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
     return float(s["rougeL_fmeasure"])
 
 
-def report_metrics(preds: Sequence[str], refs: Sequence[str], findings: Sequence[str] | None = None
-                   ) -> dict[str, Any]:
+def report_metrics(
+    preds: Sequence[str], refs: Sequence[str], findings: Sequence[str] | None = None
+) -> dict[str, Any]:
     """BLEU-1..4, ROUGE-L and clinical P/R/F1 in one dict (the numbers `medfm report --eval` prints)."""
     out: dict[str, Any] = {"n": len(preds)}
     out |= bleu_scores(preds, refs)

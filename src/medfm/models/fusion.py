@@ -19,19 +19,22 @@ class ITMFusion(nn.Module):
         super().__init__()
         self.text_in = nn.Linear(text_dim, dim)
         self.image_in = nn.Linear(image_dim, dim)
-        layer = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=dim * 4, dropout=0.0, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerDecoderLayer(
+            dim, heads, dim_feedforward=dim * 4, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.layers = nn.TransformerDecoder(layer, depth)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 2)
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (B, 2): index 1 = "this report matches this image"."""
         pad = (text_mask == 0) if text_mask is not None else None
         h = self.layers(self.text_in(text_tokens), self.image_in(image_tokens), tgt_key_padding_mask=pad)
         return self.head(self.norm(h[:, 0]))
 
-    def match_prob(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
-                   text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def match_prob(
+        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self(image_tokens, text_tokens, text_mask).softmax(-1)[:, 1]

@@ -92,8 +92,16 @@ def detokenize(toks: list[str]) -> str:
 class ReportDecoder(nn.Module):
     """Causal transformer decoder; cross-attends to ``memory`` (B, N, memory_dim) visual tokens."""
 
-    def __init__(self, vocab_size: int, memory_dim: int, dim: int = 128, depth: int = 2, heads: int = 4,
-                 max_len: int = 128, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        memory_dim: int,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        max_len: int = 128,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.max_len = int(max_len)
         self.tok = nn.Embedding(vocab_size, dim)
@@ -101,8 +109,9 @@ class ReportDecoder(nn.Module):
         nn.init.normal_(self.pos, std=0.02)
         self.mem_in = nn.Linear(memory_dim, dim)
         self.null_memory = nn.Parameter(torch.zeros(1, 1, dim))  # for text-only language modelling
-        layer = nn.TransformerDecoderLayer(dim, heads, dim * 4, dropout=dropout, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerDecoderLayer(
+            dim, heads, dim * 4, dropout=dropout, batch_first=True, norm_first=True
+        )
         self.layers = nn.TransformerDecoder(layer, depth)
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, vocab_size)
@@ -112,8 +121,13 @@ class ReportDecoder(nn.Module):
             return self.null_memory.expand(b, -1, -1)
         return self.mem_in(memory)
 
-    def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None, pad_id: int | None = None,
-                mem: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        memory: torch.Tensor | None,
+        pad_id: int | None = None,
+        mem: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Next-token logits (B, L, vocab) for input tokens (B, L). ``mem`` = already projected memory."""
         b, n = tokens.shape
         if n > self.max_len:
@@ -128,13 +142,15 @@ class ReportDecoder(nn.Module):
         h = self.layers(x, m, tgt_mask=causal, tgt_key_padding_mask=pad)
         return self.out(self.norm(h))
 
-    def token_nll(self, tokens: torch.Tensor, memory: torch.Tensor | None, pad_id: int) -> tuple[torch.Tensor,
-                                                                                                 int]:
+    def token_nll(
+        self, tokens: torch.Tensor, memory: torch.Tensor | None, pad_id: int
+    ) -> tuple[torch.Tensor, int]:
         """Summed next-token negative log-likelihood over non-pad targets, and the number of targets."""
         logits = self(tokens[:, :-1], memory, pad_id)
         tgt = tokens[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=pad_id,
-                              reduction="sum")
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=pad_id, reduction="sum"
+        )
         return nll, int((tgt != pad_id).sum())
 
     def loss(self, tokens: torch.Tensor, memory: torch.Tensor | None, pad_id: int) -> torch.Tensor:
@@ -143,8 +159,16 @@ class ReportDecoder(nn.Module):
         return nll / max(n, 1)
 
     @torch.no_grad()
-    def generate(self, memory: torch.Tensor | None, bos: int, eos: int, max_len: int | None = None,
-                 beam: int = 1, batch: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+    def generate(
+        self,
+        memory: torch.Tensor | None,
+        bos: int,
+        eos: int,
+        max_len: int | None = None,
+        beam: int = 1,
+        batch: int = 1,
+        length_penalty: float = 1.0,
+    ) -> list[list[int]]:
         """Greedy (beam=1) or beam-search decoding; one id list per memory row (without <bos>)."""
         max_len = min(max_len or self.max_len, self.max_len)
         b = memory.shape[0] if memory is not None else batch
@@ -160,7 +184,7 @@ class ReportDecoder(nn.Module):
                 if bool(done.all()):
                     break
             return [_until_eos(s[1:].tolist(), eos) for s in seq]
-        return [self._beam(mem[i:i + 1], bos, eos, max_len, beam, length_penalty) for i in range(b)]
+        return [self._beam(mem[i : i + 1], bos, eos, max_len, beam, length_penalty) for i in range(b)]
 
     def _beam(self, mem: torch.Tensor, bos: int, eos: int, max_len: int, k: int, alpha: float) -> list[int]:
         beams: list[tuple[float, list[int]]] = [(0.0, [bos])]
@@ -181,8 +205,10 @@ class ReportDecoder(nn.Module):
                     beams.append((score, s))
                 if len(beams) == k:
                     break
-            if not beams or (len(finished) >= k and max(f[0] for f in finished)
-                             >= max(sc / (len(s) - 1) ** alpha for sc, s in beams)):
+            if not beams or (
+                len(finished) >= k
+                and max(f[0] for f in finished) >= max(sc / (len(s) - 1) ** alpha for sc, s in beams)
+            ):
                 break
         finished += [(sc / max(len(s) - 1, 1) ** alpha, s) for sc, s in beams]
         best = max(finished, key=lambda f: f[0])[1]

@@ -77,8 +77,13 @@ class TextTower(nn.Module):
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         texts = [t if isinstance(t, str) else "" for t in texts]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length or self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=max_length or self.max_length,
+            return_tensors="pt",
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -105,8 +110,9 @@ class TextTower(nn.Module):
     def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
         """Run blocks ``layer..end`` on cached states from ``hidden_at``; returns the final token states."""
         # BERT-style blocks take an additive mask broadcast over heads and query positions.
-        ext = torch.zeros(attention_mask.shape[0], 1, 1, attention_mask.shape[1], dtype=hidden.dtype,
-                          device=hidden.device)
+        ext = torch.zeros(
+            attention_mask.shape[0], 1, 1, attention_mask.shape[1], dtype=hidden.dtype, device=hidden.device
+        )
         ext = ext.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(hidden.dtype).min)
         h = hidden
         for block in self.layers()[layer:]:
@@ -121,7 +127,7 @@ class TextTower(nn.Module):
         self.eval()
         out = []
         for i in range(0, len(texts), batch_size):
-            tok = self.tokenize(texts[i:i + batch_size])
+            tok = self.tokenize(texts[i : i + batch_size])
             e = self(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
             out.append(torch.nn.functional.normalize(e, dim=-1) if normalize else e)
         self.train(was)
@@ -176,8 +182,9 @@ def create_text_tower(name: str = "minilm", **kwargs: Any) -> TextTower:
         raise ConfigError(str(e).strip("'\"")) from e
 
 
-def save_tiny_bert(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2,
-                   seed: int = 0) -> Path:
+def save_tiny_bert(
+    out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0
+) -> Path:
     """Write a small randomly initialised BERT (MiniLM's tokenizer) to out_dir: a from-scratch text tower,
     and the fast stand-in used by tests."""
     from transformers import BertConfig, BertModel
@@ -189,8 +196,15 @@ def save_tiny_bert(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / f).is_file():
             shutil.copy(src / f, out / f)
-    cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=hidden * 2, max_position_embeddings=256, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=256,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     BertModel(cfg, add_pooling_layer=False).save_pretrained(str(out), safe_serialization=True)
     return out

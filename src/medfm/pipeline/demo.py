@@ -28,26 +28,29 @@ class DemoConfig:
     img_size: int = 64
     patch_size: int = 8
     encoder: str = "vit_tiny"
-    encoder_args: str = ""  # JSON overrides, e.g. '{"depth": 6}'
+    # a ViT-Tiny narrowed to 128 dims and 4 blocks: pretrains in minutes on a laptop CPU
+    encoder_args: str = '{"depth": 4, "embed_dim": 128, "num_heads": 4}'
     pretrain_steps: int = 300
     pretrain_batch: int = 64
     methods: str = "linear,knn,prototype,lora,scratch"
     fractions: str = "0.03,0.1,0.3,1.0"
     shots: str = ""
     seeds: int = 2
-    adapt_steps: int = 60
+    adapt_steps: int = 40
     adapt_batch: int = 32
 
     @classmethod
     def fast(cls, **kw) -> DemoConfig:
         """About a minute or two: fewer cases, a shallower encoder, fewer steps and one seed."""
-        return replace(cls(n_cases=240, encoder_args='{"depth": 6}', pretrain_steps=80, pretrain_batch=32,
-                           fractions="0.1,0.3,1.0", seeds=1, adapt_steps=25), **kw)
+        return replace(cls(n_cases=240, encoder_args='{"depth": 2, "embed_dim": 128, "num_heads": 4}',
+                           pretrain_steps=80, pretrain_batch=32, fractions="0.1,0.3,1.0", seeds=1,
+                           adapt_steps=20), **kw)
 
     @classmethod
     def tiny(cls, **kw) -> DemoConfig:
         """Seconds: for the integration test."""
-        return replace(cls(n_cases=48, phantom_size=64, img_size=32, encoder_args='{"depth": 2}',
+        return replace(cls(n_cases=48, phantom_size=64, img_size=32,
+                           encoder_args='{"depth": 1, "embed_dim": 32, "num_heads": 2}',
                            pretrain_steps=2, pretrain_batch=8, methods="linear,prototype,lora,scratch",
                            fractions="0.5,1.0", seeds=1, adapt_steps=2, adapt_batch=8), **kw)
 

@@ -8,7 +8,8 @@
 Either tower can be locked fully or all but its last N blocks (LiT-style locked image tuning). Large effective
 batches fit small memory through gradient caching (train/gradcache.py). The run directory holds
 ``model.safetensors`` (the image tower alone, loadable by every medfm command), ``text/`` (Hugging Face
-format), ``heads.safetensors`` (projections, temperature, ITM fusion), ``decoder.safetensors`` + ``vocab.json``,
+format), ``heads.safetensors`` (projections, temperature, ITM fusion), ``decoder.safetensors`` +
+``vocab.json``,
 ``config.json``, ``metrics.json``, ``loss.png`` and a ``README.md`` model card.
 """
 
@@ -86,13 +87,17 @@ class ClipConfig:
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
             raise ConfigError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
-        if min(self.w_contrastive, self.w_itm, self.w_caption) < 0 or \
-                self.w_contrastive + self.w_itm + self.w_caption <= 0:
+        if (
+            min(self.w_contrastive, self.w_itm, self.w_caption) < 0
+            or self.w_contrastive + self.w_itm + self.w_caption <= 0
+        ):
             raise ConfigError("objective weights must be >= 0 and not all 0")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
         if self.w_itm > 0 and self.w_contrastive <= 0:
-            raise ConfigError("ITM samples hard negatives from the contrastive similarities: set w_contrastive > 0")
+            raise ConfigError(
+                "ITM samples hard negatives from the contrastive similarities: set w_contrastive > 0"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClipConfig:
@@ -101,8 +106,9 @@ class ClipConfig:
 
 
 # ---- losses (pure functions) ---------------------------------------------------------------------------
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
-              positives: torch.Tensor | None = None) -> torch.Tensor:
+def clip_loss(
+    img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised embeddings (B, D); ``logit_scale`` is exp(1/temperature).
 
     ``positives`` (B, B) bool marks extra positive pairs (e.g. identical report texts, which are not
@@ -115,11 +121,14 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     p = positives.float()
     t_i = p / p.sum(1, keepdim=True)
     t_t = p.t() / p.t().sum(1, keepdim=True)
-    return 0.5 * (-(t_i * logits.log_softmax(1)).sum(1).mean() - (t_t * logits.t().log_softmax(1)).sum(1).mean())
+    return 0.5 * (
+        -(t_i * logits.log_softmax(1)).sum(1).mean() - (t_t * logits.t().log_softmax(1)).sum(1).mean()
+    )
 
 
-def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_hard_negatives(
+    sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """For each row of ``sim`` (B, B), one column index drawn with probability softmax(sim) over the
     non-positive columns: similar-but-wrong pairs are drawn most often. -1 where a row has no negative."""
     w = sim.detach().float().softmax(1).masked_fill(positives, 0.0)
@@ -132,8 +141,14 @@ def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor,
     return out
 
 
-def itm_loss(fusion: ITMFusion, img_tok: torch.Tensor, txt_tok: torch.Tensor, txt_mask: torch.Tensor,
-             sim: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+def itm_loss(
+    fusion: ITMFusion,
+    img_tok: torch.Tensor,
+    txt_tok: torch.Tensor,
+    txt_mask: torch.Tensor,
+    sim: torch.Tensor,
+    positives: torch.Tensor,
+) -> torch.Tensor:
     """Cross-entropy of match / no-match over the B positive pairs and up to 2B hard negatives."""
     b = img_tok.shape[0]
     neg_t = sample_hard_negatives(sim, positives)  # a hard text for each image
@@ -163,8 +178,9 @@ def image_blocks(enc: nn.Module) -> list[nn.Module]:
     return []
 
 
-def image_features(enc: nn.Module, x: torch.Tensor, tokens: bool = True) -> tuple[torch.Tensor,
-                                                                                   torch.Tensor | None]:
+def image_features(
+    enc: nn.Module, x: torch.Tensor, tokens: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(pooled embedding (B, D), visual tokens (B, N, D) or None).
 
     ViTs give both from one pass (class token + patch tokens); other encoders give the deepest feature map
@@ -184,7 +200,9 @@ def image_features(enc: nn.Module, x: torch.Tensor, tokens: bool = True) -> tupl
 class ClipModel(nn.Module):
     """Image tower + text tower + projections (+ ITM fusion, + report decoder)."""
 
-    def __init__(self, cfg: ClipConfig, encoder: nn.Module, text: TextTower, vocab: WordVocab | None = None) -> None:
+    def __init__(
+        self, cfg: ClipConfig, encoder: nn.Module, text: TextTower, vocab: WordVocab | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
@@ -199,8 +217,9 @@ class ClipModel(nn.Module):
         if cfg.w_caption > 0:
             if vocab is None:
                 raise ConfigError("report generation needs a vocabulary built from training reports")
-            self.decoder = ReportDecoder(len(vocab), d_img, cfg.decoder_dim, cfg.decoder_depth,
-                                         max_len=cfg.max_report_len)
+            self.decoder = ReportDecoder(
+                len(vocab), d_img, cfg.decoder_dim, cfg.decoder_depth, max_len=cfg.max_report_len
+            )
 
     @property
     def device(self) -> torch.device:
@@ -223,8 +242,9 @@ class ClipModel(nn.Module):
         lock = self.cfg.lock_text
         return n - lock if n and 0 <= lock <= n else None
 
-    def embed_text_ids(self, ids: torch.Tensor, mask: torch.Tensor,
-                       hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_text_ids(
+        self, ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint-space text embedding and token states; ``hidden`` = cached states entering the first
         trainable block (see TextTower.hidden_at)."""
         if hidden is not None and self.text_cache_layer is not None:
@@ -237,9 +257,15 @@ class ClipModel(nn.Module):
     def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """L2-normalised image embeddings in the joint space (eval mode, no grad)."""
         self.eval()
-        out = [F.normalize(self.img_proj(image_features(self.encoder, images[i:i + batch_size].to(self.device),
-                                                        tokens=False)[0]), dim=-1).cpu()
-               for i in range(0, len(images), batch_size)]
+        out = [
+            F.normalize(
+                self.img_proj(
+                    image_features(self.encoder, images[i : i + batch_size].to(self.device), tokens=False)[0]
+                ),
+                dim=-1,
+            ).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out) if out else torch.zeros(0, self.cfg.proj_dim)
 
     @torch.no_grad()
@@ -248,8 +274,10 @@ class ClipModel(nn.Module):
         self.eval()
         out = []
         for i in range(0, len(texts), batch_size):
-            tok = self.text.tokenize(texts[i:i + batch_size], self.cfg.max_text_len)
-            z, _ = self.embed_text_ids(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
+            tok = self.text.tokenize(texts[i : i + batch_size], self.cfg.max_text_len)
+            z, _ = self.embed_text_ids(
+                tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+            )
             out.append(z.cpu())
         return torch.cat(out) if out else torch.zeros(0, self.cfg.proj_dim)
 
@@ -280,15 +308,23 @@ class ClipModel(nn.Module):
         return [self.vocab.decode(s) for s in ids]
 
     # ---- training objective ------------------------------------------------------------------------
-    def chunk_outputs(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                      hidden: torch.Tensor | None = None) -> tuple:
+    def chunk_outputs(
+        self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> tuple:
         zi, itok = self.embed_image(images)
         zt, ttok = self.embed_text_ids(ids, mask, hidden)
         return zi, zt, itok, ttok
 
-    def local_losses(self, zi: torch.Tensor, zt: torch.Tensor, itok: torch.Tensor | None,
-                     ttok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                     caption_tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def local_losses(
+        self,
+        zi: torch.Tensor,
+        zt: torch.Tensor,
+        itok: torch.Tensor | None,
+        ttok: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        caption_tokens: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
         """The per-sample objectives (ITM, captioning) on one batch or chunk."""
         out: dict[str, torch.Tensor] = {}
         if self.fusion is not None and itok is not None:
@@ -306,10 +342,16 @@ def build_clip(cfg: ClipConfig, train_texts: list[str] | None = None) -> ClipMod
     if cfg.init_from:
         enc = load_encoder(cfg.init_from, in_chans=cfg.in_chans, img_size=cfg.img_size)
     else:
-        enc = create_encoder(cfg.encoder, spatial_dims=cfg.spatial_dims, in_chans=cfg.in_chans,
-                             img_size=cfg.img_size, **cfg.encoder_kwargs)
-    text = create_text_tower(cfg.text_tower, **({"path": cfg.text_path} if cfg.text_path else {}),
-                             max_length=cfg.max_text_len)
+        enc = create_encoder(
+            cfg.encoder,
+            spatial_dims=cfg.spatial_dims,
+            in_chans=cfg.in_chans,
+            img_size=cfg.img_size,
+            **cfg.encoder_kwargs,
+        )
+    text = create_text_tower(
+        cfg.text_tower, **({"path": cfg.text_path} if cfg.text_path else {}), max_length=cfg.max_text_len
+    )
     vocab = WordVocab.build(train_texts or [], cfg.vocab_min_count) if cfg.w_caption > 0 else None
     model = ClipModel(cfg, enc, text, vocab)
     lock_tower(model.encoder, image_blocks(model.encoder), cfg.lock_image)
@@ -332,14 +374,22 @@ def save_clip(model: ClipModel, out: str | Path, metrics: dict[str, Any] | None 
         heads |= {f"fusion.{k}": v for k, v in model.fusion.state_dict().items()}
     save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, str(out / "heads.safetensors"))
     if model.decoder is not None and model.vocab is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.decoder.state_dict().items()},
-                  str(out / "decoder.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.decoder.state_dict().items()},
+            str(out / "decoder.safetensors"),
+        )
         write_json(out / "vocab.json", model.vocab.to_dict())
     cfg = asdict(model.cfg)
-    write_json(out / "config.json", {"kind": "clip", "clip": cfg, "encoder": model.encoder.config,
-                                     "text": {"dir": "text", "embed_dim": model.text.embed_dim,
-                                              "source": model.text.config},
-                                     "environment": environment()})
+    write_json(
+        out / "config.json",
+        {
+            "kind": "clip",
+            "clip": cfg,
+            "encoder": model.encoder.config,
+            "text": {"dir": "text", "embed_dim": model.text.embed_dim, "source": model.text.config},
+            "environment": environment(),
+        },
+    )
     if metrics is not None:
         write_json(out / "metrics.json", metrics)
     return out
@@ -396,16 +446,25 @@ def _progress(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, disable=os.environ.get("MEDFM_PROGRESS", "1") == "0", leave=False)
 
 
-def train_step(model: ClipModel, images: torch.Tensor, texts: list[str], ids: torch.Tensor,
-               mask: torch.Tensor, cap: torch.Tensor | None, hidden: torch.Tensor | None = None
-               ) -> dict[str, float]:
+def train_step(
+    model: ClipModel,
+    images: torch.Tensor,
+    texts: list[str],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    cap: torch.Tensor | None,
+    hidden: torch.Tensor | None = None,
+) -> dict[str, float]:
     """One optimisation step's forward + backward (gradients accumulated in .grad, no optimizer step)."""
     cfg = model.cfg
     pos = same_text(texts).to(images.device)
     b = images.shape[0]
     if cfg.grad_cache_chunk and cfg.grad_cache_chunk < b:
+
         def embed(sl: slice) -> tuple:
-            return model.chunk_outputs(images[sl], ids[sl], mask[sl], hidden[sl] if hidden is not None else None)
+            return model.chunk_outputs(
+                images[sl], ids[sl], mask[sl], hidden[sl] if hidden is not None else None
+            )
 
         def loss_fn(full: list[torch.Tensor]) -> torch.Tensor:
             return cfg.w_contrastive * clip_loss(full[0], full[1], model.scale(), pos)
@@ -414,8 +473,9 @@ def train_step(model: ClipModel, images: torch.Tensor, texts: list[str], ids: to
 
         def extra(sl: slice, outs: tuple) -> torch.Tensor:
             zi, zt, itok, ttok = outs
-            local = model.local_losses(zi, zt, itok, ttok, mask[sl], pos[sl, sl],
-                                       cap[sl] if cap is not None else None)
+            local = model.local_losses(
+                zi, zt, itok, ttok, mask[sl], pos[sl, sl], cap[sl] if cap is not None else None
+            )
             frac = (sl.stop - sl.start) / b
             tot = torch.zeros((), device=images.device)
             for k, v in local.items():
@@ -423,11 +483,13 @@ def train_step(model: ClipModel, images: torch.Tensor, texts: list[str], ids: to
                 tot = tot + getattr(cfg, f"w_{k}") * v * frac
             return tot
 
-        closs, _ = cached_backward(embed, b, cfg.grad_cache_chunk, loss_fn, 2,
-                                   extra if model.needs_tokens() else None, images.device)
+        closs, _ = cached_backward(
+            embed, b, cfg.grad_cache_chunk, loss_fn, 2, extra if model.needs_tokens() else None, images.device
+        )
         parts["contrastive"] = float(closs) / max(cfg.w_contrastive, 1e-12)
-        parts["loss"] = float(closs) + sum(getattr(cfg, f"w_{k}") * v for k, v in parts.items()
-                                           if k in ("itm", "caption"))
+        parts["loss"] = float(closs) + sum(
+            getattr(cfg, f"w_{k}") * v for k, v in parts.items() if k in ("itm", "caption")
+        )
         return parts
     zi, zt, itok, ttok = model.chunk_outputs(images, ids, mask, hidden)
     losses = {"contrastive": clip_loss(zi, zt, model.scale(), pos)} if cfg.w_contrastive > 0 else {}
@@ -458,16 +520,29 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
     tok = model.text.tokenize(ds.texts, cfg.max_text_len)  # tokenise once: the tokenizer is the slow part
     cache = None
     if model.text_cache_layer is not None:  # locked lower text blocks: run them once, not every step
-        cache = torch.cat([model.text.hidden_at(tok["input_ids"][i:i + 128].to(device),
-                                                tok["attention_mask"][i:i + 128].to(device),
-                                                model.text_cache_layer).cpu()
-                           for i in range(0, len(ds), 128)])
+        cache = torch.cat(
+            [
+                model.text.hidden_at(
+                    tok["input_ids"][i : i + 128].to(device),
+                    tok["attention_mask"][i : i + 128].to(device),
+                    model.text_cache_layer,
+                ).cpu()
+                for i in range(0, len(ds), 128)
+            ]
+        )
     caps = model.vocab.batch(ds.texts, cfg.max_report_len) if model.vocab is not None else None
 
     bs = min(cfg.batch_size, len(ds))
     g = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, collate_fn=collate,
-                        num_workers=cfg.workers, generator=g)
+    loader = DataLoader(
+        ds,
+        batch_size=bs,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=cfg.workers,
+        generator=g,
+    )
     steps = cfg.epochs * len(loader)
     if cfg.max_steps > 0:
         steps = min(steps, cfg.max_steps) if steps else cfg.max_steps
@@ -480,7 +555,9 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_frac * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) + 1e-3)
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) + 1e-3,
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history: list[dict[str, float]] = []
@@ -522,10 +599,13 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
         bar.close()
     secs = time.perf_counter() - t0
     metrics: dict[str, Any] = {
-        "steps": step, "pairs": len(ds), "train_seconds": round(secs, 2),
+        "steps": step,
+        "pairs": len(ds),
+        "train_seconds": round(secs, 2),
         "pairs_per_s": round(pairs / max(secs, 1e-9), 2),
         "final_loss": sum(h["loss"] for h in history[-10:]) / max(len(history[-10:]), 1),
-        "temperature": float(1 / model.scale()), "history": history,
+        "temperature": float(1 / model.scale()),
+        "history": history,
     }
     if device.type == "cuda":
         metrics["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -555,24 +635,34 @@ def _plot_losses(history: list[dict[str, float]], path: Path) -> None:
 
 
 def _model_card(cfg: ClipConfig, metrics: dict[str, Any], out: Path) -> None:
-    objectives = [f"{k} (weight {getattr(cfg, 'w_' + k)})" for k in ("contrastive", "itm", "caption")
-                  if getattr(cfg, "w_" + k) > 0]
-    text = f"""# CLIP-style vision-language model
+    objectives = [
+        f"{k} (weight {getattr(cfg, 'w_' + k)})"
+        for k in ("contrastive", "itm", "caption")
+        if getattr(cfg, "w_" + k) > 0
+    ]
 
-- Image tower: `{cfg.init_from or cfg.encoder}` ({cfg.spatial_dims}D, {cfg.in_chans} channel(s), {cfg.img_size}px),
-  {"locked" if cfg.lock_image == 0 else "trained" if cfg.lock_image < 0 else f"last {cfg.lock_image} blocks trained"}
-- Text tower: `{cfg.text_path or cfg.text_tower}`,
-  {"locked" if cfg.lock_text == 0 else "trained" if cfg.lock_text < 0 else f"last {cfg.lock_text} layers trained"}
-- Objectives: {", ".join(objectives)}
-- Data: `{cfg.data}` (split {cfg.split}), {metrics['pairs']} image-report pairs, {metrics['steps']} steps,
-  batch {cfg.batch_size}{f" (gradient cache chunks of {cfg.grad_cache_chunk})" if cfg.grad_cache_chunk else ""}
-- Final training loss {metrics['final_loss']:.4f}, temperature {metrics['temperature']:.4f}
+    def lock(n: int, unit: str) -> str:
+        return "locked" if n == 0 else "trained" if n < 0 else f"last {n} {unit} trained"
 
-Files: `model.safetensors` (image tower, `medfm.models.io.load_encoder`), `text/` (Hugging Face format),
-`heads.safetensors` (projections, temperature, ITM head), `decoder.safetensors` + `vocab.json` (report decoder),
-`metrics.json`, `loss.png`.
-
-Use: `medfm zeroshot RUN DATA`, `medfm retrieve RUN DATA --query ...`, `medfm report RUN IMAGE`, `medfm vqa RUN DATA`.
-Intended use: research. Zero-shot and generated reports are not validated for clinical decisions.
-"""
+    cache = f" (gradient cache chunks of {cfg.grad_cache_chunk})" if cfg.grad_cache_chunk else ""
+    lines = [
+        "# CLIP-style vision-language model",
+        "",
+        f"- Image tower: `{cfg.init_from or cfg.encoder}` ({cfg.spatial_dims}D, {cfg.in_chans} channel(s), "
+        f"{cfg.img_size}px), {lock(cfg.lock_image, 'blocks')}",
+        f"- Text tower: `{cfg.text_path or cfg.text_tower}`, {lock(cfg.lock_text, 'layers')}",
+        f"- Objectives: {', '.join(objectives)}",
+        f"- Data: `{cfg.data}` (split {cfg.split}), {metrics['pairs']} image-report pairs, "
+        f"{metrics['steps']} steps, batch {cfg.batch_size}{cache}",
+        f"- Final training loss {metrics['final_loss']:.4f}, temperature {metrics['temperature']:.4f}",
+        "",
+        "Files: `model.safetensors` (image tower, `medfm.models.io.load_encoder`), `text/` (Hugging Face",
+        "format), `heads.safetensors` (projections, temperature, ITM head), `decoder.safetensors` +",
+        "`vocab.json` (report decoder), `metrics.json`, `loss.png`.",
+        "",
+        "Use: `medfm zeroshot RUN DATA`, `medfm retrieve RUN DATA --query ...`, `medfm report RUN IMAGE`,",
+        "`medfm vqa RUN DATA`. Intended use: research. Zero-shot scores and generated reports are not",
+        "validated for clinical decisions.",
+    ]
+    text = "\n".join(lines) + "\n"
     (out / "README.md").write_text(text)

@@ -40,10 +40,15 @@ def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def cached_backward(embed: EmbedFn, n: int, chunk: int,
-                    loss_fn: Callable[[Sequence[torch.Tensor]], torch.Tensor], n_inputs: int = 2,
-                    extra_loss: Callable[[slice, tuple[torch.Tensor, ...]], torch.Tensor] | None = None,
-                    device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_backward(
+    embed: EmbedFn,
+    n: int,
+    chunk: int,
+    loss_fn: Callable[[Sequence[torch.Tensor]], torch.Tensor],
+    n_inputs: int = 2,
+    extra_loss: Callable[[slice, tuple[torch.Tensor, ...]], torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Backpropagate ``loss_fn(full-batch embeddings)`` (+ per-chunk ``extra_loss``) chunk by chunk.
 
     ``embed(sl)`` returns a tuple of tensors for samples ``sl``: the first ``n_inputs`` are embeddings that

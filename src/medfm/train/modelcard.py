@@ -85,7 +85,7 @@ wall time {_fmt(metrics.get("wall_time_s"))} s.
 ## How to load
 ```python
 import medfm
-encoder = medfm.load_encoder("{run_dir}")    # rebuilt from config.json + model.safetensors
+encoder = medfm.load_encoder("{run_dir}")    # config travels in the safetensors header
 embedding = encoder(images)                  # (B, {enc.get("embed_dim", "D")}) pooled features
 ```
 

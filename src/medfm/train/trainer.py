@@ -40,6 +40,20 @@ def resolve_out(cfg: PretrainConfig) -> Path:
     return out
 
 
+def _progress_bar_class() -> type:
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class ProgressBar(TQDMProgressBar):
+        """tqdm bar showing loss and step, without Lightning's logger version number."""
+
+        def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+            items = super().get_metrics(trainer, pl_module)
+            items.pop("v_num", None)
+            return items
+
+    return ProgressBar
+
+
 def _parse_devices(devices: str) -> Any:
     if devices == "auto":
         return "auto"
@@ -53,7 +67,7 @@ def build_trainer(
     cfg: PretrainConfig, run_dir: Path, callbacks: list[L.Callback], progress: bool = True
 ) -> L.Trainer:
     """A Lightning Trainer for step-based pretraining with our loggers and checkpointing."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     logs = run_dir / "logs"
@@ -62,8 +76,9 @@ def build_trainer(
         TensorBoardLogger(logs, name="", version="tensorboard", default_hp_metric=False),
     ]
     cbs = list(callbacks) + [LearningRateMonitor(logging_interval="step")]
+    _ProgressBar = _progress_bar_class()
     if progress:
-        cbs.append(TQDMProgressBar(refresh_rate=max(1, min(cfg.log_every, 10))))
+        cbs.append(_ProgressBar(refresh_rate=max(1, min(cfg.log_every, 10))))
     strategy: Any = cfg.strategy
     if cfg.strategy == "ddp" and cfg.accelerator == "cpu":
         from lightning.pytorch.strategies import DDPStrategy

@@ -123,7 +123,9 @@ def _task_of(ds: dict[str, PreparedDataset], labels: dict[str, np.ndarray]) -> t
     if task == "multilabel":
         return task, labels["train"].shape[1], cols
     n = int(max(int(labels[s].max()) for s in labels if len(labels[s])) + 1)
-    classes = summary.get("classes") or summary.get("class_names")
+    col = cols[0] if cols else ""
+    classes = (summary.get("classes") or summary.get("class_names")
+               or (summary.get("label_classes") or {}).get(col))
     if isinstance(classes, list) and len(classes) >= n:
         names = [str(c) for c in classes]
     elif isinstance(classes, dict):
@@ -225,8 +227,7 @@ def run_adapt(encoder: nn.Module, data_dir: str | Path, out_dir: str | Path, cfg
                "val_auroc": val_met["auroc"],
                "threshold": json.dumps(thr) if isinstance(thr, list) else thr,
                **{k: v for k, v in met.items() if k.startswith("auroc/")},
-               "time_s": round(elapsed + (feat_time if getattr(ADAPTERS.get(method), "uses_features", False)
-                                          and not rows else 0.0), 3),
+               "time_s": round(elapsed, 3),  # feature extraction (once) is in config.json
                "info": json.dumps(res.get("info", {}), default=str)}
         rows.append(row)
         preds.append(_pred_frame(run, ds["test"], labels["test"], res["test"], task, names))

@@ -183,7 +183,7 @@ def _from_prepared(
 
 
 class CropDataset(Dataset):
-    """Random crops (padded when the image is smaller) + flips + mild intensity jitter, for training."""
+    """Random crops (padded when smaller; half centred on foreground) + flips + intensity jitter."""
 
     def __init__(
         self,
@@ -192,8 +192,10 @@ class CropDataset(Dataset):
         augment: bool = True,
         length: int | None = None,
         seed: int = 0,
+        fg_prob: float = 0.5,
     ) -> None:
         self.images, self.masks, self.patch, self.augment = pairs.images, pairs.masks, tuple(patch), augment
+        self.fg_prob = fg_prob
         self.length = length or len(pairs)
         self.gen = np.random.default_rng(seed)
 
@@ -209,6 +211,11 @@ class CropDataset(Dataset):
             pad = [v for p in reversed(pads) for v in (p // 2, p - p // 2)]
             img, m = F.pad(img, pad), F.pad(m, pad)
         starts = [int(rng.integers(s - p + 1)) for p, s in zip(self.patch, img.shape[1:])]
+        if self.fg_prob and rng.random() < self.fg_prob and bool(m.any()):
+            # centre on a random foreground voxel (small structures are otherwise rarely seen in a crop)
+            fg = torch.nonzero(m)
+            c = fg[int(rng.integers(len(fg)))].tolist()
+            starts = [min(max(0, ci - p // 2), s - p) for ci, p, s in zip(c, self.patch, img.shape[1:])]
         sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch))
         img, m = img[(slice(None),) + sl], m[sl]
         if self.augment:

@@ -81,3 +81,31 @@ def write_overlay_png(image, labels, path: str | Path, reference=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(overlay(image, labels, reference)).save(path)
     return path
+
+
+def write_report(
+    path: str | Path,
+    title: str,
+    rows: list[dict[str, Any]],
+    overlays: list[Path],
+    summary: dict[str, Any] | None = None,
+    max_images: int = 24,
+) -> Path:
+    """Self-contained HTML report: summary, per-case table, overlay thumbnails (medfm.eval.html.Report)."""
+    import pandas as pd
+
+    from medfm.eval.html import Report
+
+    r = Report(title, subtitle=f"{len(rows)} cases")
+    if summary:
+        r.add_kv(summary)
+    if rows:
+        r.add_heading("Per case")
+        r.add_table(pd.DataFrame(rows))
+    if overlays:
+        r.add_heading("Overlays (prediction in colour, reference contour in white)")
+        r.begin_row()
+        for p in overlays[:max_images]:
+            r.add_image(Path(p).read_bytes(), caption=Path(p).stem, width=256)
+        r.end_row()
+    return r.save(path)

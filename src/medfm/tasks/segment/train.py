@@ -139,13 +139,28 @@ def train_segmentation(cfg: SegTrainConfig, out: str | Path, pairs: SegPairs | N
         "decoder": getattr(model, "decoder_name", "monai_unet"),
         "feature_size": cfg.feature_size,
         "encoder": enc.config if enc is not None else None,
-        "class_names": cfg.class_names or [f"class_{k}" for k in range(1, num_classes)],
+        "class_names": cfg.class_names or dataset_class_names(cfg.data, num_classes),
         "n_train": len(pairs),
         "environment": environment(),
     }
     save_segmentation_run(model, conf, out)
     update_metrics(out, train_seconds=round(seconds, 1), n_train=len(pairs))
     return out
+
+
+def dataset_class_names(data: str, num_classes: int) -> list[str]:
+    """Foreground class names from a dataset.json "mask_labels" beside the data (phantoms, prepare), else
+    class_1, class_2, ..."""
+    root = Path(data) if data else None
+    names = {}
+    for cand in [root / "dataset.json", root.parent / "dataset.json"] if root else []:
+        if cand.is_file():
+            try:
+                names = json.loads(cand.read_text()).get("mask_labels", {}) or {}
+            except (json.JSONDecodeError, AttributeError):
+                names = {}
+            break
+    return [str(names.get(str(k), f"class_{k}")) for k in range(1, num_classes)]
 
 
 def save_segmentation_run(model: torch.nn.Module, conf: dict[str, Any], out: Path) -> None:

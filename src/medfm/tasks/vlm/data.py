@@ -20,7 +20,7 @@ from medfm.errors import InputError
 
 
 def resize_image(img: torch.Tensor, size: int | tuple[int, ...] | None) -> torch.Tensor:
-    """Resize a (C, *spatial) tensor to ``size`` per spatial axis (no-op when it already fits or size=None)."""
+    """Resize a (C, *spatial) tensor to ``size`` per spatial axis (no-op if it already fits or size=None)."""
     if size is None:
         return img
     nd = img.ndim - 1
@@ -46,13 +46,21 @@ def read_normalized(path: str | Path, in_chans: int = 1) -> np.ndarray:
 class ImageTextDataset(Dataset):
     """Image-report pairs with optional multi-hot labels; see the module docstring for the item layout."""
 
-    def __init__(self, path: str | Path, split: str | list[str] | None = None, img_size: Any = None,
-                 in_chans: int = 1, label_columns: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        split: str | list[str] | None = None,
+        img_size: Any = None,
+        in_chans: int = 1,
+        label_columns: list[str] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.img_size = img_size
         self.in_chans = int(in_chans)
         if not self.path.exists():
-            raise InputError(self.path, "no such dataset (expected a prepared dataset folder or a CSV manifest)")
+            raise InputError(
+                self.path, "no such dataset (expected a prepared dataset folder or a CSV manifest)"
+            )
         if self.path.is_dir() and (self.path / "summary.json").is_file():
             self._init_prepared(split)
         elif self.path.is_file():
@@ -72,8 +80,11 @@ class ImageTextDataset(Dataset):
         self.prepared: PreparedDataset | None = PreparedDataset(self.path, split=split)
         m = self.prepared.manifest
         self.label_names: list[str] = list(self.prepared.label_columns)
-        self.texts = [t if isinstance(t, str) else "" for t in m["report"].tolist()] if "report" in m else \
-            [""] * len(m)
+        self.texts = (
+            [t if isinstance(t, str) else "" for t in m["report"].tolist()]
+            if "report" in m
+            else [""] * len(m)
+        )
         self.case_ids = [str(c) for c in m["case_id"]]
         self.patient_ids = [str(p) for p in m["patient_id"]] if "patient_id" in m else list(self.case_ids)
         lab = self.prepared.labels()
@@ -131,24 +142,34 @@ class ImageTextDataset(Dataset):
         return img
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"image": self.image(i), "text": self.texts[i], "case_id": self.case_ids[i],
-                                "patient_id": self.patient_ids[i], "index": i}
+        item: dict[str, Any] = {
+            "image": self.image(i),
+            "text": self.texts[i],
+            "case_id": self.case_ids[i],
+            "patient_id": self.patient_ids[i],
+            "index": i,
+        }
         if self._labels is not None:
             item["label"] = torch.from_numpy(self._labels[i])
         return item
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"image": torch.stack([it["image"] for it in items]),
-                           "text": [it["text"] for it in items], "case_id": [it["case_id"] for it in items],
-                           "index": torch.tensor([it["index"] for it in items])}
+    out: dict[str, Any] = {
+        "image": torch.stack([it["image"] for it in items]),
+        "text": [it["text"] for it in items],
+        "case_id": [it["case_id"] for it in items],
+        "index": torch.tensor([it["index"] for it in items]),
+    }
     if "label" in items[0]:
         out["label"] = torch.stack([it["label"] for it in items])
     return out
 
 
-TOY_FINDINGS = {"effusion": ("Small pleural effusion.", "No pleural effusion."),
-                "nodule": ("A nodule is seen in the right lung.", "No nodule.")}
+TOY_FINDINGS = {
+    "effusion": ("Small pleural effusion.", "No pleural effusion."),
+    "nodule": ("A nodule is seen in the right lung.", "No nodule."),
+}
 
 
 def write_toy_pairs(out: str | Path, n: int = 32, size: int = 32, seed: int = 0) -> Path:
@@ -175,13 +196,35 @@ def write_toy_pairs(out: str | Path, n: int = 32, size: int = 32, seed: int = 0)
             a[(yy - cy) ** 2 + (xx - cx) ** 2 < 0.012] += 0.6
         imgs.append((np.clip(a, 0, 1) * 255).astype(np.uint8)[None])
         text = " ".join(TOY_FINDINGS[k][0 if v else 1] for k, v in lab.items())
-        rows.append({"case_id": f"toy{i:04d}", "shard": 0, "index": i,
-                     "split": "train" if i < int(0.75 * n) else "test", "patient_id": f"p{i // 2}",
-                     "study_id": "", "site": "toy", "sex": "", "age": np.nan,
-                     "report": f"FINDINGS: {text} IMPRESSION: {'Abnormal.' if any(lab.values()) else 'Normal.'}",
-                     "has_mask": False, "source": "toy", "orig_shape": "", "orig_spacing": "", **lab})
+        rows.append(
+            {
+                "case_id": f"toy{i:04d}",
+                "shard": 0,
+                "index": i,
+                "split": "train" if i < int(0.75 * n) else "test",
+                "patient_id": f"p{i // 2}",
+                "study_id": "",
+                "site": "toy",
+                "sex": "",
+                "age": np.nan,
+                "report": f"FINDINGS: {text} IMPRESSION: {'Abnormal.' if any(lab.values()) else 'Normal.'}",
+                "has_mask": False,
+                "source": "toy",
+                "orig_shape": "",
+                "orig_spacing": "",
+                **lab,
+            }
+        )
     save_npy_atomic(out / "images" / shard_name(0), np.stack(imgs))
     pd.DataFrame(rows).to_parquet(out / "manifest.parquet")
-    write_json_atomic(out / "summary.json", {"format_version": FORMAT_VERSION, "n": n, "task": "multilabel",
-                                             "label_columns": list(TOY_FINDINGS), "image_shape": [1, size, size]})
+    write_json_atomic(
+        out / "summary.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "n": n,
+            "task": "multilabel",
+            "label_columns": list(TOY_FINDINGS),
+            "image_shape": [1, size, size],
+        },
+    )
     return out

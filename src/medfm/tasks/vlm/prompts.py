@@ -35,8 +35,11 @@ SYNONYMS: dict[str, list[str]] = {
 }
 # Negatives that are not "no <name>": normal phrasings radiologists use instead.
 EXTRA_NEGATIVES: dict[str, list[str]] = {
-    "cardiomegaly": ["Heart size is normal.", "Normal heart size.",
-                     "The cardiac silhouette is within normal limits."],
+    "cardiomegaly": [
+        "Heart size is normal.",
+        "Normal heart size.",
+        "The cardiac silhouette is within normal limits.",
+    ],
     "consolidation": ["The lungs are clear."],
 }
 
@@ -73,8 +76,15 @@ def load_prompts(spec: str | Path | None, findings: list[str] | None = None) -> 
     for k, v in raw.items():
         if isinstance(v, list) and v and all(isinstance(s, str) for s in v):
             out[k] = from_names(v, EXTRA_NEGATIVES.get(k))
-        elif isinstance(v, dict) and all(isinstance(v.get(s), list) and v[s] for s in ("positive", "negative")):
-            out[k] = {"positive": [str(s) for s in v["positive"]], "negative": [str(s) for s in v["negative"]]}
+        elif isinstance(v, dict) and all(
+            isinstance(v.get(s), list) and v[s] for s in ("positive", "negative")
+        ):
+            out[k] = {
+                "positive": [str(s) for s in v["positive"]],
+                "negative": [str(s) for s in v["negative"]],
+            }
         else:
-            raise InputError(p, f"entry '{k}' needs non-empty 'positive' and 'negative' lists (or a list of names)")
+            raise InputError(
+                p, f"entry '{k}' needs non-empty 'positive' and 'negative' lists (or a list of names)"
+            )
     return out

@@ -21,7 +21,7 @@ def _sections(report: str) -> tuple[str, str]:
     if not m:
         return report, ""
     findings = re.sub(r"^\s*findings\s*:\s*", "", report[: m.start()], flags=re.I)
-    return findings.strip(), report[m.end():].strip()
+    return findings.strip(), report[m.end() :].strip()
 
 
 def _impression_items(impression: str) -> list[str]:
@@ -54,7 +54,9 @@ def compose_report(neighbours: list[dict[str, Any]], sharpness: float = 10.0) ->
                 if lab_s.get(f) != want:
                     continue
                 # A sentence may not smuggle in a finding the vote decided the other way.
-                if any(lab_s.get(g) == POSITIVE for g in absent) or any(lab_s.get(g) == NEGATIVE for g in present):
+                if any(lab_s.get(g) == POSITIVE for g in absent) or any(
+                    lab_s.get(g) == NEGATIVE for g in present
+                ):
                     continue
                 if s not in sentences:
                     sentences.append(s)
@@ -72,26 +74,40 @@ def compose_report(neighbours: list[dict[str, Any]], sharpness: float = 10.0) ->
         found = None
         for n in neighbours:
             for it in _impression_items(_sections(n["report"])[1]):
-                if label_report(it).get(f) == POSITIVE and not any(label_report(it).get(g) == POSITIVE
-                                                                   for g in absent):
+                if label_report(it).get(f) == POSITIVE and not any(
+                    label_report(it).get(g) == POSITIVE for g in absent
+                ):
                     found = it
                     break
             if found:
                 break
         name = SYNONYMS.get(f, [f])[0]
         items.append(found or f"{name[:1].upper()}{name[1:]}.")
-    impression = " ".join(f"{i + 1}. {t}" for i, t in enumerate(dict.fromkeys(items))) if items else \
-        "No acute cardiopulmonary abnormality."
+    impression = (
+        " ".join(f"{i + 1}. {t}" for i, t in enumerate(dict.fromkeys(items)))
+        if items
+        else "No acute cardiopulmonary abnormality."
+    )
     report = f"FINDINGS: {' '.join(sentences) or 'No acute abnormality.'}\nIMPRESSION: {impression}"
-    evidence = [{"case_id": n["case_id"], "similarity": round(float(n["similarity"]), 4),
-                 "positive_findings": sorted(f for f, v in lab.items() if v == POSITIVE)}
-                for n, lab in zip(neighbours, labels)]
-    return {"report": report, "votes": {f: round(v, 3) for f, v in votes.items()}, "evidence": evidence,
-            "cited": cited or [neighbours[0]["case_id"]]}
+    evidence = [
+        {
+            "case_id": n["case_id"],
+            "similarity": round(float(n["similarity"]), 4),
+            "positive_findings": sorted(f for f, v in lab.items() if v == POSITIVE),
+        }
+        for n, lab in zip(neighbours, labels)
+    ]
+    return {
+        "report": report,
+        "votes": {f: round(v, 3) for f, v in votes.items()},
+        "evidence": evidence,
+        "cited": cited or [neighbours[0]["case_id"]],
+    }
 
 
-def neighbours_of(index: Any, query_emb: Any, k: int, modality: str = "text",
-                  exclude: set[str] | None = None) -> list[list[dict[str, Any]]]:
+def neighbours_of(
+    index: Any, query_emb: Any, k: int, modality: str = "text", exclude: set[str] | None = None
+) -> list[list[dict[str, Any]]]:
     """Nearest indexed cases for each query embedding (excluding ``exclude`` case ids, e.g. the query's own
     patient when evaluating on the indexed set)."""
     extra = len(exclude) if exclude else 0
@@ -119,5 +135,7 @@ def rag_reports(index: Any, query_emb: Any, k: int = 5, modality: str = "text") 
 
 def nearest_reports(index: Any, query_emb: Any, modality: str = "text") -> list[dict[str, Any]]:
     """Plain retrieval baseline: the single most similar case's report, verbatim."""
-    return [{"report": nb[0]["report"], "cited": [nb[0]["case_id"]]} for nb in neighbours_of(index, query_emb, 1,
-                                                                                               modality)]
+    return [
+        {"report": nb[0]["report"], "cited": [nb[0]["case_id"]]}
+        for nb in neighbours_of(index, query_emb, 1, modality)
+    ]

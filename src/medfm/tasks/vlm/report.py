@@ -9,11 +9,12 @@ import torch
 from medfm.eval.text_metrics import report_metrics
 
 
-def generate_reports(model: Any, images: torch.Tensor, beam: int = 1, batch_size: int = 32,
-                     max_len: int | None = None) -> list[str]:
+def generate_reports(
+    model: Any, images: torch.Tensor, beam: int = 1, batch_size: int = 32, max_len: int | None = None
+) -> list[str]:
     out: list[str] = []
     for i in range(0, len(images), batch_size):
-        out += model.generate(images[i:i + batch_size], beam=beam, max_len=max_len)
+        out += model.generate(images[i : i + batch_size], beam=beam, max_len=max_len)
     return out
 
 

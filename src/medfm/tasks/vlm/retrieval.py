@@ -28,15 +28,18 @@ def embed_dataset(model: Any, ds: Any, batch_size: int = 64) -> tuple[torch.Tens
     return img, model.encode_texts(list(ds.texts), batch_size)
 
 
-def recall_at_k(sim: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
+def recall_at_k(
+    sim: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[int, float]:
     """Fraction of queries (rows of ``sim``) with a relevant item among their top k."""
     order = sim.argsort(dim=1, descending=True)
     hits = relevant.gather(1, order)
     return {k: float(hits[:, :k].any(1).float().mean()) for k in ks}
 
 
-def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, texts: list[str] | None = None,
-                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Any]:
+def retrieval_metrics(
+    img: torch.Tensor, txt: torch.Tensor, texts: list[str] | None = None, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, Any]:
     """Recall@K image->text and text->image. The relevant item is the query's own pair; with ``texts`` given,
     any case with the identical report also counts (so duplicate normal reports are not scored as misses),
     reported separately as ``*_text``. Chance level is k / N."""
@@ -69,8 +72,14 @@ class CaseIndex:
     cases: list[dict[str, str]]
 
     @classmethod
-    def build(cls, img: torch.Tensor, txt: torch.Tensor, case_ids: list[str], reports: list[str],
-              patient_ids: list[str] | None = None) -> CaseIndex:
+    def build(
+        cls,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        case_ids: list[str],
+        reports: list[str],
+        patient_ids: list[str] | None = None,
+    ) -> CaseIndex:
         import faiss
 
         def make(e: torch.Tensor) -> Any:
@@ -87,7 +96,9 @@ class CaseIndex:
     def __len__(self) -> int:
         return len(self.cases)
 
-    def search(self, query: torch.Tensor, k: int = 5, modality: str = "text") -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, query: torch.Tensor, k: int = 5, modality: str = "text"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(similarities (Q, k), row indices (Q, k)) of the nearest cases by their ``modality`` embedding."""
         import faiss
 
@@ -114,5 +125,8 @@ class CaseIndex:
         for f in ("images.faiss", "texts.faiss", "cases.json"):
             if not (p / f).is_file():
                 raise InputError(p, f"not a retrieval index (missing {f}); build one with `medfm retrieve`")
-        return cls(faiss.read_index(str(p / "images.faiss")), faiss.read_index(str(p / "texts.faiss")),
-                   json.loads((p / "cases.json").read_text()))
+        return cls(
+            faiss.read_index(str(p / "images.faiss")),
+            faiss.read_index(str(p / "texts.faiss")),
+            json.loads((p / "cases.json").read_text()),
+        )

@@ -21,11 +21,17 @@ from medfm.errors import InputError
 from medfm.tasks.vlm.prompts import SYNONYMS, default_prompts, from_names
 from medfm.tasks.vlm.zeroshot import ensemble_embedding
 
-_YESNO = re.compile(r"^\s*(is|are|does|do|was|can|could|has|have)\s+(there\s+)?(any\s+|an?\s+|the\s+)?"
-                    r"(evidence of\s+|signs? of\s+)?(?P<x>.+?)(\s+(present|seen|visible|in the image|"
-                    r"in this image|show\w*))?\s*\?*\s*$", re.I)
-_SHOW = re.compile(r"^\s*(does|do)\s+(the|this)\s+(image|x-?ray|film|radiograph|scan)\s+(show|demonstrate|"
-                   r"contain)\s+(any\s+|an?\s+)?(?P<x>.+?)\s*\?*\s*$", re.I)
+_YESNO = re.compile(
+    r"^\s*(is|are|does|do|was|can|could|has|have)\s+(there\s+)?(any\s+|an?\s+|the\s+)?"
+    r"(evidence of\s+|signs? of\s+)?(?P<x>.+?)(\s+(present|seen|visible|in the image|"
+    r"in this image|show\w*))?\s*\?*\s*$",
+    re.I,
+)
+_SHOW = re.compile(
+    r"^\s*(does|do)\s+(the|this)\s+(image|x-?ray|film|radiograph|scan)\s+(show|demonstrate|"
+    r"contain)\s+(any\s+|an?\s+)?(?P<x>.+?)\s*\?*\s*$",
+    re.I,
+)
 REQUIRED = ("image_name", "question", "answer")
 
 
@@ -44,14 +50,21 @@ def load_vqa_json(path: str | Path) -> list[dict[str, Any]]:
     for i, q in enumerate(items):
         if not isinstance(q, dict) or any(k not in q for k in REQUIRED):
             raise InputError(p, f"item {i} lacks one of {REQUIRED}")
-        out.append({**q, "answer": str(q["answer"]).strip(), "answer_type": str(q.get("answer_type", "")).upper()
-                    or ("CLOSED" if str(q["answer"]).strip().lower() in ("yes", "no") else "OPEN"),
-                    "question_type": str(q.get("question_type", "other"))})
+        out.append(
+            {
+                **q,
+                "answer": str(q["answer"]).strip(),
+                "answer_type": str(q.get("answer_type", "")).upper()
+                or ("CLOSED" if str(q["answer"]).strip().lower() in ("yes", "no") else "OPEN"),
+                "question_type": str(q.get("question_type", "other")),
+            }
+        )
     return out
 
 
-def phantom_questions(labels: np.ndarray, names: list[str], seed: int = 0, n_choices: int = 3
-                      ) -> list[dict[str, Any]]:
+def phantom_questions(
+    labels: np.ndarray, names: list[str], seed: int = 0, n_choices: int = 3
+) -> list[dict[str, Any]]:
     """Closed questions from multi-hot labels: one yes/no per case (finding chosen to balance yes/no) and a
     multiple-choice "which is present" for cases with exactly one positive among the options."""
     rng = np.random.default_rng(seed)
@@ -65,8 +78,16 @@ def phantom_questions(labels: np.ndarray, names: list[str], seed: int = 0, n_cho
         j = int(rng.choice(pool))
         name = SYNONYMS.get(names[j], [names[j]])[0]
         art = "an" if name[0] in "aeiou" else "a"
-        qs.append({"index": i, "question": f"Is there {art} {name}?", "answer": "yes" if row[j] > 0 else "no",
-                   "answer_type": "CLOSED", "question_type": "presence", "finding": names[j]})
+        qs.append(
+            {
+                "index": i,
+                "question": f"Is there {art} {name}?",
+                "answer": "yes" if row[j] > 0 else "no",
+                "answer_type": "CLOSED",
+                "question_type": "presence",
+                "finding": names[j],
+            }
+        )
         pos = [j for j in known if row[j] > 0]
         neg = [j for j in known if row[j] == 0]
         if len(pos) >= 1 and len(neg) >= n_choices - 1:
@@ -74,9 +95,16 @@ def phantom_questions(labels: np.ndarray, names: list[str], seed: int = 0, n_cho
             opts = [a, *rng.choice(neg, n_choices - 1, replace=False).tolist()]
             rng.shuffle(opts)
             words = [SYNONYMS.get(names[o], [names[o]])[0] for o in opts]
-            qs.append({"index": i, "question": f"Which finding is present: {', '.join(words[:-1])} or {words[-1]}?",
-                       "answer": SYNONYMS.get(names[a], [names[a]])[0], "options": words,
-                       "answer_type": "CLOSED", "question_type": "choice"})
+            qs.append(
+                {
+                    "index": i,
+                    "question": f"Which finding is present: {', '.join(words[:-1])} or {words[-1]}?",
+                    "answer": SYNONYMS.get(names[a], [names[a]])[0],
+                    "options": words,
+                    "answer_type": "CLOSED",
+                    "question_type": "choice",
+                }
+            )
     return qs
 
 
@@ -128,7 +156,7 @@ class ClosedVQA:
         pos, neg = self._statements(phrase)
         if self.method == "itm":
             s = self.model.match_scores(image.expand(len(pos) + len(neg), *image.shape[1:]), pos + neg)
-            return float(s[: len(pos)].mean() / (s[: len(pos)].mean() + s[len(pos):].mean() + 1e-8))
+            return float(s[: len(pos)].mean() / (s[: len(pos)].mean() + s[len(pos) :].mean() + 1e-8))
         e = torch.stack([ensemble_embedding(self.model, pos), ensemble_embedding(self.model, neg)])
         return float(((img_emb @ e.t()) * float(self.model.scale())).softmax(-1)[..., 0])
 
@@ -142,8 +170,9 @@ class ClosedVQA:
         return None
 
 
-def evaluate_vqa(model: Any, images: torch.Tensor, questions: list[dict[str, Any]], method: str = "zeroshot"
-                 ) -> dict[str, Any]:
+def evaluate_vqa(
+    model: Any, images: torch.Tensor, questions: list[dict[str, Any]], method: str = "zeroshot"
+) -> dict[str, Any]:
     """Accuracy overall and per question type; ``images[q["index"]]`` is the image of question q."""
     vqa = ClosedVQA(model, method)
     emb = model.encode_images(images)
@@ -152,7 +181,7 @@ def evaluate_vqa(model: Any, images: torch.Tensor, questions: list[dict[str, Any
     answers = []
     for q in questions:
         i = int(q["index"])
-        a = vqa.answer(images[i:i + 1], emb[i], q)
+        a = vqa.answer(images[i : i + 1], emb[i], q)
         if a is None:
             skipped += 1
             continue
@@ -160,6 +189,10 @@ def evaluate_vqa(model: Any, images: torch.Tensor, questions: list[dict[str, Any
         per.setdefault(q.get("question_type", "other"), []).append(ok)
         answers.append({**q, "predicted": a, "correct": bool(ok)})
     allv = [v for vs in per.values() for v in vs]
-    return {"accuracy": float(np.mean(allv)) if allv else None, "n": len(allv), "skipped_open": skipped,
-            "per_type": {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in per.items()},
-            "answers": answers}
+    return {
+        "accuracy": float(np.mean(allv)) if allv else None,
+        "n": len(allv),
+        "skipped_open": skipped,
+        "per_type": {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in per.items()},
+        "answers": answers,
+    }

@@ -43,9 +43,14 @@ def auroc_per_class(y: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str,
     return out
 
 
-def evaluate_zeroshot(model: Any, images: torch.Tensor | None, prompts: Prompts,
-                      labels: np.ndarray | None = None, label_names: list[str] | None = None,
-                      img_emb: torch.Tensor | None = None) -> dict[str, Any]:
+def evaluate_zeroshot(
+    model: Any,
+    images: torch.Tensor | None,
+    prompts: Prompts,
+    labels: np.ndarray | None = None,
+    label_names: list[str] | None = None,
+    img_emb: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Probabilities for every finding in ``prompts`` and, where ``labels`` has a column of the same name,
     AUROC. Pass ``img_emb`` to reuse already computed image embeddings."""
     if img_emb is None:

@@ -1,0 +1,58 @@
+"""Tuberculosis (Shenzhen + Montgomery CXR) label efficiency with the same MAE encoder as bench_breastmnist.
+
+Uses the fixed split of ../shared/data/cxr_lung_seg/manifest.csv (label: tuberculosis). Writes
+benchmarks/results/tb_label_efficiency.{json,md}. Run bench_breastmnist.py first (it pretrains the encoder
+on the shared unlabelled pool), or this script pretrains it.
+
+    .venv/bin/python benchmarks/bench_tb.py [--work runs/h6bench] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from medfm.pipeline import bench
+
+try:  # run as a script from the repo root: benchmarks/ is not a package
+    from bench_breastmnist import ENCODER_ARGS, pool_and_pretrain
+except ImportError:  # pragma: no cover
+    from benchmarks.bench_breastmnist import ENCODER_ARGS, pool_and_pretrain
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("runs/h6bench"))
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--patch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--adapt-steps", type=int, default=50)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", default="linear,knn,prototype,finetune,lora,scratch")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MEDFM_PROGRESS", "0")
+    t0 = time.perf_counter()
+    run = pool_and_pretrain(args.work, args.size, args.patch, args.steps)
+    data = args.work / f"cxr_lung_seg_{args.size}"
+    res = bench.label_efficiency(run, data, args.work / "adapt_tb", args.methods.split(","), "0.1,1.0",
+                                 "1,5,10", args.seeds, args.adapt_steps)
+    wall = time.perf_counter() - t0
+    meta = {"description": f"Shenzhen + Montgomery TB CXR ({args.size} px), fixed split 492/70/142; encoder "
+                           f"vit_tiny {ENCODER_ARGS} patch {args.patch}, MAE {args.steps} steps on the pool; "
+                           f"finetune/lora/scratch {args.adapt_steps} steps; {args.seeds} seeds.",
+            "encoder_run": str(run), "data": str(data), "wall_s": round(wall, 1), "threads": args.threads,
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared with other jobs: timings noisy)"}
+    js, md = bench.write_results("tb_label_efficiency", res, Path("benchmarks/results"), meta)
+    print(md.read_text())
+    print(f"wrote {js}")
+
+
+if __name__ == "__main__":
+    main()

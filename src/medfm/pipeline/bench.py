@@ -1,0 +1,125 @@
+"""Shared steps of the label-efficiency benchmarks (benchmarks/bench_breastmnist.py, bench_tb.py).
+
+prepare real data with `medfm data prepare` -> pool the unlabelled training images -> `medfm pretrain mae`
+-> every method x label budget x seed with medfm.tasks.adapt -> JSON + markdown tables.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medfm.data.store import read_manifest, read_summary, save_npy_atomic, shard_name, write_json_atomic
+from medfm.pipeline.demo import run_cli
+
+
+def prepare(src: str | Path, out: Path, size: int, labels: str | None = None) -> Path:
+    if not (out / "summary.json").is_file():
+        args = ["data", "prepare", src, "--out", out, "--size", size]
+        run_cli(args + (["--labels", labels] if labels else []))
+    return out
+
+
+def merge_pool(prepared: list[Path], out: Path, splits: tuple[str, ...] = ("train",)) -> Path:
+    """One unlabelled prepared dataset from the given splits of several prepared datasets (same image size).
+
+    Only training splits go in, so no evaluation image is seen during pretraining.
+    """
+    if (out / "summary.json").is_file():
+        return out
+    arrays, rows = [], []
+    for root in prepared:
+        m = read_manifest(root)
+        m = m[m["split"].isin(splits)]
+        shards: dict[int, np.ndarray] = {}
+        for r in m.itertuples(index=False):
+            s = int(r.shard)
+            if s not in shards:
+                shards[s] = np.load(root / "images" / shard_name(s), mmap_mode="r")
+            arrays.append(np.asarray(shards[s][int(r.index)]))
+            rows.append({"case_id": f"{root.name}/{r.case_id}", "patient_id": f"{root.name}/{r.patient_id}",
+                         "site": root.name})
+    images = np.stack(arrays)
+    df = pd.DataFrame(rows)
+    df["shard"], df["index"], df["split"] = 0, np.arange(len(df)), "train"
+    for c in ("study_id", "sex", "report", "source", "orig_shape", "orig_spacing"):
+        df[c] = ""
+    df["age"], df["has_mask"] = np.nan, False
+    save_npy_atomic(out / "images" / shard_name(0), images)
+    df.to_parquet(out / "manifest.parquet", index=False)
+    first = read_summary(prepared[0])
+    write_json_atomic(out / "summary.json", {
+        "format_version": first.get("format_version", 1), "n_cases": int(len(df)), "n_skipped": 0,
+        "spatial_dims": 2, "image_shape": list(images.shape[1:]), "image_dtype": str(images.dtype),
+        "n_shards": 1, "shard_size": int(len(df)), "has_masks": False, "label_columns": [], "task": None,
+        "sources": [str(p) for p in prepared]})
+    return out
+
+
+def pretrain(pool: Path, run: Path, steps: int, img_size: int, patch_size: int, encoder_args: str,
+             batch_size: int = 64) -> Path:
+    if not (run / "model.safetensors").is_file() or not (run / "metrics.json").is_file():
+        run_cli(["pretrain", "mae", pool, "--encoder", "vit_tiny", "--img-size", img_size, "--patch-size",
+                 patch_size, "--encoder-args", encoder_args, "--steps", steps, "--batch-size", batch_size,
+                 "--workers", 0, "--out", run, "--split", "train"])
+    return run
+
+
+def label_efficiency(run: Path, data: Path, out: Path, methods: list[str], fractions: str, shots: str,
+                     seeds: int, steps: int, batch_size: int = 32, progress=None) -> pd.DataFrame:
+    import medfm
+    from medfm.tasks.adapt import AdaptConfig, parse_budgets, run_adapt
+
+    cfg = AdaptConfig(methods=methods, budgets=parse_budgets(fractions, shots), seeds=seeds, steps=steps,
+                      batch_size=batch_size, save_adapters=False)
+    return run_adapt(medfm.load_encoder(run), data, out, cfg, source=str(run), progress=progress)
+
+
+def table(results: pd.DataFrame) -> pd.DataFrame:
+    """mean ± sd of AUROC and accuracy per method and label budget."""
+    g = results.groupby(["method", "regime", "budget"])
+    t = g.agg(n_labels=("n_labels", "mean"), auroc_mean=("auroc", "mean"), auroc_sd=("auroc", "std"),
+              acc_mean=("accuracy", "mean"), acc_sd=("accuracy", "std"), seeds=("seed", "nunique"),
+              time_s=("time_s", "sum")).reset_index()
+    return t
+
+
+def write_results(name: str, results: pd.DataFrame, out_dir: Path, meta: dict,
+                  published: dict[str, dict[str, float]] | None = None) -> tuple[Path, Path]:
+    """benchmarks/results/<name>.json (+ .md): the label-efficiency table with the run's facts."""
+    t = table(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js = out_dir / f"{name}.json"
+    runs = results.drop(columns=["info"], errors="ignore").to_dict(orient="records")
+    js.write_text(json.dumps({"benchmark": name, **meta, "published": published or {},
+                              "table": t.to_dict(orient="records"), "runs": runs}, indent=2, default=str))
+    lines = [f"# {name}", "", f"{meta.get('description', '')}", "",
+             "| method | labels | n_labels | test AUROC (mean ± sd) | test ACC (mean ± sd) | seeds |",
+             "|---|---|---|---|---|---|"]
+    order = {"fraction": 0, "shots": 1}
+    for r in sorted(t.to_dict(orient="records"),
+                    key=lambda r: (order[r["regime"]], r["budget"], r["method"])):
+        lab = f"{100 * r['budget']:g}%" if r["regime"] == "fraction" else f"{int(r['budget'])}-shot"
+        lines.append(f"| {r['method']} | {lab} | {r['n_labels']:.0f} | {r['auroc_mean']:.3f} ± "
+                     f"{np.nan_to_num(r['auroc_sd']):.3f} | {r['acc_mean']:.3f} ± "
+                     f"{np.nan_to_num(r['acc_sd']):.3f} | {r['seeds']} |")
+    for k, v in (published or {}).items():
+        lines.append(f"| {k} (published) | 100% | – | {v.get('auroc', float('nan')):.3f} | "
+                     f"{v.get('acc', float('nan')):.3f} | – |")
+    lines += ["", f"Measured on: {meta.get('machine', '')}; wall time {meta.get('wall_s', 0):.0f} s."]
+    md = out_dir / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return js, md
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = round(time.perf_counter() - self.t0 - sum(self.marks.values()), 1)
