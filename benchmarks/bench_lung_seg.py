@@ -112,7 +112,10 @@ def main() -> None:
         "runs": [],
     }
     if Path(args.out).is_file():
-        res["runs"] = json.loads(Path(args.out).read_text()).get("runs", [])
+        old = json.loads(Path(args.out).read_text())
+        res["runs"] = old.get("runs", [])
+        if "mae_seconds" in old.get("setup", {}):
+            res["setup"]["mae_seconds"] = old["setup"]["mae_seconds"]
     pre = args.pretrained
     methods = args.methods.split(",")
     if ("pretrained" in methods or args.prompt_steps) and pre is None:
@@ -123,6 +126,8 @@ def main() -> None:
     for n in args.labels.split(","):
         n_labels = None if n == "all" else int(n)
         for method in methods:
+            if any(r["method"] == method and r.get("n_labels_requested") == n for r in res["runs"]):
+                continue  # already measured (use a fresh --out to redo)
             cfg = SegTrainConfig(
                 encoder=pre if method == "pretrained" else "vit_tiny",
                 encoder_kwargs={} if method == "pretrained" else dict(ENC_KW),
@@ -141,6 +146,7 @@ def main() -> None:
             row = {
                 "method": method,
                 "n_labels": len(sub),
+                "n_labels_requested": n,
                 "train_seconds": round(secs, 1),
                 "shenzhen_test": evaluate_model(model, test_sz, 2, class_names=["lung"])["lung"],
                 "montgomery": evaluate_model(model, test_mc, 2, class_names=["lung"])["lung"],
@@ -150,7 +156,7 @@ def main() -> None:
                 row
             ]
             write_json(args.out, res)
-    if args.prompt_steps:
+    if args.prompt_steps and not any(r["method"] == "promptable_box_per_lung" for r in res["runs"]):
         from medfm.models.io import load_encoder
         from medfm.models.seg.sam import build_promptable
         from medfm.tasks.segment.prompts import evaluate_box_prompts, train_promptable_steps

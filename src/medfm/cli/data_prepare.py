@@ -122,8 +122,36 @@ def overview_cmd(
     typer.echo(f"wrote {path}")
 
 
+def probe_cmd(
+    paths: list[Path] = typer.Argument(..., help="Image files or DICOM series folders."),
+) -> None:
+    """List format, shape, spacing and dtype of images without decoding pixels; bad files are reported."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medfm.data.read import probe
+    from medfm.errors import InputError
+
+    table = Table("file", "format", "shape", "spacing (mm)", "dtype / modality")
+    bad = 0
+    for path in paths:
+        try:
+            info = probe(path)
+        except InputError as e:  # keep going: one bad file must not hide the others
+            bad += 1
+            table.add_row(str(path), "[red]error[/red]", e.problem, "", "")
+            continue
+        spacing = ", ".join(f"{s:.3g}" for s in info.get("spacing", ()))
+        kind = str(info.get("dtype") or info.get("modality") or info.get("mode") or "")
+        table.add_row(str(path), str(info.get("format")), str(tuple(info.get("shape", ()))), spacing, kind)
+    Console().print(table)
+    if bad:
+        raise typer.Exit(1)
+
+
 def add_commands(data_app: typer.Typer) -> None:
     """Attach this module's commands to the `data` group."""
     data_app.command("prepare")(prepare_cmd)
     data_app.command("info")(info_cmd)
+    data_app.command("probe")(probe_cmd)
     data_app.command("overview")(overview_cmd)

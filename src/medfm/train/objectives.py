@@ -104,7 +104,9 @@ class Objective(L.LightningModule):
             ],
             lr=self.cfg.lr,
             betas=(0.9, 0.95),
-            fused=True,  # one kernel for all parameters (CPU and CUDA): ~5% faster steps on a ViT-Tiny MAE
+            # One kernel for all parameters: ~5% faster ViT-Tiny MAE steps on CPU. Lightning's mixed-precision
+            # plugin cannot clip gradients of a fused optimizer, so mixed precision keeps the classic one.
+            fused=self.cfg.precision in ("32", "64"),
         )
         warm, total = self.cfg.warmup, self.cfg.steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, total))
