@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--train-labels", default="3,4,5,6,7,8,9")
     ap.add_argument("--test-labels", default="1,2")
+    ap.add_argument("--task-augment", type=float, default=0.5, help="fraction of synthetic-task episodes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "incontext.json"))
     args = ap.parse_args()
@@ -67,12 +68,21 @@ def main() -> None:
     model = IncontextSegmenter(enc, dim=64, feature_size=16)
     t = time.time()
     hist = train_incontext(
-        model, train.images, train.masks, tr_labels, args.steps, batch_size=4, lr=1e-3, encoder_lr_scale=1.0
+        model,
+        train.images,
+        train.masks,
+        tr_labels,
+        args.steps,
+        batch_size=4,
+        lr=1e-3,
+        encoder_lr_scale=1.0,
+        task_augment=args.task_augment,
     )
     secs = time.time() - t
     res = {
         "setup": {
             "size": args.size,
+            "task_augment": args.task_augment,
             "steps": args.steps,
             "train_labels": {i: names[str(i)] for i in tr_labels},
             "test_labels": {i: names[str(i)] for i in te_labels},

@@ -123,14 +123,23 @@ def main() -> None:
         pre = str(mini_mae(train.images, args.size, args.mae_steps))
         res["setup"]["mae_seconds"] = round(time.time() - t, 1)
     res["setup"]["pretrained_run"] = pre
+    # "scratch" = the pretrained run's architecture, freshly initialised (a fair comparison)
+    scratch_name, scratch_kw = "vit_tiny", dict(ENC_KW)
+    if pre is not None:
+        from medfm.models.io import load_encoder
+
+        enc_cfg = dict(load_encoder(pre).config)
+        scratch_name = enc_cfg.pop("name")
+        scratch_kw = {k: v for k, v in enc_cfg.items() if k not in ("spatial_dims", "in_chans", "img_size")}
+    res["setup"]["encoder"] = {"name": scratch_name, **scratch_kw}
     for n in args.labels.split(","):
         n_labels = None if n == "all" else int(n)
         for method in methods:
             if any(r["method"] == method and r.get("n_labels_requested") == n for r in res["runs"]):
                 continue  # already measured (use a fresh --out to redo)
             cfg = SegTrainConfig(
-                encoder=pre if method == "pretrained" else "vit_tiny",
-                encoder_kwargs={} if method == "pretrained" else dict(ENC_KW),
+                encoder=pre if method == "pretrained" else scratch_name,
+                encoder_kwargs={} if method == "pretrained" else scratch_kw,
                 decoder="monai_unet" if method == "monai_unet" else "auto",
                 n_labels=n_labels,
                 steps=args.steps,

@@ -224,3 +224,21 @@ def test_scratch_is_randomly_initialised():
     fresh = fresh_like(enc, seed=1)
     assert type(fresh) is type(enc)
     assert not torch.equal(fresh.net[0].weight, enc.net[0].weight)
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_trained_methods_handle_multiclass_and_multilabel(tmp_path, task):
+    data = make_prepared(tmp_path / "d", n=40, task=task)
+    cfg = AdaptConfig(methods=["finetune", "lora", "scratch"], budgets=[Budget("shots", 2)], seeds=1, steps=4,
+                      batch_size=8, save_adapters=False)
+    res = run_adapt(TinyViT(), data, tmp_path / "out", cfg)
+    preds = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    pcols = [c for c in preds.columns if c.startswith("p_")]
+    probs = preds[pcols].to_numpy()
+    assert ((probs >= 0) & (probs <= 1)).all()
+    if task == "multiclass":
+        assert len(pcols) == 3
+        np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)  # softmax rows
+    else:
+        assert len(pcols) == 3 and not np.allclose(probs.sum(1), 1.0)  # independent sigmoids
+    assert res["accuracy"].notna().all()

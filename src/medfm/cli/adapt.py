@@ -63,6 +63,9 @@ def adapt(
 ) -> None:
     """Adapt a pretrained encoder with few labels and write a tidy results table (+ HTML report).
 
+    MODEL is a run directory (config.json + model.safetensors) or encoder weights; DATA a prepared
+    dataset (`medfm data prepare`) with train/test (and val) splits and labels.
+
     Every method runs at every label budget with every seed. Frozen features are computed once per
     encoder and split and cached in OUT/features for linear / knn / prototype.
     """
@@ -128,7 +131,11 @@ def evaluate(
                                     "the input)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Adapt dir: (re)write report.html."),
 ) -> None:
-    """Metrics (AUROC, accuracy, balanced accuracy, F1, sensitivity, specificity, ECE) with bootstrap CIs."""
+    """Metrics (AUROC, accuracy, balanced accuracy, F1, sensitivity, specificity, ECE) with bootstrap CIs.
+
+    PATH is a predictions table (.csv/.parquet with y and p columns, optional patient_id) or a
+    `medfm adapt` output directory (metrics per run; the report is rewritten with the CIs).
+    """
     from medfm.eval.evaluate import evaluate_adapt_dir, evaluate_table, read_predictions
     from medfm.runs import write_json
 

@@ -112,15 +112,15 @@ def predict(
     from medfm.tasks.segment.data import load_pairs
     from medfm.tasks.segment.infer import predict_pairs
     from medfm.tasks.segment.io import write_mask_nifti, write_mask_png, write_overlay_png, write_report
+    from medfm.tasks.segment.metrics import segmentation_metrics
     from medfm.tasks.segment.train import load_segmentation_run
 
     model, conf = load_segmentation_run(run)
     pairs = load_pairs(data, None if split == "all" else split, None, conf.get("img_size"))
     preds = predict_pairs(model, pairs, _roi(conf))
-    from medfm.tasks.segment.metrics import segmentation_metrics
-
     rows, pngs = [], []
-    for i, (cid, p) in enumerate(zip(pairs.case_ids, preds)):
+    for i, (case, p) in enumerate(zip(pairs.case_ids, preds)):
+        cid = case.replace("/", "_")  # prepared case ids may look like paths
         m = segmentation_metrics(p[None], pairs.native_masks[i][None], conf["num_classes"], pairs.spacing[i])
         rows.append({"case": cid, "dice": m["mean"]["dice"], "hd95_mm": m["mean"]["hd95_mm"]})
         if p.ndim == 3:

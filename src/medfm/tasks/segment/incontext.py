@@ -21,16 +21,55 @@ def cases_with(masks: torch.Tensor, label: int) -> list[int]:
     return [i for i in range(len(masks)) if bool((masks[i] == label).any())]
 
 
+def synthetic_task(
+    images: torch.Tensor, masks: torch.Tensor, labels: list[int], k: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, ...] | None:
+    """A task that is not a training label, so the model must read the references instead of memorising
+    structures: either the union of two training labels, or an intensity band of the smoothed image (the same
+    quantile band in every image of the episode)."""
+    idx = rng.choice(len(images), size=k + 1, replace=len(images) < k + 1)
+    if rng.random() < 0.5 and len(labels) >= 2:
+        a, b = rng.choice(labels, size=2, replace=False)
+        tm = ((masks[idx] == int(a)) | (masks[idx] == int(b))).long()
+    else:
+        img = images[idx].mean(1, keepdim=True)
+        pool = torch.nn.functional.avg_pool2d if img.ndim == 4 else torch.nn.functional.avg_pool3d
+        sm = pool(img, 5, 1, 2)[:, 0]
+        lo = float(rng.uniform(0.0, 0.7))
+        hi = lo + float(rng.uniform(0.15, 0.3))
+        flat = sm.flatten(1)
+        qlo, qhi = flat.quantile(lo, dim=1), flat.quantile(min(hi, 1.0), dim=1)
+        shape = (-1,) + (1,) * (sm.ndim - 1)
+        tm = ((sm >= qlo.view(shape)) & (sm <= qhi.view(shape))).long()
+    if not bool(tm[0].any()) or not bool(tm[1:].flatten(1).any(1).all()):
+        return None
+    return images[idx[0]], tm[0], images[idx[1:]], tm[1:]
+
+
 def sample_episodes(
-    images: torch.Tensor, masks: torch.Tensor, labels: list[int], k: int, n: int, rng: np.random.Generator
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    labels: list[int],
+    k: int,
+    n: int,
+    rng: np.random.Generator,
+    task_augment: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
-    """n episodes -> query (n, C, *S), query mask (n, *S) {0,1}, refs (n, k, C, *S), ref masks (n, k, *S)."""
+    """n episodes -> query (n, C, *S), query mask (n, *S) {0,1}, refs (n, k, C, *S), ref masks (n, k, *S).
+
+    ``task_augment`` is the fraction of episodes that use a synthetic task (see ``synthetic_task``)."""
     pools = {c: cases_with(masks, c) for c in labels}
     usable = [c for c in labels if len(pools[c]) >= 2]
     if not usable:
         raise ConfigError(f"no label among {labels} appears in at least 2 images")
     q, qm, r, rm = [], [], [], []
     for _ in range(n):
+        if task_augment and rng.random() < task_augment:
+            ep = synthetic_task(images, masks, usable, k, rng)
+            if ep is not None:
+                for lst, v in zip((q, qm, r, rm), ep):
+                    lst.append(v)
+                continue
         c = usable[int(rng.integers(len(usable)))]
         pool = pools[c]
         qi = pool[int(rng.integers(len(pool)))]
@@ -54,9 +93,11 @@ def train_incontext(
     lr: float = 1e-3,
     encoder_lr_scale: float = 0.3,
     seed: int = 0,
+    task_augment: float = 0.5,
     progress: bool = False,
 ) -> list[float]:
-    """Episodic training with 1..k_max references per episode; returns the loss curve."""
+    """Episodic training with 1..k_max references per episode (``task_augment`` of them synthetic tasks);
+    returns the loss curve."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     enc_ids = {id(p) for p in model.encoder.parameters()}
@@ -77,7 +118,7 @@ def train_incontext(
         it = tqdm(it, desc="in-context", leave=False)
     for _ in it:
         k = int(rng.integers(1, k_max + 1))
-        q, qm, r, rm = sample_episodes(images, masks, labels, k, batch_size, rng)
+        q, qm, r, rm = sample_episodes(images, masks, labels, k, batch_size, rng, task_augment)
         loss = loss_fn(model(q, r, rm), qm[:, None])
         opt.zero_grad()
         loss.backward()

@@ -153,10 +153,11 @@ def dataset_class_names(data: str, num_classes: int) -> list[str]:
     class_1, class_2, ..."""
     root = Path(data) if data else None
     names = {}
-    for cand in [root / "dataset.json", root.parent / "dataset.json"] if root else []:
+    for cand in [root / "dataset.json", root / "summary.json", root.parent / "dataset.json"] if root else []:
         if cand.is_file():
             try:
-                names = json.loads(cand.read_text()).get("mask_labels", {}) or {}
+                info = json.loads(cand.read_text())
+                names = info.get("mask_labels") or info.get("mask_label_names") or {}
             except (json.JSONDecodeError, AttributeError):
                 names = {}
             break

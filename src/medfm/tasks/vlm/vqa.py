@@ -144,6 +144,7 @@ class ClosedVQA:
         self.model = model
         self.method = method
         self._cache: dict[str, tuple[list[str], list[str]]] = {}
+        self._emb: dict[str, torch.Tensor] = {}
 
     def _statements(self, phrase: str) -> tuple[list[str], list[str]]:
         if phrase not in self._cache:
@@ -157,7 +158,11 @@ class ClosedVQA:
         if self.method == "itm":
             s = self.model.match_scores(image.expand(len(pos) + len(neg), *image.shape[1:]), pos + neg)
             return float(s[: len(pos)].mean() / (s[: len(pos)].mean() + s[len(pos) :].mean() + 1e-8))
-        e = torch.stack([ensemble_embedding(self.model, pos), ensemble_embedding(self.model, neg)])
+        if phrase not in self._emb:  # prompt ensembles are embedded once per phrase, not per question
+            self._emb[phrase] = torch.stack(
+                [ensemble_embedding(self.model, pos), ensemble_embedding(self.model, neg)]
+            )
+        e = self._emb[phrase]
         return float(((img_emb @ e.t()) * float(self.model.scale())).softmax(-1)[..., 0])
 
     def answer(self, image: torch.Tensor, img_emb: torch.Tensor, q: dict[str, Any]) -> str | None:
