@@ -37,7 +37,8 @@ def _make_command(objective: str, doc: str) -> Any:
             "",
             "--out",
             help="Run directory to write (default runs/<objective>-<timestamp>). "
-            "If it holds a checkpoint of the same run, training resumes from it.",
+            "If it holds a checkpoint of the same run, training resumes from it. Give one for multi-node "
+            "runs (a shared path every node sees).",
         ),
         split: str = typer.Option("train", help="Manifest split to train on ('all' for every image)."),
         encoder: str = typer.Option(

@@ -33,7 +33,7 @@ def resolve_out(cfg: PretrainConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
     inherited = os.environ.get(_OUT_ENV)
-    if inherited:
+    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP child re-running the command
         return Path(inherited)
     out = Path("runs") / f"{cfg.objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     os.environ[_OUT_ENV] = str(out)
