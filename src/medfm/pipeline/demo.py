@@ -30,13 +30,13 @@ class DemoConfig:
     encoder: str = "vit_tiny"
     # a ViT-Tiny narrowed to 128 dims and 4 blocks: pretrains in minutes on a laptop CPU
     encoder_args: str = '{"depth": 4, "embed_dim": 128, "num_heads": 4}'
-    pretrain_steps: int = 300
-    pretrain_batch: int = 64
+    pretrain_steps: int = 250
+    pretrain_batch: int = 48
     methods: str = "linear,knn,prototype,lora,scratch"
-    fractions: str = "0.03,0.1,0.3,1.0"
+    fractions: str = "0.05,0.25,1.0"
     shots: str = ""
     seeds: int = 2
-    adapt_steps: int = 40
+    adapt_steps: int = 30
     adapt_batch: int = 32
 
     @classmethod

@@ -590,7 +590,7 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
                 model.logit_scale.clamp_(0, math.log(cfg.max_logit_scale))
             step += 1
             pairs += x.shape[0]
-            rec.update(step=step, temperature=float(1 / model.scale()))
+            rec.update(step=step, temperature=float(1 / model.scale().detach()))
             history.append(rec)
             if bar is not None:
                 bar.update(1)
@@ -604,7 +604,7 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
         "train_seconds": round(secs, 2),
         "pairs_per_s": round(pairs / max(secs, 1e-9), 2),
         "final_loss": sum(h["loss"] for h in history[-10:]) / max(len(history[-10:]), 1),
-        "temperature": float(1 / model.scale()),
+        "temperature": float(1 / model.scale().detach()),
         "history": history,
     }
     if device.type == "cuda":

@@ -163,7 +163,7 @@ class ClosedVQA:
                 [ensemble_embedding(self.model, pos), ensemble_embedding(self.model, neg)]
             )
         e = self._emb[phrase]
-        return float(((img_emb @ e.t()) * float(self.model.scale())).softmax(-1)[..., 0])
+        return float(((img_emb @ e.t()) * float(self.model.scale().detach())).softmax(-1)[..., 0])
 
     def answer(self, image: torch.Tensor, img_emb: torch.Tensor, q: dict[str, Any]) -> str | None:
         parsed = parse_question(q)

@@ -56,7 +56,7 @@ def evaluate_zeroshot(
     if img_emb is None:
         img_emb = model.encode_images(images)
     names, pos, neg = class_embeddings(model, prompts)
-    probs = zeroshot_probs(img_emb, pos, neg, float(model.scale())).numpy()
+    probs = zeroshot_probs(img_emb, pos, neg, float(model.scale().detach())).numpy()
     out: dict[str, Any] = {"findings": names, "probs": probs, "n": int(len(probs))}
     if labels is not None and label_names:
         common = [n for n in names if n in label_names]
