@@ -38,7 +38,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--patch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=1200, help="MAE pretraining steps")
-    ap.add_argument("--adapt-steps", type=int, default=50, help="finetune/lora/scratch steps")
+    ap.add_argument("--adapt-steps", type=int, default=0,
+                    help="fixed finetune/lora/scratch steps; 0: --epochs, best-val selection")
+    ap.add_argument("--epochs", type=float, default=60.0, help="finetune/lora/scratch epochs")
+    ap.add_argument("--encoder-run", type=Path, default=None,
+                    help="use this pretrained run instead of pretraining one (e.g. a longer MAE run)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default="linear,knn,prototype,finetune,lora,scratch")
     ap.add_argument("--threads", type=int, default=1)
@@ -46,16 +50,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MEDFM_PROGRESS", "0")
     t0 = time.perf_counter()
-    run = pool_and_pretrain(args.work, args.size, args.patch, args.steps)
+    run = args.encoder_run or pool_and_pretrain(args.work, args.size, args.patch, args.steps)
     t_pre = time.perf_counter() - t0
     data = args.work / f"breastmnist_{args.size}"
     res = bench.label_efficiency(run, data, args.work / "adapt_breastmnist", args.methods.split(","),
-                                 "0.1,1.0", "1,5,10", args.seeds, args.adapt_steps)
+                                 "0.1,1.0", "1,5,10", args.seeds, args.adapt_steps,
+                                 epochs=args.epochs)
     wall = time.perf_counter() - t0
     meta = {"description": f"BreastMNIST ({args.size} px), official split 546/78/156; encoder vit_tiny "
-                           f"{ENCODER_ARGS} patch {args.patch}, MAE {args.steps} steps on the "
-                           "unlabelled pool; "
-                           f"finetune/lora/scratch {args.adapt_steps} steps, batch 32; {args.seeds} seeds.",
+                           f"{ENCODER_ARGS} patch {args.patch}, MAE {bench.mae_steps(run, args.steps)} steps "
+                           "on the unlabelled pool; "
+                           f"{bench.recipe(args.adapt_steps, args.epochs)}; {args.seeds} seeds.",
             "encoder_run": str(run), "data": str(data), "pretrain_and_prepare_s": round(t_pre, 1),
             "wall_s": round(wall, 1), "threads": args.threads,
             "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared with other jobs: timings noisy)"}

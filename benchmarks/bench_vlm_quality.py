@@ -125,7 +125,7 @@ def stage_phantom(args) -> None:
             epochs=12,
             w_caption=0.5,
             lock_text=0,
-            lr=1e-3,
+            lr=3e-4,
             threads=args.threads,
         )
         train_clip(cfg)
@@ -137,7 +137,7 @@ def stage_phantom(args) -> None:
     res = _eval_run(model, train, test, PHANTOM_FINDINGS, k_rag=args.k)
     res["train"] = {k: v for k, v in m.items() if k != "history"}
     res["run"] = str(run)
-    _merge("phantom", _round(res))
+    _merge(args.key, _round(res))
 
 
 def stage_covid(args) -> None:
@@ -300,6 +300,7 @@ def main() -> None:
     p.add_argument("--work", default="runs/h7", help="Folder for derived manifests and runs.")
     p.add_argument("--covid", default="", help="covid_cxr_notes folder (default: shared data).")
     p.add_argument("--iu", default="", help="iu_xray_reports folder (default: shared data).")
+    p.add_argument("--key", default="phantom", help="Result key of the phantom stage.")
     p.add_argument("--k", type=int, default=5, help="Neighbours for retrieval-augmented reports.")
     p.add_argument("--covid-epochs", type=int, default=30)
     p.add_argument("--iu-steps", type=int, default=400)

@@ -49,12 +49,27 @@ def adapt(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (results, predictions, cache, "
                              "report)."),
     k: int = typer.Option(20, help="Neighbours for knn."),
-    steps: int = typer.Option(100, help="Optimisation steps for finetune / lora / scratch (same "
-                               "for all three)."),
+    epochs: float = typer.Option(60.0, help="Training budget of finetune / lora / scratch in epochs over the "
+                                 "labelled images (same for all three), clamped to "
+                                 "[--min-steps, --max-steps]."),
+    steps: int = typer.Option(0, help="Exact number of optimisation steps for finetune / lora / scratch "
+                              "instead of --epochs (0: use --epochs)."),
+    min_steps: int = typer.Option(150, help="At least this many steps (tiny label sets), never stopped early "
+                                  "before it."),
+    max_steps: int = typer.Option(1500, help="At most this many steps."),
+    patience: int = typer.Option(15, help="Early stopping: validation evaluations (one per epoch) without a "
+                                 "better val AUROC; the best-val checkpoint is kept. 0: no early stopping."),
     batch_size: int = typer.Option(32, help="Batch size for finetune / lora / scratch."),
-    lr_finetune: float = typer.Option(3e-4, help="Encoder learning rate for finetune (head gets 10x)."),
-    lr_lora: float = typer.Option(2e-3, help="Learning rate for LoRA adapters and head."),
+    lr_finetune: float = typer.Option(5e-4, help="Learning rate of the top encoder block for finetune; lower "
+                                      "blocks get --layer-decay per block less."),
+    layer_decay: float = typer.Option(0.75, help="Layer-wise lr decay for finetune (1: same lr everywhere)."),
+    lr_head: float = typer.Option(2e-3, help="Learning rate of the linear head (finetune, lora, scratch)."),
+    lr_lora: float = typer.Option(2e-3, help="Learning rate for LoRA adapters."),
     lr_scratch: float = typer.Option(1e-3, help="Learning rate for the from-scratch baseline."),
+    label_smoothing: float = typer.Option(0.1, help="Label smoothing for finetune / lora / scratch."),
+    augment: str = typer.Option("auto", help="Training augmentation: auto (by the data's modality: flips "
+                                "for ultrasound, none for X-ray), light (crop/rotate/jitter), flip (light + "
+                                "horizontal flips), none."),
     lora_r: int = typer.Option(8, help="LoRA rank (alpha = 2r)."),
     threshold: str = typer.Option("0.5", help="Decision threshold for accuracy/F1/sens/spec: a number, or "
                                   "'youden' (chosen on val, applied to test)."),
@@ -81,8 +96,10 @@ def adapt(
     if not data.exists():
         raise InputError(data, "no such prepared dataset directory")
     cfg = AdaptConfig(methods=methods, budgets=parse_budgets(fractions, shots), seeds=seeds, knn_k=k,
-                      steps=steps, batch_size=batch_size, lr_finetune=lr_finetune, lr_lora=lr_lora,
-                      lr_scratch=lr_scratch, lora_r=lora_r, threshold=threshold)
+                      steps=steps, epochs=epochs, min_steps=min_steps, max_steps=max_steps,
+                      patience=patience, batch_size=batch_size, lr_finetune=lr_finetune,
+                      layer_decay=layer_decay, lr_head=lr_head, lr_lora=lr_lora, lr_scratch=lr_scratch,
+                      label_smoothing=label_smoothing, augment=augment, lora_r=lora_r, threshold=threshold)
     encoder = load_model(model)
     with progress_bar() as p:
         results = run_adapt(encoder, data, out, cfg, source=str(model), progress=p)

@@ -70,13 +70,36 @@ def pretrain(pool: Path, run: Path, steps: int, img_size: int, patch_size: int, 
 
 
 def label_efficiency(run: Path, data: Path, out: Path, methods: list[str], fractions: str, shots: str,
-                     seeds: int, steps: int, batch_size: int = 32, progress=None) -> pd.DataFrame:
+                     seeds: int, steps: int = 0, batch_size: int = 32, progress=None,
+                     **adapt_kw) -> pd.DataFrame:
+    """Every method x budget x seed; ``steps`` 0 = the epoch budget of AdaptConfig; ``adapt_kw`` overrides."""
     import medfm
     from medfm.tasks.adapt import AdaptConfig, parse_budgets, run_adapt
 
     cfg = AdaptConfig(methods=methods, budgets=parse_budgets(fractions, shots), seeds=seeds, steps=steps,
-                      batch_size=batch_size, save_adapters=False)
+                      batch_size=batch_size, save_adapters=False, **adapt_kw)
     return run_adapt(medfm.load_encoder(run), data, out, cfg, source=str(run), progress=progress)
+
+
+def recipe(steps: int, epochs: float) -> str:
+    """One line describing the finetune / lora / scratch budget, for the results' description."""
+    from medfm.tasks.adapt import AdaptConfig
+
+    c = AdaptConfig(steps=steps, epochs=epochs)
+    budget = (f"{steps} steps" if steps else
+              f"{epochs:g} epochs (min {c.min_steps}, max {c.max_steps} steps), best-val-AUROC checkpoint, "
+              f"early stopping (patience {c.patience} epochs)")
+    return (f"finetune/lora/scratch: {budget}, batch {c.batch_size}, AdamW + warm-up + cosine, augment "
+            f"{c.augment}, label smoothing {c.label_smoothing}, lr encoder {c.lr_finetune:g} (layer decay "
+            f"{c.layer_decay}), head {c.lr_head:g}, lora {c.lr_lora:g}, scratch {c.lr_scratch:g}")
+
+
+def mae_steps(run: Path, default: int) -> int:
+    """The step count a pretraining run actually reached (its metrics.json), else ``default``."""
+    try:
+        return int(json.loads((Path(run) / "metrics.json").read_text())["steps"])
+    except (OSError, KeyError, ValueError):
+        return default
 
 
 def table(results: pd.DataFrame) -> pd.DataFrame:

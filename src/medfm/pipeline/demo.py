@@ -36,7 +36,10 @@ class DemoConfig:
     fractions: str = "0.05,0.25,1.0"
     shots: str = ""
     seeds: int = 2
-    adapt_steps: int = 30
+    adapt_steps: int = 0  # > 0: fixed steps for lora/scratch; 0: adapt_epochs clamped to [min, max] steps
+    adapt_epochs: float = 30.0
+    adapt_min_steps: int = 60
+    adapt_max_steps: int = 200
     adapt_batch: int = 32
 
     @classmethod
@@ -44,7 +47,7 @@ class DemoConfig:
         """About a minute or two: fewer cases, a shallower encoder, fewer steps and one seed."""
         return replace(cls(n_cases=240, encoder_args='{"depth": 2, "embed_dim": 128, "num_heads": 4}',
                            pretrain_steps=80, pretrain_batch=32, fractions="0.1,0.3,1.0", seeds=1,
-                           adapt_steps=20), **kw)
+                           adapt_min_steps=30, adapt_max_steps=80), **kw)
 
     @classmethod
     def tiny(cls, **kw) -> DemoConfig:
@@ -131,7 +134,8 @@ def stage_adapt(cfg: DemoConfig, run: Path, data: Path, progress=None):
 
     acfg = AdaptConfig(methods=[m.strip() for m in cfg.methods.split(",") if m.strip()],
                        budgets=parse_budgets(cfg.fractions, cfg.shots), seeds=cfg.seeds,
-                       steps=cfg.adapt_steps, batch_size=cfg.adapt_batch, knn_k=10)
+                       steps=cfg.adapt_steps, epochs=cfg.adapt_epochs, min_steps=cfg.adapt_min_steps,
+                       max_steps=cfg.adapt_max_steps, batch_size=cfg.adapt_batch, knn_k=10)
     encoder = medfm.load_encoder(run)
     return run_adapt(encoder, data, cfg.out / "adapt", acfg, source=str(run), progress=progress)
 

@@ -1,14 +1,17 @@
-"""Full fine-tuning: encoder + linear head trained end to end with AdamW and light augmentation.
+"""Full fine-tuning: encoder + linear head trained end to end, with validation-based model selection.
 
-The training loop here is shared by LoRA and the from-scratch baseline, so all three get the same
-optimisation budget (``steps`` batches of ``batch_size``) on the same labelled images.
+The training loop here is shared by LoRA and the from-scratch baseline, so all three get the same budget
+(epochs over the labelled images, at least ``min_steps`` batches), the same augmentation and the same
+model selection (best validation AUROC, early stopping) on the same labelled images.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,12 +39,15 @@ def head_outputs(task: str, n_out: int) -> int:
     return 1 if task == "binary" else n_out
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, task: str, smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy (softmax or sigmoid); ``smoothing`` pulls targets towards uniform (tiny label sets)."""
     if task == "binary":
-        return F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
+        t = y.float() * (1 - smoothing) + 0.5 * smoothing
+        return F.binary_cross_entropy_with_logits(logits[:, 0], t)
     if task == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, y.float())
-    return F.cross_entropy(logits, y.long())
+        t = y.float() * (1 - smoothing) + 0.5 * smoothing
+        return F.binary_cross_entropy_with_logits(logits, t)
+    return F.cross_entropy(logits, y.long(), label_smoothing=smoothing)
 
 
 def logits_to_prob(logits: torch.Tensor, task: str) -> np.ndarray:
@@ -52,36 +58,133 @@ def logits_to_prob(logits: torch.Tensor, task: str) -> np.ndarray:
     return torch.softmax(logits, dim=1).numpy()
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Small random affine (±6 % shift, ±5 % scale) and brightness/contrast jitter (±10 %).
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Light, label-preserving augmentation, applied batch-wise on the model input.
 
-    No flips: left/right carries anatomy in chest X-rays (heart side).
+    Random resized crop (area ``scale``, aspect ``ratio``), rotation ±``rotate`` degrees, optional horizontal
+    flip, brightness/contrast jitter ±``jitter``. Flips stay off for chest X-rays: left/right carries anatomy.
     """
-    b = x.shape[0]
-    if x.ndim != 4:
+
+    scale: tuple[float, float] = (0.7, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    rotate: float = 10.0
+    hflip: bool = False
+    jitter: float = 0.1
+
+
+AUGMENT_PRESETS = {"none": None, "light": AugmentConfig(), "flip": AugmentConfig(hflip=True)}
+_FLIP_OK = {"us", "ultrasound", "derm", "dermatology", "pathology", "histology"}
+
+
+def augment_for(name: str, modality: str | None) -> AugmentConfig | None:
+    """Resolve ``"auto"`` by modality (flips for ultrasound/dermatology/pathology, not for X-ray/CT/MR)."""
+    if name == "auto":
+        return AUGMENT_PRESETS["flip" if str(modality or "").lower() in _FLIP_OK else "light"]
+    return AUGMENT_PRESETS[name]
+
+
+def augment(x: torch.Tensor, gen: torch.Generator,
+            cfg: AugmentConfig | None = AugmentConfig()) -> torch.Tensor:
+    """Apply ``cfg`` to a (B, C, H, W) batch with one random affine per image (2D only; 3D passes through)."""
+    if cfg is None or x.ndim != 4:
         return x
-    scale = 1 + (torch.rand(b, generator=gen) - 0.5) * 0.1
-    shift = (torch.rand(b, 2, generator=gen) - 0.5) * 0.12
+    b = x.shape[0]
+    lo, hi = cfg.scale
+    area = lo + (hi - lo) * torch.rand(b, generator=gen)
+    r_lo, r_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    ratio = torch.exp(r_lo + (r_hi - r_lo) * torch.rand(b, generator=gen))
+    # output -> input coordinates: a crop of side s_x, s_y (fractions of the image) placed inside the image
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    tx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(b, generator=gen) * 2 - 1) * (1 - sy)
+    ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotate)
+    flip = torch.ones(b)
+    if cfg.hflip:
+        flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(ang), torch.sin(ang)
     theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = scale
-    theta[:, 1, 1] = scale
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    theta[:, 0, 0] = sx * cos * flip
+    theta[:, 0, 1] = -sy * sin
+    theta[:, 1, 0] = sx * sin * flip
+    theta[:, 1, 1] = sy * cos
+    theta[:, 0, 2] = tx
+    theta[:, 1, 2] = ty
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    contrast = 1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.2
-    bright = (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.2
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * contrast + mean + bright * x.std().clamp(min=1e-3)
+    if cfg.jitter > 0:
+        contrast = 1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 2 * cfg.jitter
+        bright = (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 2 * cfg.jitter
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * contrast.to(x) + mean + bright.to(x) * x.std().clamp(min=1e-3)
+    return x
+
+
+def layer_decay_groups(model: nn.Module, base_lr: float, decay: float, head_lr: float,
+                       weight_decay: float) -> list[dict]:
+    """Parameter groups with layer-wise lr decay for a ViT-like encoder (``encoder.blocks.i``).
+
+    Block i of d gets ``base_lr * decay**(d - i)``, the patch/position embedding ``decay**(d + 1)``, the
+    final norm ``base_lr``; the head gets ``head_lr``. Biases and norms get no weight decay. Encoders
+    without ``blocks`` fall back to one group at ``base_lr``. Low layers hold generic features that
+    pretraining got right, so they move least.
+    """
+    blocks = getattr(getattr(model, "encoder", None), "blocks", None)
+    depth = len(blocks) if isinstance(blocks, nn.ModuleList | nn.Sequential) else 0
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("head"):
+            lr = head_lr
+        elif depth:
+            m = re.search(r"\bblocks\.(\d+)\.", name)
+            is_stem = re.search(r"patch|pos_|cls|embed", name) is not None
+            layer = int(m.group(1)) + 1 if m else (0 if is_stem else depth + 1)
+            lr = base_lr * decay ** (depth + 1 - layer)
+        else:
+            lr = base_lr
+        wd = 0.0 if p.ndim <= 1 else weight_decay
+        groups.setdefault((lr, wd), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def schedule_steps(n_labelled: int, cfg) -> int:
+    """Optimisation steps for a run: ``cfg.steps`` when set, else epochs over the labelled set, clamped."""
+    if cfg.steps > 0:
+        return int(cfg.steps)
+    per_epoch = math.ceil(max(1, n_labelled) / cfg.batch_size)
+    return int(min(cfg.max_steps, max(cfg.min_steps, math.ceil(cfg.epochs * per_epoch))))
+
+
+def val_score(y: np.ndarray, p: np.ndarray, task: str) -> float:
+    """Model-selection score: validation AUROC, or minus the Brier score when AUROC is undefined."""
+    from medfm.eval.metrics import classification_metrics
+
+    try:
+        auc = float(classification_metrics(y, p, task)["auroc"])
+    except Exception:  # a degenerate val split: fall back to the loss
+        auc = math.nan
+    if math.isfinite(auc):
+        return auc
+    target = np.eye(p.shape[1])[np.asarray(y, int)] if task == "multiclass" else np.asarray(y, float)
+    return -float(np.mean((p - target) ** 2))
 
 
 def train_classifier(model: nn.Module, param_groups: Iterable[dict], images: np.ndarray, labels: np.ndarray,
                      task: str, steps: int, batch_size: int, seed: int, weight_decay: float = 0.05,
                      ref_encoder: nn.Module | None = None, use_augment: bool = True,
-                     on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """AdamW with linear warm-up then cosine decay for ``steps`` batches drawn with replacement.
+                     on_step: Callable[[int, float], None] | None = None,
+                     aug: AugmentConfig | None = AugmentConfig(), smoothing: float = 0.0,
+                     val: tuple[np.ndarray, np.ndarray] | None = None, eval_every: int = 0,
+                     patience: int = 0, min_steps: int = 0) -> dict:
+    """AdamW, linear warm-up (10 %) then cosine decay over ``steps`` batches (epoch-wise shuffling).
 
-    ``ref_encoder`` gives the input convention (channels, size); it defaults to ``model.encoder``.
-    Returns the loss per step.
+    With ``val`` = (images, labels) the model is scored on val every ``eval_every`` steps, the best state
+    (val AUROC) is restored at the end, and training stops after ``patience`` evaluations without
+    improvement (never before ``min_steps``). ``ref_encoder`` gives the input convention (channels,
+    size); it defaults to ``model.encoder``. Returns losses, best step and best val score.
     """
     ref = ref_encoder if ref_encoder is not None else model.encoder
     gen = torch.Generator().manual_seed(seed)
@@ -89,55 +192,93 @@ def train_classifier(model: nn.Module, param_groups: Iterable[dict], images: np.
     opt = torch.optim.AdamW(list(param_groups), weight_decay=weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
     warm = max(1, steps // 10)
-    model.train()
     device = next(model.parameters()).device
-    losses = []
+    bs = min(batch_size, max(len(images), 1))
+    x_all = to_model_input(images, ref)  # convert once: resizing per batch is wasted work
+    y_all = torch.as_tensor(np.asarray(labels))
+    order: list[int] = []
+    losses: list[float] = []
+    best = {"score": -math.inf, "step": -1, "state": None}
+    since_best = 0
+    eval_every = eval_every or max(1, math.ceil(len(images) / bs))
+    model.train()
     for step in range(steps):
         decay = 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
         f = (step + 1) / warm if step < warm else decay
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * f
-        idx = rng.integers(0, len(images), size=min(batch_size, max(len(images), 2)))
-        x = to_model_input(images[np.sort(idx)], ref)
+        if len(order) < bs:  # reshuffle each epoch: every image is seen once per epoch
+            order += rng.permutation(len(images)).tolist()
+        idx, order = order[:bs], order[bs:]
+        x = x_all[idx]
         if use_augment:
-            x = augment(x, gen)
-        y = torch.as_tensor(labels[np.sort(idx)])
-        loss = loss_fn(model(x.to(device)), y.to(device), task)
+            x = augment(x, gen, aug)
+        loss = loss_fn(model(x.to(device)), y_all[idx].to(device), task, smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
         if on_step:
             on_step(step, losses[-1])
-    return losses
+        if val is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            p = predict(model, val[0], task, ref)
+            score = val_score(val[1], p, task)
+            model.train()
+            if score > best["score"] + 1e-4:
+                best = {"score": score, "step": step + 1,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                since_best = 0
+            else:
+                since_best += 1
+                if patience and since_best >= patience and step + 1 >= min_steps:
+                    break
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    return {"losses": losses, "best_step": best["step"], "best_val": best["score"], "steps_run": len(losses)}
 
 
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray, task: str, ref_encoder: nn.Module,
-            batch_size: int = 64) -> np.ndarray:
+            batch_size: int = 128) -> np.ndarray:
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     outs = [model(to_model_input(images[i:i + batch_size], ref_encoder).to(device)).float().cpu()
             for i in range(0, len(images), batch_size)]
+    model.train(was_training)
     return logits_to_prob(torch.cat(outs), task)
 
 
 def fit_and_predict(ctx, model: Classifier, param_groups: list[dict], train_idx: np.ndarray, seed: int,
                     ref_encoder: nn.Module | None = None) -> dict:
+    """Train with the shared recipe (ctx.cfg), select on val, and predict val and test."""
     ref = ref_encoder if ref_encoder is not None else model.encoder
+    cfg = ctx.cfg
     torch.manual_seed(seed)
-    losses = train_classifier(model, param_groups, ctx.images["train"][train_idx],
-                              ctx.labels["train"][train_idx], ctx.task, ctx.cfg.steps,
-                              ctx.cfg.batch_size, seed, ref_encoder=ref, on_step=ctx.on_step)
+    steps = schedule_steps(len(train_idx), cfg)
+    aug = augment_for(cfg.augment, getattr(ctx, "modality", None))
+    select = cfg.select_on_val and len(ctx.labels["val"]) > 0
+    out = train_classifier(model, param_groups, ctx.images["train"][train_idx],
+                           ctx.labels["train"][train_idx], ctx.task, steps, cfg.batch_size, seed,
+                           weight_decay=cfg.weight_decay,
+                           ref_encoder=ref, use_augment=aug is not None, aug=aug, on_step=ctx.on_step,
+                           smoothing=cfg.label_smoothing,
+                           val=(ctx.images["val"], ctx.labels["val"]) if select else None,
+                           eval_every=cfg.eval_every, patience=cfg.patience,
+                           min_steps=min(steps, cfg.min_steps))
+    losses = out["losses"]
     return {"val": predict(model, ctx.images["val"], ctx.task, ref),
             "test": predict(model, ctx.images["test"], ctx.task, ref),
-            "info": {"final_loss": float(np.mean(losses[-5:])) if losses else math.nan}}
+            "info": {"final_loss": float(np.mean(losses[-5:])) if losses else math.nan,
+                     "steps_planned": steps, "steps_run": out["steps_run"], "best_step": out["best_step"],
+                     "best_val": out["best_val"], "augment": cfg.augment if aug is not None else "none"}}
 
 
-@ADAPTERS.register("finetune", help="full fine-tune: encoder + linear head, AdamW, light augmentation")
+@ADAPTERS.register("finetune", help="full fine-tune: encoder (layer-wise lr decay) + head, AdamW, "
+                   "augmentation, best-val checkpoint")
 def finetune(ctx, train_idx: np.ndarray, seed: int) -> dict:
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(ctx.encoder), head_outputs(ctx.task, ctx.n_out))
-    groups = [{"params": model.encoder.parameters(), "lr": ctx.cfg.lr_finetune},
-              {"params": model.head.parameters(), "lr": ctx.cfg.lr_finetune * 10}]
+    cfg = ctx.cfg
+    groups = layer_decay_groups(model, cfg.lr_finetune, cfg.layer_decay, cfg.lr_head, cfg.weight_decay)
     return fit_and_predict(ctx, model, groups, train_idx, seed)

@@ -83,7 +83,11 @@ def lora(ctx, train_idx: np.ndarray, seed: int) -> dict:
     r = ctx.cfg.lora_r
     model = lora_model(ctx.encoder, head_outputs(ctx.task, ctx.n_out), r=r, alpha=2 * r)
     params = [p for p in model.parameters() if p.requires_grad]
-    out = fit_and_predict(ctx, model, [{"params": params, "lr": ctx.cfg.lr_lora}], train_idx, seed,
+    groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n],
+               "lr": ctx.cfg.lr_lora},
+              {"params": [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n],
+               "lr": max(ctx.cfg.lr_lora, ctx.cfg.lr_head)}]
+    out = fit_and_predict(ctx, model, [g for g in groups if g["params"]], train_idx, seed,
                           ref_encoder=ctx.encoder)
     if ctx.adapter_dir is not None:
         out["info"]["adapter"] = str(save_adapter(model, ctx.adapter_dir))

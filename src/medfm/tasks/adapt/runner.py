@@ -40,11 +40,23 @@ class AdaptConfig:
     knn_k: int = 20
     proto_temperature: float = 0.0  # 0: chosen on val by log-loss
     c_grid: tuple[float, ...] = linear.C_GRID
-    steps: int = 100
+    # finetune / lora / scratch share this budget and recipe (medfm.tasks.adapt.finetune.train_classifier)
+    steps: int = 0  # > 0: exactly this many steps; 0: ``epochs`` over the labelled set, clamped below
+    epochs: float = 60.0
+    min_steps: int = 150  # tiny label sets still get enough updates (and are never stopped earlier)
+    max_steps: int = 1500
     batch_size: int = 32
-    lr_finetune: float = 3e-4
+    lr_finetune: float = 5e-4  # top encoder block; lower blocks get layer_decay**depth of it
+    layer_decay: float = 0.75
+    lr_head: float = 2e-3
     lr_lora: float = 2e-3
     lr_scratch: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    augment: str = "auto"  # auto (by modality: flips for ultrasound, not for X-ray) | light | flip | none
+    select_on_val: bool = True  # restore the best-val-AUROC checkpoint
+    eval_every: int = 0  # steps between val evaluations; 0: once per epoch
+    patience: int = 15  # val evaluations without improvement before stopping
     lora_r: int = 8
     threshold: str = "0.5"  # a number, or "youden" (chosen on val, applied to test)
     splits: tuple[str, str, str] = ("train", "val", "test")
@@ -62,6 +74,15 @@ class AdaptConfig:
                 raise ConfigError(f"--threshold must be a number or 'youden', got {self.threshold!r}") from e
         if self.seeds < 1:
             raise ConfigError("--seeds must be >= 1")
+        from medfm.tasks.adapt.finetune import AUGMENT_PRESETS
+
+        if self.augment != "auto" and self.augment not in AUGMENT_PRESETS:
+            raise ConfigError(f"--augment must be auto or one of {', '.join(AUGMENT_PRESETS)}, "
+                              f"got {self.augment!r}")
+        if self.steps < 0 or self.epochs <= 0 or self.min_steps < 0 or self.max_steps < 1:
+            raise ConfigError("--steps must be >= 0, --epochs > 0, --min-steps >= 0, --max-steps >= 1")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -79,6 +100,7 @@ class AdaptContext:
     cfg: AdaptConfig
     adapter_dir: Path | None = None
     on_step: Any = None
+    modality: str | None = None  # from the prepared dataset's summary; picks the augmentation
 
 
 def _load_split(root: Path, split: str) -> PreparedDataset:
@@ -210,7 +232,8 @@ def run_adapt(encoder: nn.Module, data_dir: str | Path, out_dir: str | Path, cfg
         idx = sample_labelled(labels["train"], patients["train"], budget, seed)
         run_id = f"{method}-{budget.regime}{budget.value:g}-seed{seed}"
         ctx = AdaptContext(encoder, task, n_out, names, images, labels, patients, features, cfg,
-                           adapter_dir=(out / "adapters" / run_id) if cfg.save_adapters else None)
+                           adapter_dir=(out / "adapters" / run_id) if cfg.save_adapters else None,
+                           modality=ds["train"].summary.get("modality"))
         if progress:
             progress.update(t_runs, description=f"adapt {run_id}")
         t0 = time.perf_counter()

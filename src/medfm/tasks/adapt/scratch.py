@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medfm.tasks.adapt.finetune import Classifier, fit_and_predict, head_outputs
+from medfm.tasks.adapt.finetune import Classifier, fit_and_predict, head_outputs, layer_decay_groups
 from medfm.tasks.adapt.registry import ADAPTERS
 
 
@@ -37,9 +37,12 @@ def fresh_like(encoder: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
-@ADAPTERS.register("scratch", help="same architecture from random init, same labels and step budget")
+@ADAPTERS.register("scratch", help="same architecture from random init; same labels, budget, augmentation "
+                   "and best-val model selection")
 def scratch(ctx, train_idx: np.ndarray, seed: int) -> dict:
     enc = fresh_like(ctx.encoder, seed)
     model = Classifier(enc, head_outputs(ctx.task, ctx.n_out))
-    groups = [{"params": model.parameters(), "lr": ctx.cfg.lr_scratch}]
+    # no layer-wise decay: every layer must learn from nothing
+    groups = layer_decay_groups(model, ctx.cfg.lr_scratch, 1.0, max(ctx.cfg.lr_scratch, ctx.cfg.lr_head),
+                                ctx.cfg.weight_decay)
     return fit_and_predict(ctx, model, groups, train_idx, seed)
