@@ -41,6 +41,12 @@ def main() -> None:
     ap.add_argument("--adapt-steps", type=int, default=0,
                     help="fixed finetune/lora/scratch steps; 0: --epochs, best-val selection")
     ap.add_argument("--epochs", type=float, default=60.0, help="finetune/lora/scratch epochs")
+    ap.add_argument("--min-steps", type=int, default=150)
+    ap.add_argument("--max-steps", type=int, default=1500)
+    ap.add_argument("--patience", type=int, default=15, help="early stopping, in epochs")
+    ap.add_argument("--trained-seeds", type=int, default=0,
+                    help="seeds for finetune/lora/scratch (0: --seeds); they cost minutes per run on a CPU")
+    ap.add_argument("--shots", default="1,5,10")
     ap.add_argument("--encoder-run", type=Path, default=None,
                     help="use this pretrained run instead of pretraining one (e.g. a longer MAE run)")
     ap.add_argument("--seeds", type=int, default=3)
@@ -53,14 +59,18 @@ def main() -> None:
     run = args.encoder_run or pool_and_pretrain(args.work, args.size, args.patch, args.steps)
     t_pre = time.perf_counter() - t0
     data = args.work / f"breastmnist_{args.size}"
-    res = bench.label_efficiency(run, data, args.work / "adapt_breastmnist", args.methods.split(","),
-                                 "0.1,1.0", "1,5,10", args.seeds, args.adapt_steps,
-                                 epochs=args.epochs)
+    res = bench.label_efficiency_split(run, data, args.work / "adapt_breastmnist", args.methods.split(","),
+                                       "0.1,1.0", args.shots, args.seeds,
+                                       args.trained_seeds or args.seeds, args.adapt_steps,
+                                       epochs=args.epochs, min_steps=args.min_steps,
+                                       max_steps=args.max_steps, patience=args.patience)
     wall = time.perf_counter() - t0
+    recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience)
     meta = {"description": f"BreastMNIST ({args.size} px), official split 546/78/156; encoder vit_tiny "
                            f"{ENCODER_ARGS} patch {args.patch}, MAE {bench.mae_steps(run, args.steps)} steps "
                            "on the unlabelled pool; "
-                           f"{bench.recipe(args.adapt_steps, args.epochs)}; {args.seeds} seeds.",
+                           f"{recipe}; {args.seeds} seeds (finetune/lora/scratch: "
+                           f"{args.trained_seeds or args.seeds}).",
             "encoder_run": str(run), "data": str(data), "pretrain_and_prepare_s": round(t_pre, 1),
             "wall_s": round(wall, 1), "threads": args.threads,
             "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared with other jobs: timings noisy)"}

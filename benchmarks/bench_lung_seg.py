@@ -88,6 +88,10 @@ def main() -> None:
     )
     ap.add_argument("--methods", default="pretrained,scratch,monai_unet")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--encoder-lr-scale", type=float, default=0.3, help="lr factor of the pretrained encoder")
+    ap.add_argument("--decoder", default="auto", help="auto | unetr | unet (ignored for monai_unet)")
+    ap.add_argument("--tag", default="", help="suffix of the method names (e.g. the step count)")
+    ap.add_argument("--save", default=None, help="folder for each model's weights (re-evaluation later)")
     ap.add_argument("--out", default=str(RESULTS / "lung_seg.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -105,6 +109,9 @@ def main() -> None:
             "steps": args.steps,
             "feature_size": args.feature_size,
             "batch_size": 8,
+            "encoder_lr_scale": args.encoder_lr_scale,
+            "decoder": args.decoder,
+            "postprocess": "keep the 2 largest components, fill holes (the *_pp columns)",
             "encoder": ENC_KW,
             "hd95_units": "pixels of the 256 px grid (PNG has no spacing)",
             "environment": environment(),
@@ -134,32 +141,42 @@ def main() -> None:
     res["setup"]["encoder"] = {"name": scratch_name, **scratch_kw}
     for n in args.labels.split(","):
         n_labels = None if n == "all" else int(n)
-        for method in methods:
+        for base in methods:
+            method = base + args.tag
             if any(r["method"] == method and r.get("n_labels_requested") == n for r in res["runs"]):
                 continue  # already measured (use a fresh --out to redo)
             cfg = SegTrainConfig(
-                encoder=pre if method == "pretrained" else scratch_name,
-                encoder_kwargs={} if method == "pretrained" else scratch_kw,
-                decoder="monai_unet" if method == "monai_unet" else "auto",
+                encoder=pre if base == "pretrained" else scratch_name,
+                encoder_kwargs={} if base == "pretrained" else scratch_kw,
+                decoder="monai_unet" if base == "monai_unet" else args.decoder,
                 n_labels=n_labels,
                 steps=args.steps,
                 batch_size=8,
                 lr=1e-3,
-                encoder_lr_scale=0.3 if method == "pretrained" else 1.0,
+                encoder_lr_scale=args.encoder_lr_scale if base == "pretrained" else 1.0,
                 progress=False,
                 feature_size=args.feature_size,
             )
             sub = select_labels(train, n_labels, 0)
             model = build_model(cfg, 2, 1, [args.size, args.size], 2)
             secs = fit(model, sub, [args.size, args.size], cfg)
+            if args.save:
+                from safetensors.torch import save_file
+
+                Path(args.save).mkdir(parents=True, exist_ok=True)
+                sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+                save_file(sd, str(Path(args.save) / f"{method}_{n}.safetensors"))
             row = {
                 "method": method,
                 "n_labels": len(sub),
                 "n_labels_requested": n,
+                "steps": args.steps,
                 "train_seconds": round(secs, 1),
-                "shenzhen_test": evaluate_model(model, test_sz, 2, class_names=["lung"])["lung"],
-                "montgomery": evaluate_model(model, test_mc, 2, class_names=["lung"])["lung"],
             }
+            pp = dict(keep_components=2, fill_holes=True)
+            for key, pairs in (("shenzhen_test", test_sz), ("montgomery", test_mc)):
+                row[key] = evaluate_model(model, pairs, 2, class_names=["lung"])["lung"]
+                row[key + "_pp"] = evaluate_model(model, pairs, 2, class_names=["lung"], **pp)["lung"]
             print(json.dumps(row), flush=True)
             res["runs"] = [r for r in res["runs"] if (r["method"], r["n_labels"]) != (method, len(sub))] + [
                 row
@@ -212,16 +229,20 @@ def write_markdown(res: dict, path: Path) -> None:
         "",
         f"Setup: {json.dumps({k: v for k, v in res['setup'].items() if k != 'environment'})}",
         "",
-        "| method | labelled | Dice SZ | HD95 SZ | SurfDice SZ | Dice MC | HD95 MC | SurfDice MC | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | labelled | steps | Dice SZ | HD95 SZ | SurfDice SZ | Dice MC | HD95 MC | SurfDice MC "
+        "| Dice SZ pp | HD95 SZ pp | Dice MC pp | HD95 MC pp | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for r in res["runs"]:
         a, b = r["shenzhen_test"], r["montgomery"]
+        ap, bp = r.get("shenzhen_test_pp", {}), r.get("montgomery_pp", {})
         lines.append(
-            f"| {r['method']} | {r['n_labels']} | {a['dice']:.3f} | {a.get('hd95_mm', float('nan')):.1f} | "
-            f"{a.get('surface_dice', float('nan')):.3f} | {b['dice']:.3f} | "
-            f"{b.get('hd95_mm', float('nan')):.1f} | {b.get('surface_dice', float('nan')):.3f} | "
-            f"{r['train_seconds']} |"
+            f"| {r['method']} | {r['n_labels']} | {r.get('steps', '-')} | {a['dice']:.3f} | "
+            f"{a.get('hd95_mm', nan):.1f} | {a.get('surface_dice', nan):.3f} | {b['dice']:.3f} | "
+            f"{b.get('hd95_mm', nan):.1f} | {b.get('surface_dice', nan):.3f} | "
+            f"{ap.get('dice', nan):.3f} | {ap.get('hd95_mm', nan):.1f} | {bp.get('dice', nan):.3f} | "
+            f"{bp.get('hd95_mm', nan):.1f} | {r['train_seconds']} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

@@ -34,6 +34,12 @@ def main() -> None:
     ap.add_argument("--adapt-steps", type=int, default=0,
                     help="fixed finetune/lora/scratch steps; 0: --epochs, best-val selection")
     ap.add_argument("--epochs", type=float, default=60.0, help="finetune/lora/scratch epochs")
+    ap.add_argument("--min-steps", type=int, default=150)
+    ap.add_argument("--max-steps", type=int, default=1500)
+    ap.add_argument("--patience", type=int, default=15, help="early stopping, in epochs")
+    ap.add_argument("--trained-seeds", type=int, default=0,
+                    help="seeds for finetune/lora/scratch (0: --seeds); they cost minutes per run on a CPU")
+    ap.add_argument("--shots", default="1,5,10")
     ap.add_argument("--encoder-run", type=Path, default=None,
                     help="use this pretrained run instead of pretraining one (e.g. a longer MAE run)")
     ap.add_argument("--seeds", type=int, default=3)
@@ -45,14 +51,18 @@ def main() -> None:
     t0 = time.perf_counter()
     run = args.encoder_run or pool_and_pretrain(args.work, args.size, args.patch, args.steps)
     data = args.work / f"cxr_lung_seg_{args.size}"
-    res = bench.label_efficiency(run, data, args.work / "adapt_tb", args.methods.split(","), "0.1,1.0",
-                                 "1,5,10", args.seeds, args.adapt_steps, epochs=args.epochs)
+    res = bench.label_efficiency_split(run, data, args.work / "adapt_tb", args.methods.split(","),
+                                       "0.1,1.0", args.shots, args.seeds, args.trained_seeds or args.seeds,
+                                       args.adapt_steps, epochs=args.epochs, min_steps=args.min_steps,
+                                       max_steps=args.max_steps, patience=args.patience)
     wall = time.perf_counter() - t0
+    recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience)
     meta = {"description": f"Shenzhen + Montgomery TB CXR ({args.size} px), fixed split 492/70/142; encoder "
                            f"vit_tiny {ENCODER_ARGS} patch {args.patch}, "
                            f"MAE {bench.mae_steps(run, args.steps)} steps "
                            "on the pool; "
-                           f"{bench.recipe(args.adapt_steps, args.epochs)}; {args.seeds} seeds.",
+                           f"{recipe}; {args.seeds} seeds (finetune/lora/scratch: "
+                           f"{args.trained_seeds or args.seeds}).",
             "encoder_run": str(run), "data": str(data), "wall_s": round(wall, 1), "threads": args.threads,
             "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared with other jobs: timings noisy)"}
     js, md = bench.write_results("tb_label_efficiency", res, Path("benchmarks/results"), meta)

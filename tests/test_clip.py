@@ -98,7 +98,7 @@ def test_hard_negatives_skip_positives_and_favour_similar():
 
 def test_gradient_cache_equals_full_batch_gradients(bert):
     torch.manual_seed(0)
-    cfg = tiny_cfg(bert)
+    cfg = tiny_cfg(bert, proj_norm="none")  # exact equality needs no batch statistics
     model = build_clip(cfg)
     model.train()
     images = torch.rand(8, 1, 32, 32)
@@ -120,7 +120,9 @@ def test_gradient_cache_equals_full_batch_gradients(bert):
 
 def test_cached_locked_text_blocks_give_same_gradients(bert):
     torch.manual_seed(0)
-    model = build_clip(tiny_cfg(bert, lock_text=1))  # block 0 locked: its outputs can be cached
+    model = build_clip(
+        tiny_cfg(bert, lock_text=1, proj_norm="none")
+    )  # block 0 locked: its outputs can be cached
     assert model.text_cache_layer == 1
     images = torch.rand(6, 1, 32, 32)
     texts = ["no effusion", "small effusion", "nodule", "normal", "no nodule", "effusion and nodule"]
@@ -206,3 +208,18 @@ def test_bad_inputs_give_one_line_errors(bert, tmp_path):
         ClipConfig(w_contrastive=0, w_itm=0, w_caption=0)
     with pytest.raises(InputError, match="not a run directory"):
         load_clip(tmp_path)
+
+
+def test_feature_norm_keeps_similar_images_apart(bert):
+    """Near-identical X-rays give near-identical pooled vectors; batch-normalised features do not collapse."""
+    torch.manual_seed(0)
+    x = 0.5 + 0.02 * torch.rand(8, 1, 32, 32)
+
+    def mean_cos(norm: str) -> float:
+        torch.manual_seed(0)
+        m = build_clip(tiny_cfg(bert, proj_norm=norm)).train()
+        z, _ = m.embed_image(x)
+        off = ~torch.eye(8, dtype=torch.bool)
+        return float((z @ z.t())[off].mean())
+
+    assert mean_cos("none") > 0.9 > 0.5 > mean_cos("batch")

@@ -137,3 +137,28 @@ def test_cli_incontext_train_then_evaluate_held_out(tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output  # reload the run: evaluation only, no training
+
+
+def test_knn_prior_reads_the_reference_masks():
+    """Untrained kNN path: the propagated map follows the references' masks (with the query as its own
+    reference, positions inside the mask score positive, outside negative) and ignores reference order."""
+    torch.manual_seed(0)
+    enc = create_encoder("vit_tiny", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    model = IncontextSegmenter(enc, dim=16, feature_size=8, prior="knn").eval()
+    images, masks = shapes_dataset(6)
+    with torch.no_grad():
+        refs, rmask = images[1:4][None], (masks[1:4] == 3).long()[None]
+        a = model(images[:1], refs, rmask)
+        b = model(images[:1], refs.flip(1), rmask.flip(1))
+        assert torch.allclose(a, b, atol=1e-5) and a.shape == (1, 2, 32, 32)
+        model.knn_log_temp.fill_(-6.0)  # sharp attention: nearest reference position wins
+        task = model.task_embedding(images[:1][None], (masks[:1] == 3).long()[None])
+        knn = model.knn_map(model._features(images[:1])[-1], task)[0, 0]
+        cover = task.ref_masks[0].view_as(knn)
+    inside, outside = knn[cover > 0.99], knn[cover < 0.01]
+    assert inside.numel() and outside.numel()
+    assert (inside > 0).float().mean() >= 0.9 and (outside < 0).float().mean() >= 0.9
+    import pytest
+
+    with pytest.raises(ValueError, match="prior"):
+        IncontextSegmenter(enc, prior="nope")

@@ -167,3 +167,25 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert "missing.png" in str(r.exception)
     r = CliRunner().invoke(app, ["segment", "evaluate", str(tmp_path), str(tmp_path)])
     assert "not a segmentation run directory" in str(r.exception)
+
+
+def test_postprocess_keeps_largest_components_and_fills_holes():
+    from medfm.tasks.segment.postprocess import clean_binary, clean_labels
+
+    m = np.zeros((20, 20), dtype=bool)
+    m[2:10, 2:8] = True  # left "lung" (48 px) with a hole
+    m[5, 5] = False
+    m[2:12, 12:18] = True  # right "lung" (60 px)
+    m[16, 16] = True  # a 1-pixel island
+    out = clean_binary(m, keep=2, fill_holes=True)
+    assert out[5, 5] and not out[16, 16]
+    assert int(out.sum()) == 48 + 60
+    assert int(clean_binary(m, keep=1, fill_holes=False).sum()) == 60
+    # label maps: each class cleaned on its own, other classes untouched when not asked for
+    lab = torch.zeros(20, 20, dtype=torch.long)
+    lab[torch.from_numpy(m)] = 1
+    lab[0, 0] = 2
+    cleaned = clean_labels(lab, keep=2, fill_holes=True, classes=[1])
+    assert int(cleaned[0, 0]) == 2 and int(cleaned[16, 16]) == 0 and int(cleaned[5, 5]) == 1
+    with pytest.raises(Exception, match="keep"):
+        clean_binary(m, keep=0)

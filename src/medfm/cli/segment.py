@@ -309,6 +309,14 @@ def incontext(
     batch_size: int = typer.Option(4, help="Episodes per step."),
     lr: float = typer.Option(1e-3, help="Learning rate."),
     encoder_depth: int = typer.Option(None, help="Override the encoder depth (fresh encoders only)."),
+    prior: str = typer.Option(
+        "knn",
+        help="Reference-driven prior: 'knn' (query positions attend to reference positions and read their "
+        "mask; generalises better to new structures) or 'prototype' (one fg/bg prototype pair only).",
+    ),
+    task_augment: float = typer.Option(
+        0.5, help="Fraction of training episodes with synthetic tasks (label unions, intensity bands)."
+    ),
 ) -> None:
     """In-context segmentation: train episodically (--train-labels) and/or evaluate on held-out labels with
     k references and no weight update (--test-labels; queries from split 'test', references from 'train')."""
@@ -326,9 +334,19 @@ def incontext(
         enc = make_encoder(
             encoder, train.images.ndim - 2, int(train.images.shape[1]), list(train.images.shape[2:]), **kw
         )
-        net = IncontextSegmenter(enc, dim=64, feature_size=16)
+        if prior not in ("knn", "prototype"):
+            raise ConfigError(f"--prior must be 'knn' or 'prototype', got {prior!r}")
+        net = IncontextSegmenter(enc, dim=64, feature_size=16, prior=prior)
         hist = train_incontext(
-            net, train.images, train.masks, labels, steps, batch_size, lr=lr, progress=True
+            net,
+            train.images,
+            train.masks,
+            labels,
+            steps,
+            batch_size,
+            lr=lr,
+            progress=True,
+            task_augment=task_augment,
         )
         save_run(
             net,
@@ -337,6 +355,7 @@ def incontext(
                 "encoder": enc.config,
                 "dim": 64,
                 "feature_size": 16,
+                "prior": prior,
                 "train_labels": labels,
                 "final_loss": hist[-1],
             },

@@ -81,11 +81,29 @@ def label_efficiency(run: Path, data: Path, out: Path, methods: list[str], fract
     return run_adapt(medfm.load_encoder(run), data, out, cfg, source=str(run), progress=progress)
 
 
-def recipe(steps: int, epochs: float) -> str:
+def label_efficiency_split(run: Path, data: Path, out: Path, methods: list[str], fractions: str, shots: str,
+                           seeds: int, trained_seeds: int, steps: int = 0, **adapt_kw) -> pd.DataFrame:
+    """Frozen-feature methods with ``seeds`` seeds, trained ones (finetune/lora/scratch) with
+    ``trained_seeds``: the trained ones cost minutes per run on a CPU, the feature ones milliseconds."""
+    from medfm.tasks.adapt.registry import ADAPTERS
+
+    feat = [m for m in methods if getattr(ADAPTERS.get(m), "uses_features", False)]
+    trained = [m for m in methods if m not in feat]
+    parts = []
+    if feat:
+        parts.append(label_efficiency(run, data, out / "features_methods", feat, fractions, shots, seeds,
+                                      steps, **adapt_kw))
+    if trained:
+        parts.append(label_efficiency(run, data, out / "trained_methods", trained, fractions, shots,
+                                      trained_seeds, steps, **adapt_kw))
+    return pd.concat(parts, ignore_index=True)
+
+
+def recipe(steps: int, epochs: float, min_steps: int = 150, max_steps: int = 1500, patience: int = 15) -> str:
     """One line describing the finetune / lora / scratch budget, for the results' description."""
     from medfm.tasks.adapt import AdaptConfig
 
-    c = AdaptConfig(steps=steps, epochs=epochs)
+    c = AdaptConfig(steps=steps, epochs=epochs, min_steps=min_steps, max_steps=max_steps, patience=patience)
     budget = (f"{steps} steps" if steps else
               f"{epochs:g} epochs (min {c.min_steps}, max {c.max_steps} steps), best-val-AUROC checkpoint, "
               f"early stopping (patience {c.patience} epochs)")

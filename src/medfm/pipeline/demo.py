@@ -37,9 +37,10 @@ class DemoConfig:
     shots: str = ""
     seeds: int = 2
     adapt_steps: int = 0  # > 0: fixed steps for lora/scratch; 0: adapt_epochs clamped to [min, max] steps
-    adapt_epochs: float = 30.0
-    adapt_min_steps: int = 60
-    adapt_max_steps: int = 200
+    # small on purpose: the whole demo must fit in ~10 minutes on a 2-core laptop (measured: demo_timings)
+    adapt_epochs: float = 5.0
+    adapt_min_steps: int = 40
+    adapt_max_steps: int = 60
     adapt_batch: int = 32
 
     @classmethod
@@ -47,7 +48,7 @@ class DemoConfig:
         """About a minute or two: fewer cases, a shallower encoder, fewer steps and one seed."""
         return replace(cls(n_cases=240, encoder_args='{"depth": 2, "embed_dim": 128, "num_heads": 4}',
                            pretrain_steps=80, pretrain_batch=32, fractions="0.1,0.3,1.0", seeds=1,
-                           adapt_min_steps=30, adapt_max_steps=80), **kw)
+                           adapt_min_steps=20, adapt_max_steps=30), **kw)
 
     @classmethod
     def tiny(cls, **kw) -> DemoConfig:
@@ -161,16 +162,19 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress=None)
     t_start = time.perf_counter()
     stages = progress.add_task("demo", total=4) if progress else None
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
 
     def step(name: str, fn, *a, **kw):
         if progress:
             progress.update(stages, description=f"demo: {name}")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             out = fn(*a, **kw)
         except MedfmError:
             raise
         timings[name] = round(time.perf_counter() - t0, 1)
+        # CPU seconds of this process: on a shared machine this tells what the stage costs when idle
+        cpu[name] = round(time.process_time() - c0, 1)
         log(f"✓ {name} ({timings[name]:.0f} s)")
         if progress:
             progress.advance(stages)
@@ -181,5 +185,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress=None)
     step("adaptation (probe, kNN, prototypes, LoRA, scratch)", stage_adapt, cfg, run, data, progress)
     report = step("report", stage_report, cfg, data, (time.perf_counter() - t_start) / 60)
     timings["total"] = round(time.perf_counter() - t_start, 1)
+    timings["cpu_s"] = {**cpu, "total": round(sum(cpu.values()), 1)}
     write_json(cfg.out / "demo_timings.json", timings)
     return report

@@ -57,6 +57,11 @@ class ClipConfig:
     lock_image: int = -1
     lock_text: int = 2
     proj_dim: int = 128
+    # "batch": batch-normalise pooled image features before the projection (no affine). Scratch ViTs give
+    # near-identical pooled vectors for similar-looking X-rays (cosine ~0.999 at init), which stalls InfoNCE;
+    # centring across the batch removes the shared component. "none": plain linear projection (and exact
+    # gradient caching — with "batch" each chunk is normalised with its own statistics).
+    proj_norm: str = "batch"
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     # objective weights (0 disables an objective and its module)
@@ -92,6 +97,8 @@ class ClipConfig:
             or self.w_contrastive + self.w_itm + self.w_caption <= 0
         ):
             raise ConfigError("objective weights must be >= 0 and not all 0")
+        if self.proj_norm not in ("batch", "none"):
+            raise ConfigError(f"proj_norm must be 'batch' or 'none', got {self.proj_norm!r}")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
         if self.w_itm > 0 and self.w_contrastive <= 0:
@@ -197,6 +204,18 @@ def image_features(
     return pooled, fmap.flatten(2).transpose(1, 2)
 
 
+class FeatureNorm(nn.BatchNorm1d):
+    """Batch-normalised features (no affine); a batch (or gradient-cache chunk) of one uses running stats."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+        return super().forward(x)
+
+
 class ClipModel(nn.Module):
     """Image tower + text tower + projections (+ ITM fusion, + report decoder)."""
 
@@ -208,7 +227,9 @@ class ClipModel(nn.Module):
         self.encoder = encoder
         self.text = text
         d_img, d_txt = int(encoder.embed_dim), int(text.embed_dim)
+        self.img_norm = FeatureNorm(d_img) if cfg.proj_norm == "batch" else nn.Identity()
         self.img_proj = nn.Linear(d_img, cfg.proj_dim, bias=False)
+        self.txt_norm = FeatureNorm(d_txt) if cfg.proj_norm == "batch" else nn.Identity()
         self.txt_proj = nn.Linear(d_txt, cfg.proj_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
         self.fusion = ITMFusion(d_txt, d_img, cfg.fusion_dim, cfg.fusion_depth) if cfg.w_itm > 0 else None
@@ -233,7 +254,7 @@ class ClipModel(nn.Module):
 
     def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         pooled, tok = image_features(self.encoder, x, tokens=self.needs_tokens())
-        return F.normalize(self.img_proj(pooled), dim=-1), tok
+        return F.normalize(self.img_proj(self.img_norm(pooled)), dim=-1), tok
 
     @property
     def text_cache_layer(self) -> int | None:
@@ -251,21 +272,16 @@ class ClipModel(nn.Module):
             tok = self.text.forward_from(hidden, mask, self.text_cache_layer)
         else:
             tok = self.text.forward_tokens(ids, mask)
-        return F.normalize(self.txt_proj(mean_pool(tok, mask)), dim=-1), tok
+        return F.normalize(self.txt_proj(self.txt_norm(mean_pool(tok, mask))), dim=-1), tok
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """L2-normalised image embeddings in the joint space (eval mode, no grad)."""
         self.eval()
-        out = [
-            F.normalize(
-                self.img_proj(
-                    image_features(self.encoder, images[i : i + batch_size].to(self.device), tokens=False)[0]
-                ),
-                dim=-1,
-            ).cpu()
-            for i in range(0, len(images), batch_size)
-        ]
+        out = []
+        for i in range(0, len(images), batch_size):
+            pooled = image_features(self.encoder, images[i : i + batch_size].to(self.device), tokens=False)[0]
+            out.append(F.normalize(self.img_proj(self.img_norm(pooled)), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.cfg.proj_dim)
 
     @torch.no_grad()
@@ -369,6 +385,8 @@ def save_clip(model: ClipModel, out: str | Path, metrics: dict[str, Any] | None 
     model.text.save(out / "text")
     heads = {f"img_proj.{k}": v for k, v in model.img_proj.state_dict().items()}
     heads |= {f"txt_proj.{k}": v for k, v in model.txt_proj.state_dict().items()}
+    heads |= {f"img_norm.{k}": v.float() for k, v in model.img_norm.state_dict().items()}
+    heads |= {f"txt_norm.{k}": v.float() for k, v in model.txt_norm.state_dict().items()}
     heads["logit_scale"] = model.logit_scale.detach().reshape(1)
     if model.fusion is not None:
         heads |= {f"fusion.{k}": v for k, v in model.fusion.state_dict().items()}
@@ -413,6 +431,11 @@ def load_clip(run_dir: str | Path, device: str | torch.device = "cpu") -> ClipMo
     heads = load_file(str(run / "heads.safetensors"))
     model.img_proj.load_state_dict({k[9:]: v for k, v in heads.items() if k.startswith("img_proj.")})
     model.txt_proj.load_state_dict({k[9:]: v for k, v in heads.items() if k.startswith("txt_proj.")})
+    for name in ("img_norm", "txt_norm"):
+        mod = getattr(model, name)
+        norm = {k[len(name) + 1 :]: v for k, v in heads.items() if k.startswith(name + ".")}
+        if norm:
+            mod.load_state_dict({k: v.to(mod.state_dict()[k].dtype) for k, v in norm.items()})
     with torch.no_grad():
         model.logit_scale.copy_(heads["logit_scale"].reshape(()))
     if model.fusion is not None:

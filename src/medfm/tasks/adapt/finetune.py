@@ -200,7 +200,8 @@ def train_classifier(model: nn.Module, param_groups: Iterable[dict], images: np.
     losses: list[float] = []
     best = {"score": -math.inf, "step": -1, "state": None}
     since_best = 0
-    eval_every = eval_every or max(1, math.ceil(len(images) / bs))
+    # once per epoch, but not more often than every 5 steps (tiny label sets have 1-step epochs)
+    eval_every = eval_every or max(5, math.ceil(len(images) / bs))
     model.train()
     for step in range(steps):
         decay = 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))

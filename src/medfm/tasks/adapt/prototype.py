@@ -22,7 +22,8 @@ def prototype_predict(x_tr: np.ndarray, y_tr: np.ndarray, x: np.ndarray, task: s
             if pos.any() and neg.any():
                 s_pos = b @ _l2(a[pos].mean(0, keepdims=True)).T
                 s_neg = b @ _l2(a[neg].mean(0, keepdims=True)).T
-                out[:, j] = 1 / (1 + np.exp(-(s_pos - s_neg)[:, 0] / temperature))
+                # clipped: a tiny temperature would overflow exp (the sigmoid is saturated there anyway)
+                out[:, j] = 1 / (1 + np.exp(np.clip(-(s_pos - s_neg)[:, 0] / temperature, -60, 60)))
             else:
                 out[:, j] = float(pos.any())
         return out

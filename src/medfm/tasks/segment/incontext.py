@@ -26,7 +26,7 @@ def synthetic_task(
 ) -> tuple[torch.Tensor, ...] | None:
     """A task that is not a training label, so the model must read the references instead of memorising
     structures: either the union of two training labels, or an intensity band of the smoothed image (the same
-    quantile band in every image of the episode)."""
+    quantile band and smoothing in every image of the episode, half the time restricted to one image half)."""
     idx = rng.choice(len(images), size=k + 1, replace=len(images) < k + 1)
     if rng.random() < 0.5 and len(labels) >= 2:
         a, b = rng.choice(labels, size=2, replace=False)
@@ -34,13 +34,25 @@ def synthetic_task(
     else:
         img = images[idx].mean(1, keepdim=True)
         pool = torch.nn.functional.avg_pool2d if img.ndim == 4 else torch.nn.functional.avg_pool3d
-        sm = pool(img, 5, 1, 2)[:, 0]
+        ks = int(rng.choice([3, 5, 9]))  # smoothing scale varies the blob size of the band
+        sm = pool(img, ks, 1, ks // 2)[:, 0]
         lo = float(rng.uniform(0.0, 0.7))
         hi = lo + float(rng.uniform(0.15, 0.3))
         flat = sm.flatten(1)
         qlo, qhi = flat.quantile(lo, dim=1), flat.quantile(min(hi, 1.0), dim=1)
         shape = (-1,) + (1,) * (sm.ndim - 1)
-        tm = ((sm >= qlo.view(shape)) & (sm <= qhi.view(shape))).long()
+        band = (sm >= qlo.view(shape)) & (sm <= qhi.view(shape))
+        if rng.random() < 0.5:
+            # the band within one half of the image (same half in every image: roughly aligned anatomy
+            # makes this a consistent, organ-like "left dark region" kind of task)
+            axis = int(rng.integers(1, sm.ndim))
+            half = sm.shape[axis] // 2
+            keep = torch.zeros_like(band)
+            sl = [slice(None)] * sm.ndim
+            sl[axis] = slice(0, half) if rng.random() < 0.5 else slice(half, None)
+            keep[tuple(sl)] = True
+            band = band & keep
+        tm = band.long()
     if not bool(tm[0].any()) or not bool(tm[1:].flatten(1).any(1).all()):
         return None
     return images[idx[0]], tm[0], images[idx[1:]], tm[1:]

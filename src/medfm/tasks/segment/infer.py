@@ -44,17 +44,29 @@ def predict_labels(model: nn.Module, image: torch.Tensor, **kw) -> torch.Tensor:
 
 
 def predict_pairs(
-    model: nn.Module, pairs, roi_size: Sequence[int] | None = None, overlap: float = 0.25, native: bool = True
+    model: nn.Module,
+    pairs,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    native: bool = True,
+    keep_components: int | None = None,
+    fill_holes: bool = False,
 ) -> list[torch.Tensor]:
-    """Label maps for every case of a SegPairs, resized back to each case's native grid when ``native``."""
+    """Label maps for every case of a SegPairs, resized back to each case's native grid when ``native``.
+
+    ``keep_components`` (e.g. 2 for lungs) keeps that many largest components per class; ``fill_holes`` fills
+    enclosed holes (see medfm.tasks.segment.postprocess). Both off by default.
+    """
+    from medfm.tasks.segment.postprocess import clean_labels
+
     out = []
     for i in range(len(pairs)):
         size = tuple(pairs.native_masks[i].shape) if native else None
-        out.append(
-            predict_labels(model, pairs.images[i : i + 1], roi_size=roi_size, overlap=overlap, out_size=size)[
-                0
-            ]
-        )
+        x = pairs.images[i : i + 1]
+        lab = predict_labels(model, x, roi_size=roi_size, overlap=overlap, out_size=size)[0]
+        if keep_components is not None or fill_holes:
+            lab = clean_labels(lab, keep_components, fill_holes)
+        out.append(lab)
     return out
 
 
@@ -65,11 +77,14 @@ def evaluate_model(
     roi_size: Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
     tolerance_mm: float = 2.0,
+    keep_components: int | None = None,
+    fill_holes: bool = False,
 ) -> dict:
-    """Dice / HD95 (mm, using each case's spacing) / surface Dice, per class, against native-grid masks."""
+    """Dice / HD95 (mm, using each case's spacing) / surface Dice, per class, against native-grid masks
+    (optionally after post-processing, see ``predict_pairs``)."""
     from medfm.tasks.segment.metrics import segmentation_metrics
 
-    preds = predict_pairs(model, pairs, roi_size)
+    preds = predict_pairs(model, pairs, roi_size, keep_components=keep_components, fill_holes=fill_holes)
     per_case = [
         segmentation_metrics(
             p[None], t[None], num_classes, spacing=s, tolerance_mm=tolerance_mm, class_names=class_names

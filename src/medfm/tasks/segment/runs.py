@@ -86,6 +86,11 @@ def load_incontext(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
     p = Path(path)
     conf = _config(p, "segment_incontext")
-    model = IncontextSegmenter(_encoder(conf["encoder"]), dim=conf["dim"], feature_size=conf["feature_size"])
+    model = IncontextSegmenter(
+        _encoder(conf["encoder"]),
+        dim=conf["dim"],
+        feature_size=conf["feature_size"],
+        prior=conf.get("prior", "prototype"),
+    )
     _load_weights(model, p)
     return model, conf
