@@ -191,4 +191,8 @@ def register(app: typer.Typer) -> None:
 
     for name, (_, doc) in CATALOG.items():
         pretrain_app.command(name)(_make_command(name, doc))
+    # Image-report pretraining lives with the vision-language commands; `pretrain clip` is the same command.
+    from medfm.cli.vlm import clip
+
+    pretrain_app.command("clip")(clip)
     app.add_typer(pretrain_app, name="pretrain")
