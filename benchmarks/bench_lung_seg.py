@@ -124,7 +124,7 @@ def main() -> None:
         if "mae_seconds" in old.get("setup", {}):
             res["setup"]["mae_seconds"] = old["setup"]["mae_seconds"]
     pre = args.pretrained
-    methods = args.methods.split(",")
+    methods = [m for m in args.methods.split(",") if m]
     if ("pretrained" in methods or args.prompt_steps) and pre is None:
         t = time.time()
         pre = str(mini_mae(train.images, args.size, args.mae_steps))

@@ -152,7 +152,9 @@ def test_knn_prior_reads_the_reference_masks():
         b = model(images[:1], refs.flip(1), rmask.flip(1))
         assert torch.allclose(a, b, atol=1e-5) and a.shape == (1, 2, 32, 32)
         model.knn_log_temp.fill_(-6.0)  # sharp attention: nearest reference position wins
-        task = model.task_embedding(images[:1][None], (masks[:1] == 3).long()[None])
+        half = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+        half[..., :16] = 1  # aligned with the 8-px token grid: whole cells in / out
+        task = model.task_embedding(images[:1][None], half)
         knn = model.knn_map(model._features(images[:1])[-1], task)[0, 0]
         cover = task.ref_masks[0].view_as(knn)
     inside, outside = knn[cover > 0.99], knn[cover < 0.01]

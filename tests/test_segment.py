@@ -117,6 +117,10 @@ def test_cli_train_evaluate_predict_2d(tmp_path):
     assert r.exit_code == 0, r.output
     metrics = json.loads((run / "metrics.json").read_text())["eval_test"]
     assert 0.0 <= metrics["class_1"]["dice"] <= 1.0 and metrics["class_1"]["n"] == 2
+    args = ["segment", "evaluate", str(run), str(data), "--keep-components", "1", "--fill-holes"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "eval_test_pp" in json.loads((run / "metrics.json").read_text())
     out = tmp_path / "pred"
     r = CliRunner().invoke(app, ["segment", "predict", str(run), str(data), "-o", str(out)])
     assert r.exit_code == 0, r.output

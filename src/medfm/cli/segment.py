@@ -73,6 +73,10 @@ def evaluate(
     split: str = typer.Option("test", help="Split to evaluate ('all' for every case)."),
     site: str = typer.Option(None, help="Only cases of this site."),
     tolerance_mm: float = typer.Option(2.0, help="Surface Dice tolerance in mm."),
+    keep_components: int = typer.Option(
+        None, help="Post-process: keep this many largest connected components per class (2 for lungs)."
+    ),
+    fill_holes: bool = typer.Option(False, help="Post-process: fill holes enclosed by each class."),
 ) -> None:
     """Dice, HD95 (mm) and surface Dice on a dataset; merged into the run's metrics.json."""
     from medfm.runs import update_metrics
@@ -89,8 +93,10 @@ def evaluate(
         roi_size=_roi(conf),
         class_names=conf["class_names"],
         tolerance_mm=tolerance_mm,
+        keep_components=keep_components,
+        fill_holes=fill_holes,
     )
-    key = f"eval_{split}" + (f"_{site}" if site else "")
+    key = f"eval_{split}" + (f"_{site}" if site else "") + ("_pp" if keep_components or fill_holes else "")
     update_metrics(run, **{key: res})
     for name, m in res.items():
         typer.echo(
@@ -105,6 +111,10 @@ def predict(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for masks (PNG / NIfTI) and overlay PNGs."),
     split: str = typer.Option("test", help="Split to predict ('all' for every case)."),
     overlays: bool = typer.Option(True, help="Also write overlay PNGs (image + contours)."),
+    keep_components: int = typer.Option(
+        None, help="Post-process: keep this many largest connected components per class (2 for lungs)."
+    ),
+    fill_holes: bool = typer.Option(False, help="Post-process: fill holes enclosed by each class."),
 ) -> None:
     """Write predicted masks aligned with the inputs (PNG 2D / NIfTI 3D with the input affine) + overlays."""
     import torch.nn.functional as F
@@ -117,7 +127,7 @@ def predict(
 
     model, conf = load_segmentation_run(run)
     pairs = load_pairs(data, None if split == "all" else split, None, conf.get("img_size"))
-    preds = predict_pairs(model, pairs, _roi(conf))
+    preds = predict_pairs(model, pairs, _roi(conf), keep_components=keep_components, fill_holes=fill_holes)
     rows, pngs = [], []
     for i, (case, p) in enumerate(zip(pairs.case_ids, preds)):
         cid = case.replace("/", "_")  # prepared case ids may look like paths

@@ -136,7 +136,7 @@ def train_incontext(
         loss.backward()
         opt.step()
         sched.step()
-        hist.append(float(loss))
+        hist.append(float(loss.detach()))
     model.eval()
     return hist
 

@@ -186,7 +186,7 @@ def train_promptable_steps(
         loss.backward()
         opt.step()
         sched.step()
-        hist.append(float(loss))
+        hist.append(float(loss.detach()))
     model.eval()
     return hist
 
