@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-data_app = typer.Typer(help="Read, prepare, import and generate medical imaging datasets.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Read, prepare, import and generate medical imaging datasets.", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:
