@@ -5,6 +5,11 @@ Pretraining pool (unlabelled): BreastMNIST train images + the training splits of
 Writes benchmarks/results/breastmnist_label_efficiency.{json,md}.
 
     .venv/bin/python benchmarks/bench_breastmnist.py [--work runs/h6bench] [--steps 1200] [--seeds 3]
+
+finetune / lora / scratch train for --epochs (clamped to [--min-steps, --max-steps]) with the best-val-AUROC
+checkpoint and early stopping; on a shared 2-core CPU the results in benchmarks/results used
+``--encoder-run runs/h6bench/mae_pool_28 --epochs 20 --min-steps 80 --max-steps 300 --patience 6
+--trained-seeds 1`` (+ extra trained seeds run separately with AdaptConfig.first_seed and merged).
 """
 
 from __future__ import annotations

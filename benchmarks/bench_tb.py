@@ -5,6 +5,9 @@ benchmarks/results/tb_label_efficiency.{json,md}. Run bench_breastmnist.py first
 on the shared unlabelled pool), or this script pretrains it.
 
     .venv/bin/python benchmarks/bench_tb.py [--work runs/h6bench] [--seeds 3]
+
+Same training options as bench_breastmnist.py (--epochs, --min-steps, --max-steps, --patience,
+--trained-seeds).
 """
 
 from __future__ import annotations

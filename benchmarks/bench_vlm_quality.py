@@ -121,11 +121,15 @@ def stage_phantom(args) -> None:
             data=args.data,
             out=str(run),
             img_size=64,
-            batch_size=64,
+            batch_size=args.batch,
             epochs=12,
-            w_caption=0.5,
+            max_steps=args.max_steps,
+            max_seconds=args.max_seconds,
+            w_caption=args.w_caption,
             lock_text=0,
-            lr=3e-4,
+            init_from=args.init_from or None,
+            lock_image=args.lock_image,
+            lr=args.lr,
             threads=args.threads,
         )
         train_clip(cfg)
@@ -301,6 +305,13 @@ def main() -> None:
     p.add_argument("--covid", default="", help="covid_cxr_notes folder (default: shared data).")
     p.add_argument("--iu", default="", help="iu_xray_reports folder (default: shared data).")
     p.add_argument("--key", default="phantom", help="Result key of the phantom stage.")
+    p.add_argument("--init-from", default="", help="Phantom stage: image tower from this run (e.g. a MAE run).")
+    p.add_argument("--lock-image", type=int, default=-1, help="Phantom stage: -1 train all, N last N blocks.")
+    p.add_argument("--lr", type=float, default=3e-4, help="Phantom stage learning rate.")
+    p.add_argument("--batch", type=int, default=64, help="Phantom stage batch size.")
+    p.add_argument("--max-steps", type=int, default=0, help="Phantom stage step cap (0: 12 epochs).")
+    p.add_argument("--max-seconds", type=float, default=0.0, help="Phantom stage training time cap.")
+    p.add_argument("--w-caption", type=float, default=0.5, help="Phantom stage report-generation weight.")
     p.add_argument("--k", type=int, default=5, help="Neighbours for retrieval-augmented reports.")
     p.add_argument("--covid-epochs", type=int, default=30)
     p.add_argument("--iu-steps", type=int, default=400)

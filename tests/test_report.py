@@ -73,11 +73,12 @@ def test_adapt_cli_then_evaluate_writes_report(tmp_path):
     assert json.loads((out / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("bad", ["method", "threshold", "fraction"])
+@pytest.mark.parametrize("bad", ["method", "threshold", "fraction", "augment", "smoothing"])
 def test_adapt_cli_bad_options_are_one_line_errors(tmp_path, bad):
     data = make_prepared(tmp_path / "data", n=20, size=16)
     args = {"method": ["-m", "linear,magic"], "threshold": ["--threshold", "high"],
-            "fraction": ["--fractions", "2"]}[bad]
+            "fraction": ["--fractions", "2"], "augment": ["--augment", "rot90"],
+            "smoothing": ["--label-smoothing", "1.5"]}[bad]
     r = CliRunner().invoke(app, ["adapt", str(tmp_path / "missing_run"), str(data), *args,
                                  "--out", str(tmp_path / "o")])
     assert r.exit_code != 0

@@ -129,6 +129,11 @@ def table(results: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
+def _sd(sd: float) -> str:
+    """" ± sd", or nothing for a single seed (an sd of 0.000 there would look like a measurement)."""
+    return "" if sd != sd else f" ± {sd:.3f}"
+
+
 def write_results(name: str, results: pd.DataFrame, out_dir: Path, meta: dict,
                   published: dict[str, dict[str, float]] | None = None) -> tuple[Path, Path]:
     """benchmarks/results/<name>.json (+ .md): the label-efficiency table with the run's facts."""
@@ -145,9 +150,9 @@ def write_results(name: str, results: pd.DataFrame, out_dir: Path, meta: dict,
     for r in sorted(t.to_dict(orient="records"),
                     key=lambda r: (order[r["regime"]], r["budget"], r["method"])):
         lab = f"{100 * r['budget']:g}%" if r["regime"] == "fraction" else f"{int(r['budget'])}-shot"
-        lines.append(f"| {r['method']} | {lab} | {r['n_labels']:.0f} | {r['auroc_mean']:.3f} ± "
-                     f"{np.nan_to_num(r['auroc_sd']):.3f} | {r['acc_mean']:.3f} ± "
-                     f"{np.nan_to_num(r['acc_sd']):.3f} | {r['seeds']} |")
+        lines.append(f"| {r['method']} | {lab} | {r['n_labels']:.0f} | "
+                     f"{r['auroc_mean']:.3f}{_sd(r['auroc_sd'])} | {r['acc_mean']:.3f}{_sd(r['acc_sd'])} | "
+                     f"{r['seeds']} |")
     for k, v in (published or {}).items():
         lines.append(f"| {k} (published) | 100% | – | {v.get('auroc', float('nan')):.3f} | "
                      f"{v.get('acc', float('nan')):.3f} | – |")

@@ -77,6 +77,7 @@ class ClipConfig:
     # optimisation
     epochs: int = 10
     max_steps: int = 0  # > 0 stops early
+    max_seconds: float = 0.0  # > 0: stop after this much training wall time (CPU budgets); schedule unchanged
     batch_size: int = 64
     grad_cache_chunk: int = 0  # > 0: embed in chunks of this size with gradient caching
     lr: float = 5e-4
@@ -265,14 +266,36 @@ class ClipModel(nn.Module):
 
     def embed_text_ids(
         self, ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Joint-space text embedding and token states; ``hidden`` = cached states entering the first
-        trainable block (see TextTower.hidden_at)."""
+        trainable block (see TextTower.hidden_at), or (B, D) pooled features from ``text_cache`` when the
+        whole tower is locked (token states are then None)."""
+        if hidden is not None and hidden.ndim == 2:
+            return F.normalize(self.txt_proj(self.txt_norm(hidden)), dim=-1), None
         if hidden is not None and self.text_cache_layer is not None:
             tok = self.text.forward_from(hidden, mask, self.text_cache_layer)
         else:
             tok = self.text.forward_tokens(ids, mask)
         return F.normalize(self.txt_proj(self.txt_norm(mean_pool(tok, mask))), dim=-1), tok
+
+    @torch.no_grad()
+    def text_cache(self, ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 128) -> torch.Tensor | None:
+        """What the locked part of the text tower gives for every report, computed once before training.
+
+        Whole tower locked and no ITM head (which needs token states): mean-pooled features (N, D), so a step
+        pays only for the projection. Lower blocks locked: states entering the first trainable block
+        (N, L, D). Nothing locked: None. Locked blocks run without dropout (TextTower.hidden_at).
+        """
+        layer = self.text_cache_layer
+        if layer is None:
+            return None
+        pooled = layer == len(self.text.layers()) and self.fusion is None
+        out = []
+        for i in range(0, len(ids), batch_size):
+            sl = slice(i, i + batch_size)
+            h = self.text.hidden_at(ids[sl].to(self.device), mask[sl].to(self.device), layer)
+            out.append((mean_pool(h, mask[sl].to(self.device)) if pooled else h).cpu())
+        return torch.cat(out)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -541,18 +564,8 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
         raise InputError(cfg.data, "no report text found (manifest column 'report' / 'text')")
     model = build_clip(cfg, ds.texts).to(device)
     tok = model.text.tokenize(ds.texts, cfg.max_text_len)  # tokenise once: the tokenizer is the slow part
-    cache = None
-    if model.text_cache_layer is not None:  # locked lower text blocks: run them once, not every step
-        cache = torch.cat(
-            [
-                model.text.hidden_at(
-                    tok["input_ids"][i : i + 128].to(device),
-                    tok["attention_mask"][i : i + 128].to(device),
-                    model.text_cache_layer,
-                ).cpu()
-                for i in range(0, len(ds), 128)
-            ]
-        )
+    # locked text blocks run once over the whole dataset, not every step (reports repeat a lot)
+    cache = model.text_cache(tok["input_ids"], tok["attention_mask"])
     caps = model.vocab.batch(ds.texts, cfg.max_report_len) if model.vocab is not None else None
 
     bs = min(cfg.batch_size, len(ds))
@@ -589,7 +602,8 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
     model.train()
     while step < steps:
         for batch in loader:
-            if step >= steps:
+            if step >= steps or (cfg.max_seconds > 0 and time.perf_counter() - t0 > cfg.max_seconds):
+                steps = step  # also ends the outer loop
                 break
             idx = batch["index"]
             x = batch["image"].to(device)
@@ -604,7 +618,9 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
                 c = caps[idx]
                 cap = c[:, : int((c != model.vocab.pad).sum(1).max())].to(device)
             opt.zero_grad(set_to_none=True)
-            hid = cache[idx][:, :keep].to(device) if cache is not None else None
+            hid = None
+            if cache is not None:
+                hid = (cache[idx] if cache.ndim == 2 else cache[idx][:, :keep]).to(device)
             rec = train_step(model, x, batch["text"], ids, mask, cap, hid)
             torch.nn.utils.clip_grad_norm_([p for gr in groups for p in gr["params"]], 1.0)
             opt.step()

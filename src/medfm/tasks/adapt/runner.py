@@ -37,6 +37,7 @@ class AdaptConfig:
     methods: list[str] = field(default_factory=lambda: ["linear", "knn", "prototype"])
     budgets: list[Budget] = field(default_factory=lambda: [Budget("fraction", 1.0)])
     seeds: int = 3
+    first_seed: int = 0  # seeds are first_seed .. first_seed + seeds - 1 (lets extra seeds run in parallel)
     knn_k: int = 20
     proto_temperature: float = 0.0  # 0: chosen on val by log-loss
     c_grid: tuple[float, ...] = linear.C_GRID
@@ -225,7 +226,8 @@ def run_adapt(encoder: nn.Module, data_dir: str | Path, out_dir: str | Path, cfg
              site=np.asarray(sites, dtype=str),
              case_id=np.asarray(test_m["case_id"].astype(str).tolist(), dtype=str))
 
-    runs = [(b, s, m) for b in cfg.budgets for s in range(cfg.seeds) for m in cfg.methods]
+    seed_ids = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    runs = [(b, s, m) for b in cfg.budgets for s in seed_ids for m in cfg.methods]
     t_runs = progress.add_task("adaptation runs", total=len(runs)) if progress else None
     rows, preds = [], []
     for budget, seed, method in runs:

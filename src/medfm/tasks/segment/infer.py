@@ -18,12 +18,19 @@ def predict_logits(
     overlap: float = 0.25,
     sw_batch_size: int = 4,
     out_size: Sequence[int] | None = None,
+    flip_tta: bool = False,
 ) -> torch.Tensor:
     """Logits (B, K, *S) for a batch (B, C, *S).
 
     Windows of ``roi_size`` are blended with Gaussian weights; images smaller than the window are padded
     by MONAI. ``out_size`` resizes the logits (e.g. back to the original grid before taking the argmax).
+    ``flip_tta`` averages with the prediction on the left-right mirrored image (test-time augmentation;
+    only sensible for models trained with flips, as `segment train` does).
     """
+    if flip_tta:
+        a = predict_logits(model, image, roi_size, overlap, sw_batch_size, out_size)
+        b = predict_logits(model, image.flip(-1), roi_size, overlap, sw_batch_size, out_size).flip(-1)
+        return (a + b) / 2
     model.eval()
     spatial = tuple(image.shape[2:])
     if roi_size is None or all(r >= s for r, s in zip(roi_size, spatial)) and tuple(roi_size) == spatial:
@@ -51,6 +58,7 @@ def predict_pairs(
     native: bool = True,
     keep_components: int | None = None,
     fill_holes: bool = False,
+    flip_tta: bool = False,
 ) -> list[torch.Tensor]:
     """Label maps for every case of a SegPairs, resized back to each case's native grid when ``native``.
 
@@ -63,7 +71,9 @@ def predict_pairs(
     for i in range(len(pairs)):
         size = tuple(pairs.native_masks[i].shape) if native else None
         x = pairs.images[i : i + 1]
-        lab = predict_labels(model, x, roi_size=roi_size, overlap=overlap, out_size=size)[0]
+        lab = predict_labels(model, x, roi_size=roi_size, overlap=overlap, out_size=size, flip_tta=flip_tta)[
+            0
+        ]
         if keep_components is not None or fill_holes:
             lab = clean_labels(lab, keep_components, fill_holes)
         out.append(lab)
@@ -79,12 +89,15 @@ def evaluate_model(
     tolerance_mm: float = 2.0,
     keep_components: int | None = None,
     fill_holes: bool = False,
+    flip_tta: bool = False,
 ) -> dict:
     """Dice / HD95 (mm, using each case's spacing) / surface Dice, per class, against native-grid masks
     (optionally after post-processing, see ``predict_pairs``)."""
     from medfm.tasks.segment.metrics import segmentation_metrics
 
-    preds = predict_pairs(model, pairs, roi_size, keep_components=keep_components, fill_holes=fill_holes)
+    preds = predict_pairs(
+        model, pairs, roi_size, keep_components=keep_components, fill_holes=fill_holes, flip_tta=flip_tta
+    )
     per_case = [
         segmentation_metrics(
             p[None], t[None], num_classes, spacing=s, tolerance_mm=tolerance_mm, class_names=class_names
