@@ -92,6 +92,11 @@ def main() -> None:
     ap.add_argument("--decoder", default="auto", help="auto | unetr | unet (ignored for monai_unet)")
     ap.add_argument("--tag", default="", help="suffix of the method names (e.g. the step count)")
     ap.add_argument("--save", default=None, help="folder for each model's weights (re-evaluation later)")
+    ap.add_argument(
+        "--init", default=None, help="start from saved weights (a --save file): continue training"
+    )
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--tta", action="store_true", help="also evaluate with flip TTA (+ post-processing)")
     ap.add_argument("--out", default=str(RESULTS / "lung_seg.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,13 +157,17 @@ def main() -> None:
                 n_labels=n_labels,
                 steps=args.steps,
                 batch_size=8,
-                lr=1e-3,
+                lr=args.lr,
                 encoder_lr_scale=args.encoder_lr_scale if base == "pretrained" else 1.0,
                 progress=False,
                 feature_size=args.feature_size,
             )
             sub = select_labels(train, n_labels, 0)
             model = build_model(cfg, 2, 1, [args.size, args.size], 2)
+            if args.init:
+                from safetensors.torch import load_file
+
+                model.load_state_dict(load_file(args.init))
             secs = fit(model, sub, [args.size, args.size], cfg)
             if args.save:
                 from safetensors.torch import save_file
@@ -177,6 +186,10 @@ def main() -> None:
             for key, pairs in (("shenzhen_test", test_sz), ("montgomery", test_mc)):
                 row[key] = evaluate_model(model, pairs, 2, class_names=["lung"])["lung"]
                 row[key + "_pp"] = evaluate_model(model, pairs, 2, class_names=["lung"], **pp)["lung"]
+                if args.tta:
+                    row[key + "_tta_pp"] = evaluate_model(
+                        model, pairs, 2, class_names=["lung"], flip_tta=True, **pp
+                    )["lung"]
             print(json.dumps(row), flush=True)
             res["runs"] = [r for r in res["runs"] if (r["method"], r["n_labels"]) != (method, len(sub))] + [
                 row
@@ -230,8 +243,8 @@ def write_markdown(res: dict, path: Path) -> None:
         f"Setup: {json.dumps({k: v for k, v in res['setup'].items() if k != 'environment'})}",
         "",
         "| method | labelled | steps | Dice SZ | HD95 SZ | SurfDice SZ | Dice MC | HD95 MC | SurfDice MC "
-        "| Dice SZ pp | HD95 SZ pp | Dice MC pp | HD95 MC pp | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Dice SZ pp | HD95 SZ pp | Dice MC pp | HD95 MC pp | Dice SZ tta+pp | Dice MC tta+pp | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
     for r in res["runs"]:
@@ -242,7 +255,8 @@ def write_markdown(res: dict, path: Path) -> None:
             f"{a.get('hd95_mm', nan):.1f} | {a.get('surface_dice', nan):.3f} | {b['dice']:.3f} | "
             f"{b.get('hd95_mm', nan):.1f} | {b.get('surface_dice', nan):.3f} | "
             f"{ap.get('dice', nan):.3f} | {ap.get('hd95_mm', nan):.1f} | {bp.get('dice', nan):.3f} | "
-            f"{bp.get('hd95_mm', nan):.1f} | {r['train_seconds']} |"
+            f"{bp.get('hd95_mm', nan):.1f} | {r.get('shenzhen_test_tta_pp', {}).get('dice', nan):.3f} | "
+            f"{r.get('montgomery_tta_pp', {}).get('dice', nan):.3f} | {r['train_seconds']} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

@@ -305,7 +305,7 @@ def main() -> None:
     p.add_argument("--covid", default="", help="covid_cxr_notes folder (default: shared data).")
     p.add_argument("--iu", default="", help="iu_xray_reports folder (default: shared data).")
     p.add_argument("--key", default="phantom", help="Result key of the phantom stage.")
-    p.add_argument("--init-from", default="", help="Phantom stage: image tower from this run (e.g. a MAE run).")
+    p.add_argument("--init-from", default="", help="Phantom stage: image tower from this run (MAE).")
     p.add_argument("--lock-image", type=int, default=-1, help="Phantom stage: -1 train all, N last N blocks.")
     p.add_argument("--lr", type=float, default=3e-4, help="Phantom stage learning rate.")
     p.add_argument("--batch", type=int, default=64, help="Phantom stage batch size.")

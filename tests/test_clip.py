@@ -232,6 +232,14 @@ def test_train_writes_run_dir_and_reloads(bert, toy, tmp_path):
     assert p.shape == (2,) and ((p >= 0) & (p <= 1)).all()
 
 
+def test_time_budget_stops_training_early(bert, toy, tmp_path):
+    """max_seconds ends training after the step that crosses it (at least one step), whatever epochs says;
+    a fully locked text tower trains from the pooled-feature cache."""
+    cfg = tiny_cfg(bert, data=toy, out=str(tmp_path / "run"), lock_text=0, epochs=50, max_seconds=1e-6)
+    m = json.loads((train_clip(cfg, progress=False) / "metrics.json").read_text())
+    assert m["steps"] == 1 and math.isfinite(m["history"][0]["loss"])
+
+
 def test_bad_inputs_give_one_line_errors(bert, tmp_path):
     with pytest.raises(InputError, match="no such dataset"):
         train_clip(tiny_cfg(bert, data=str(tmp_path / "missing"), out=str(tmp_path / "r")))

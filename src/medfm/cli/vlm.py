@@ -109,6 +109,9 @@ def clip(
     max_report_len: int = typer.Option(80, help="Decoder length in words.", rich_help_panel=_OBJ),
     epochs: int = typer.Option(10, help="Passes over the data.", rich_help_panel=_OPT),
     max_steps: int = typer.Option(0, help="Stop after this many steps (0: no limit).", rich_help_panel=_OPT),
+    max_seconds: float = typer.Option(
+        0.0, help="Stop after this much training wall time in seconds (0: no limit).", rich_help_panel=_OPT
+    ),
     batch_size: int = typer.Option(64, help="Pairs per contrastive batch.", rich_help_panel=_OPT),
     grad_cache: int = typer.Option(
         0,
@@ -162,6 +165,7 @@ def clip(
         max_report_len=max_report_len,
         epochs=epochs,
         max_steps=max_steps,
+        max_seconds=max_seconds,
         batch_size=batch_size,
         grad_cache_chunk=grad_cache,
         lr=lr,

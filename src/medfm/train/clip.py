@@ -602,7 +602,8 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
     model.train()
     while step < steps:
         for batch in loader:
-            if step >= steps or (cfg.max_seconds > 0 and time.perf_counter() - t0 > cfg.max_seconds):
+            over = cfg.max_seconds > 0 and step > 0 and time.perf_counter() - t0 > cfg.max_seconds
+            if step >= steps or over:
                 steps = step  # also ends the outer loop
                 break
             idx = batch["index"]
