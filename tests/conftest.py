@@ -21,3 +21,9 @@ def data_dir() -> Path:
     if not d.is_dir():
         pytest.skip(f"real data folder not found at {d} (set MEDFM_DATA)")
     return d
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_medfm_home(tmp_path_factory) -> None:
+    """Keep the pseudonymisation salt and caches of test runs out of the user's ~/.medfm."""
+    os.environ["MEDFM_HOME"] = str(tmp_path_factory.mktemp("medfm_home"))
