@@ -50,10 +50,10 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    """Atomic JSON write (temporary file + rename); one implementation for the whole project."""
+    from medfm.runs import write_json
+
+    write_json(path, obj)
 
 
 def read_summary(root: str | Path) -> dict[str, Any]:
