@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -87,7 +88,8 @@ def main() -> None:
         "speedup": round(max(fast) / max(slow), 2),
         "prepare_seconds_once": round(prep_s, 1) if prep_s else None,
         "data": str(args.data.name),
-        "note": "measured on a shared machine; rerun for final numbers",
+        "note": "wall-clock throughput depends on load; load_avg = 1-minute load average when written",
+        "load_avg": os.getloadavg()[0],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
