@@ -37,8 +37,8 @@ def pool_and_pretrain(work: Path, size: int, patch: int, steps: int) -> Path:
     return bench.pretrain(pool, work / f"mae_pool_{size}", steps, size, patch, ENCODER_ARGS)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """Options shared by the label-efficiency benchmarks (BreastMNIST, tuberculosis)."""
     ap.add_argument("--work", type=Path, default=Path("runs/h6bench"))
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--patch", type=int, default=4)
@@ -57,6 +57,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default="linear,knn,prototype,finetune,lora,scratch")
     ap.add_argument("--threads", type=int, default=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MEDFM_PROGRESS", "0")

@@ -23,31 +23,14 @@ import torch
 from medfm.pipeline import bench
 
 try:  # run as a script from the repo root: benchmarks/ is not a package
-    from bench_breastmnist import ENCODER_ARGS, pool_and_pretrain
+    from bench_breastmnist import ENCODER_ARGS, add_common_args, pool_and_pretrain
 except ImportError:  # pragma: no cover
-    from benchmarks.bench_breastmnist import ENCODER_ARGS, pool_and_pretrain
+    from benchmarks.bench_breastmnist import ENCODER_ARGS, add_common_args, pool_and_pretrain
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("runs/h6bench"))
-    ap.add_argument("--size", type=int, default=28)
-    ap.add_argument("--patch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--adapt-steps", type=int, default=0,
-                    help="fixed finetune/lora/scratch steps; 0: --epochs, best-val selection")
-    ap.add_argument("--epochs", type=float, default=60.0, help="finetune/lora/scratch epochs")
-    ap.add_argument("--min-steps", type=int, default=150)
-    ap.add_argument("--max-steps", type=int, default=1500)
-    ap.add_argument("--patience", type=int, default=15, help="early stopping, in epochs")
-    ap.add_argument("--trained-seeds", type=int, default=0,
-                    help="seeds for finetune/lora/scratch (0: --seeds); they cost minutes per run on a CPU")
-    ap.add_argument("--shots", default="1,5,10")
-    ap.add_argument("--encoder-run", type=Path, default=None,
-                    help="use this pretrained run instead of pretraining one (e.g. a longer MAE run)")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--methods", default="linear,knn,prototype,finetune,lora,scratch")
-    ap.add_argument("--threads", type=int, default=1)
+    add_common_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MEDFM_PROGRESS", "0")
