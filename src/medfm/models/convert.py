@@ -32,6 +32,27 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _vit_config(out: dict, dim: int, depth: int, patch: int, side: int, in_chans: int, arch, overrides: dict,
+                norm_eps: float) -> dict:
+    """medfm ViT config for converted weights (already in medfm key layout), read off the tensor shapes."""
+    return dict(
+        name=_VIT_NAME_BY_DIM.get(dim, "vit_base"),
+        spatial_dims=2,
+        in_chans=in_chans,
+        img_size=side * patch,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=_num_heads(dim, arch, overrides),
+        mlp_ratio=out["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in out,
+        pos_embed="learned",
+        layer_scale=1.0 if "blocks.0.ls1.gamma" in out else None,
+        num_register_tokens=out["reg_tokens"].shape[1] if "reg_tokens" in out else 0,
+        norm_eps=norm_eps,
+    )
+
+
 def _num_heads(dim: int, arch: str | None, overrides: dict[str, Any]) -> int:
     if "num_heads" in overrides:
         return int(overrides.pop("num_heads"))
@@ -92,22 +113,7 @@ def timm_vit_to_medfm(
     for k, v in sd.items():
         if not k.startswith(skip):
             out[k] = v
-    cfg = dict(
-        name=_VIT_NAME_BY_DIM.get(dim, "vit_base"),
-        spatial_dims=2,
-        in_chans=in_chans,
-        img_size=side * patch,
-        patch_size=patch,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=_num_heads(dim, arch, overrides),
-        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd,
-        pos_embed="learned",
-        layer_scale=1.0 if "blocks.0.ls1.gamma" in sd else None,
-        num_register_tokens=out["reg_tokens"].shape[1] if "reg_tokens" in out else 0,
-        norm_eps=1e-6,
-    )
+    cfg = _vit_config(out, dim, depth, patch, side, in_chans, arch, overrides, norm_eps=1e-6)
     return cfg, out, (side, side)
 
 
@@ -193,22 +199,9 @@ def hf_vit_to_medfm(
         )
     if "num_heads" not in overrides and "num_attention_heads" in hf_cfg:
         overrides["num_heads"] = hf_cfg["num_attention_heads"]
-    cfg = dict(
-        name=_VIT_NAME_BY_DIM.get(dim, "vit_base"),
-        spatial_dims=2,
-        in_chans=in_chans,
-        img_size=side * patch,
-        patch_size=patch,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=_num_heads(dim, arch, overrides),
-        mlp_ratio=out["blocks.0.mlp.fc1.weight"].shape[0] / dim,
-        qkv_bias="blocks.0.attn.qkv.bias" in out,
-        pos_embed="learned",
-        layer_scale=1.0 if "blocks.0.ls1.gamma" in out else None,
-        num_register_tokens=out["reg_tokens"].shape[1] if "reg_tokens" in out else 0,
-        norm_eps=float(hf_cfg.get("layer_norm_eps", 1e-12 if "blocks.0.ls1.gamma" not in out else 1e-6)),
-    )
+    eps_default = 1e-6 if "blocks.0.ls1.gamma" in out else 1e-12
+    cfg = _vit_config(out, dim, depth, patch, side, in_chans, arch, overrides,
+                      norm_eps=float(hf_cfg.get("layer_norm_eps", eps_default)))
     return cfg, out, (side, side)
 
 
