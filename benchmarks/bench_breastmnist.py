@@ -20,6 +20,7 @@ import platform
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from medfm.paths import shared_data_dir
@@ -35,6 +36,19 @@ def pool_and_pretrain(work: Path, size: int, patch: int, steps: int) -> Path:
     covid = bench.prepare(d / "covid_cxr_notes", work / f"covid_cxr_notes_{size}", size)
     pool = bench.merge_pool([breast, tb, covid], work / f"pool_{size}")
     return bench.pretrain(pool, work / f"mae_pool_{size}", steps, size, patch, ENCODER_ARGS)
+
+
+def resnet_reference(work: Path, size: int, width: int) -> Path:
+    """An untrained MedMNIST-style ResNet-18 (3x3 stem, no max-pool) saved as a run: its `scratch` rows
+    reproduce the published baseline's architecture under this benchmark's training recipe."""
+    from medfm.models import create_encoder
+    from medfm.models.io import save_encoder
+
+    run = work / f"resnet18_w{width}_{size}"
+    if not (run / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        save_encoder(create_encoder("resnet18", img_size=size, small_input=True, width=width), run)
+    return run
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -57,6 +71,9 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default="linear,knn,prototype,finetune,lora,scratch")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resnet-reference", type=int, default=0, metavar="WIDTH",
+                    help="also train a from-scratch ResNet-18 (28 px stem) of this base width (64 = the "
+                    "published one) with the same recipe; 0: off")
 
 
 def main() -> None:
@@ -74,6 +91,15 @@ def main() -> None:
                                        args.trained_seeds or args.seeds, args.adapt_steps,
                                        epochs=args.epochs, min_steps=args.min_steps,
                                        max_steps=args.max_steps, patience=args.patience)
+    if args.resnet_reference:
+        ref = resnet_reference(args.work, args.size, args.resnet_reference)
+        out = args.work / "adapt_breastmnist" / "resnet_reference"
+        r = bench.label_efficiency(ref, data, out, ["scratch"],
+                                   "0.1,1.0", "", args.trained_seeds or args.seeds, args.adapt_steps,
+                                   epochs=args.epochs, min_steps=args.min_steps, max_steps=args.max_steps,
+                                   patience=args.patience)
+        r["method"] = f"scratch ResNet-18 (width {args.resnet_reference})"
+        res = pd.concat([res, r], ignore_index=True)
     wall = time.perf_counter() - t0
     recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience)
     meta = {"description": f"BreastMNIST ({args.size} px), official split 546/78/156; encoder vit_tiny "

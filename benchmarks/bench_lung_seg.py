@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -28,25 +31,34 @@ RESULTS = Path(__file__).parent / "results"
 ENC_KW = dict(embed_dim=192, depth=6, num_heads=3, patch_size=16)
 
 
-def mini_mae(images: torch.Tensor, size: int, steps: int, seed: int = 0) -> Path:
+def mini_mae(
+    images: torch.Tensor,
+    size: int,
+    steps: int,
+    seed: int = 0,
+    patch_size: int = 16,
+    batch_size: int = 16,
+    out: Path | None = None,
+) -> Path:
     """Fallback when no `medfm pretrain mae` run exists: a small MAE (75% masking, pixel loss on masked
     patches, linear decoder) on unlabelled images, saved as a medfm encoder run directory."""
     from medfm.models.io import save_encoder
     from medfm.models.registry import create_encoder
 
     torch.manual_seed(seed)
-    enc = create_encoder("vit_tiny", img_size=size, **ENC_KW)
-    p = ENC_KW["patch_size"]
+    enc = create_encoder("vit_tiny", img_size=size, **{**ENC_KW, "patch_size": patch_size})
+    p = patch_size
     dec = torch.nn.Sequential(
         torch.nn.Linear(enc.embed_dim, 128), torch.nn.GELU(), torch.nn.Linear(128, p * p)
     )
     mask_tok = torch.nn.Parameter(torch.zeros(1, 1, enc.embed_dim))
     opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters(), mask_tok], lr=1.5e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = 1.5e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        x = images[torch.randint(len(images), (16,), generator=g)]
+        x = images[torch.randint(len(images), (batch_size,), generator=g)]
         tokens = enc.patch_tokens(x)  # (B, N, D)
         b, n, d = tokens.shape
         keep = n // 4
@@ -66,12 +78,33 @@ def mini_mae(images: torch.Tensor, size: int, steps: int, seed: int = 0) -> Path
         opt.step()
         if step % 100 == 0:
             print(f"mae step {step} loss {float(loss):.4f}", flush=True)
-    out = RESULTS / "runs" / "mini_mae"
+    out = Path(out) if out else RESULTS / "runs" / f"mini_mae_p{patch_size}"
     save_encoder(enc, out)
     write_json(
-        out / "config.json", {"objective": "mae (benchmark fallback)", "steps": steps, "encoder": enc.config}
+        out / "config.json",
+        {
+            "objective": "mae (benchmark fallback)",
+            "steps": steps,
+            "batch_size": batch_size,
+            "data": f"{len(images)} Shenzhen training images at {size} px (no labels)",
+            "encoder": enc.config,
+            "seconds": round(time.time() - t0, 1),
+        },
     )
     return out
+
+
+def recipe(model: torch.nn.Module, base: str, args: argparse.Namespace) -> str:
+    """One-line description of a row's network and schedule (rows of several rounds share the table)."""
+    if base == "monai_unet":
+        return f"MONAI UNet, {args.size} px"
+    cfg = model.encoder.config
+    init = "MAE-pretrained" if base == "pretrained" else "random init"
+    text = (
+        f"ViT p{cfg['patch_size']} {cfg['embed_dim']}d/{cfg['depth']} ({init}) + "
+        f"{model.decoder_name.upper()} fs{args.feature_size}, {args.size} px"
+    )
+    return text + (f", continued from {Path(args.init).name} at lr {args.lr}" if args.init else "")
 
 
 def main() -> None:
@@ -81,6 +114,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--mae-steps", type=int, default=600)
+    ap.add_argument("--mae-batch", type=int, default=16)
+    ap.add_argument("--patch-size", type=int, default=16, help="ViT patch of the built-in MAE / scratch")
+    ap.add_argument("--mae-only", action="store_true", help="only pretrain the built-in MAE, then exit")
     ap.add_argument("--prompt-steps", type=int, default=300)
     ap.add_argument("--labels", default="10,50,all")
     ap.add_argument(
@@ -128,15 +164,26 @@ def main() -> None:
         res["runs"] = old.get("runs", [])
         if "mae_seconds" in old.get("setup", {}):
             res["setup"]["mae_seconds"] = old["setup"]["mae_seconds"]
+        res["commands"] = old.get("commands", [])
+    cmd = " ".join([".venv/bin/python", "benchmarks/bench_lung_seg.py", *map(shlex.quote, sys.argv[1:])])
+    if cmd not in res.setdefault("commands", []):
+        res["commands"].append(cmd)
     pre = args.pretrained
     methods = [m for m in args.methods.split(",") if m]
-    if ("pretrained" in methods or args.prompt_steps) and pre is None:
+    if ("pretrained" in methods or args.prompt_steps or args.mae_only) and pre is None:
         t = time.time()
-        pre = str(mini_mae(train.images, args.size, args.mae_steps))
+        pre = str(
+            mini_mae(
+                train.images, args.size, args.mae_steps, patch_size=args.patch_size, batch_size=args.mae_batch
+            )
+        )
         res["setup"]["mae_seconds"] = round(time.time() - t, 1)
+        print(f"mae: {pre} ({res['setup']['mae_seconds']} s)", flush=True)
+        if args.mae_only:
+            return
     res["setup"]["pretrained_run"] = pre
     # "scratch" = the pretrained run's architecture, freshly initialised (a fair comparison)
-    scratch_name, scratch_kw = "vit_tiny", dict(ENC_KW)
+    scratch_name, scratch_kw = "vit_tiny", {**ENC_KW, "patch_size": args.patch_size}
     if pre is not None:
         from medfm.models.io import load_encoder
 
@@ -180,7 +227,9 @@ def main() -> None:
                 "n_labels": len(sub),
                 "n_labels_requested": n,
                 "steps": args.steps,
+                "recipe": recipe(model, base, args),
                 "train_seconds": round(secs, 1),
+                "load_avg_1min_after": round(os.getloadavg()[0], 2),
             }
             pp = dict(keep_components=2, fill_holes=True)
             for key, pairs in (("shenzhen_test", test_sz), ("montgomery", test_mc)):
@@ -236,28 +285,108 @@ def main() -> None:
     write_markdown(res, Path(args.out).with_suffix(".md"))
 
 
+OLD_VIT = "ViT p16 192d/6 ({}) + UNETR fs8, 128 px"
+
+NOTES = """Notes. SZ = Shenzhen test split (114), MC = all Montgomery (138, other hospital, never in
+training or pretraining). Method suffix = training steps (batch 8; evaluation on the 256 px masks with
+the logits upsampled). "pretrained" = a ViT pretrained by this script's built-in MAE (75% masking, per-
+patch normalised pixel loss, linear decoder) on the 396 Shenzhen training images (no labels) + a UNETR
+decoder, encoder lr x0.3; "scratch" = the same network from random init (encoder lr x1); monai_unet =
+MONAI UNet baseline (no encoder). The recipe column says which ViT (patch size p, width/depth) and
+decoder width (fs) a row used: rows of the earlier round use ViT p16 at 128 px (8x8 tokens), the current
+round ViT p8 (16x16 tokens, same width and depth, MAE repeated for p8). pp = post-processing (keep the
+two largest connected components, fill holes: `evaluate_model(..., keep_components=2, fill_holes=True)`,
+CLI `medfm segment evaluate/predict --keep-components 2 --fill-holes`). tta = left-right flip test-time
+augmentation (`flip_tta=True`). HD95 in pixels of the 256 px grid (the PNGs carry no spacing). Promptable
+= SAM-style decoder on the p16 pretrained encoder, one box per lung, Dice at 128 px. Rows of the earlier
+round were timed on a shared CPU with ~8 other jobs (inflated); current rows on 1 thread beside one other
+job (the load average after each run is in lung_seg.json)."""
+
+
+def row_recipe(r: dict) -> str:
+    if "recipe" in r:
+        return r["recipe"]
+    m = r["method"]
+    if m.startswith("monai_unet"):
+        return "MONAI UNet, 128 px"
+    if m.startswith("promptable"):
+        return "SAM-style decoder on MAE ViT p16, 128 px"
+    return OLD_VIT.format("random init" if m.startswith("scratch") else "MAE-pretrained")
+
+
+def _dice(r: dict, key: str) -> float:
+    return r.get(key, {}).get("dice", float("nan"))
+
+
+def status_lines(res: dict) -> list[str]:
+    """Targets and the equal-step comparison, computed from the rows (no hand-typed numbers)."""
+    out = []
+    for req, target in (("all", 0.95), ("10", 0.90)):
+        rows = [
+            r
+            for r in res["runs"]
+            if r["method"].startswith("pretrained") and r.get("n_labels_requested") == req
+        ]
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: _dice(r, "shenzhen_test"))
+        raw, pp, tta = (_dice(best, k) for k in ("shenzhen_test", "shenzhen_test_pp", "shenzhen_test_tta_pp"))
+        ok = "reached" if raw >= target else ("reached only with tta+pp" if tta >= target else "NOT reached")
+        out.append(
+            f"- {req} labels, pretrained, target Dice SZ >= {target}: best row {best['method']} "
+            f"({row_recipe(best)}): {raw:.3f} raw / {pp:.3f} pp / {tta:.3f} tta+pp -- {ok}."
+        )
+    # equal-budget groups: same suffix (steps) and labels, several bases
+    groups: dict = {}
+    for r in res["runs"]:
+        for base in ("pretrained", "scratch", "monai_unet"):
+            if r["method"].startswith(base):
+                groups.setdefault((r["method"][len(base) :], r["n_labels"]), {})[base] = r
+    for (tag, n), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if len(g) < 2:
+            continue
+        parts = [
+            f"{b} {_dice(r, 'shenzhen_test'):.3f} / {_dice(r, 'montgomery'):.3f}"
+            + (
+                f" (pp {_dice(r, 'shenzhen_test_pp'):.3f} / {_dice(r, 'montgomery_pp'):.3f})"
+                if "shenzhen_test_pp" in r
+                else ""
+            )
+            for b, r in g.items()
+        ]
+        out.append(f"- equal steps ({tag.lstrip('_')}), {n} labels, Dice SZ / MC: " + "; ".join(parts) + ".")
+    return out
+
+
 def write_markdown(res: dict, path: Path) -> None:
+    setup = {k: v for k, v in res["setup"].items() if k not in ("environment", "encoder", "pretrained_run")}
     lines = [
         "# Lung segmentation (Shenzhen train; Shenzhen test and all Montgomery)",
         "",
-        f"Setup: {json.dumps({k: v for k, v in res['setup'].items() if k != 'environment'})}",
+        f"Setup (last invocation; per-row network in the recipe column): {json.dumps(setup)}",
+        f"Pretrained run of the last invocation: {res['setup'].get('pretrained_run')}",
         "",
-        "| method | labelled | steps | Dice SZ | HD95 SZ | SurfDice SZ | Dice MC | HD95 MC | SurfDice MC "
-        "| Dice SZ pp | HD95 SZ pp | Dice MC pp | HD95 MC pp | Dice SZ tta+pp | Dice MC tta+pp | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | recipe | labelled | steps | Dice SZ | HD95 SZ | SurfDice SZ | Dice MC | HD95 MC "
+        "| SurfDice MC | Dice SZ pp | HD95 SZ pp | Dice MC pp | HD95 MC pp | Dice SZ tta+pp "
+        "| Dice MC tta+pp | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
     for r in res["runs"]:
         a, b = r["shenzhen_test"], r["montgomery"]
         ap, bp = r.get("shenzhen_test_pp", {}), r.get("montgomery_pp", {})
         lines.append(
-            f"| {r['method']} | {r['n_labels']} | {r.get('steps', '-')} | {a['dice']:.3f} | "
-            f"{a.get('hd95_mm', nan):.1f} | {a.get('surface_dice', nan):.3f} | {b['dice']:.3f} | "
+            f"| {r['method']} | {row_recipe(r)} | {r['n_labels']} | {r.get('steps', '-')} | "
+            f"{a['dice']:.3f} | {a.get('hd95_mm', nan):.1f} | {a.get('surface_dice', nan):.3f} | "
+            f"{b['dice']:.3f} | "
             f"{b.get('hd95_mm', nan):.1f} | {b.get('surface_dice', nan):.3f} | "
             f"{ap.get('dice', nan):.3f} | {ap.get('hd95_mm', nan):.1f} | {bp.get('dice', nan):.3f} | "
             f"{bp.get('hd95_mm', nan):.1f} | {r.get('shenzhen_test_tta_pp', {}).get('dice', nan):.3f} | "
             f"{r.get('montgomery_tta_pp', {}).get('dice', nan):.3f} | {r['train_seconds']} |"
         )
+    lines += ["", NOTES, "", "Status (computed from the rows above):", *status_lines(res)]
+    if res.get("commands"):
+        lines += ["", "Commands of the current round:", "", *("    " + c for c in res["commands"])]
     path.write_text("\n".join(lines) + "\n")
 
 

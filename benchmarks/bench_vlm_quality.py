@@ -120,13 +120,15 @@ def stage_phantom(args) -> None:
         cfg = ClipConfig(
             data=args.data,
             out=str(run),
-            img_size=64,
             batch_size=args.batch,
-            epochs=12,
+            epochs=args.epochs,
             max_steps=args.max_steps,
             max_seconds=args.max_seconds,
             w_caption=args.w_caption,
             lock_text=0,
+            text_pooling=args.text_pooling,
+            img_size=args.img_size,
+            encoder_kwargs={"patch_size": args.patch_size, "depth": 4},
             init_from=args.init_from or None,
             lock_image=args.lock_image,
             lr=args.lr,
@@ -309,9 +311,15 @@ def main() -> None:
     p.add_argument("--lock-image", type=int, default=-1, help="Phantom stage: -1 train all, N last N blocks.")
     p.add_argument("--lr", type=float, default=3e-4, help="Phantom stage learning rate.")
     p.add_argument("--batch", type=int, default=64, help="Phantom stage batch size.")
-    p.add_argument("--max-steps", type=int, default=0, help="Phantom stage step cap (0: 12 epochs).")
+    p.add_argument("--epochs", type=int, default=12, help="Phantom stage epochs (sets the LR schedule).")
+    p.add_argument("--max-steps", type=int, default=0, help="Phantom stage step cap (0: --epochs).")
     p.add_argument("--max-seconds", type=float, default=0.0, help="Phantom stage training time cap.")
     p.add_argument("--w-caption", type=float, default=0.5, help="Phantom stage report-generation weight.")
+    p.add_argument("--text-pooling", default="report", help="Phantom stage: report | sentences.")
+    p.add_argument(
+        "--img-size", type=int, default=64, help="Phantom stage image size (data prepared at >= it)."
+    )
+    p.add_argument("--patch-size", type=int, default=8, help="Phantom stage ViT patch size.")
     p.add_argument("--k", type=int, default=5, help="Neighbours for retrieval-augmented reports.")
     p.add_argument("--covid-epochs", type=int, default=30)
     p.add_argument("--iu-steps", type=int, default=400)

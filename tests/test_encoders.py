@@ -21,8 +21,12 @@ TINY = {
     "hybrid_tiny": dict(conv_dims=(16, 32), conv_depths=(1, 1), embed_dim=64, depth=2, num_heads=2),
     "hybrid_small": dict(conv_dims=(16, 32), conv_depths=(1, 1), embed_dim=64, depth=2, num_heads=2),
     "swin_tiny": dict(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4),
+    "resnet18": dict(width=8),
+    "resnet34": dict(width=8, layers=(1, 1, 1, 1)),
+    "resnet50": dict(width=8, layers=(1, 1, 1, 1)),
 }
 FAMILY = {"vit": "vit", "convnext": "cnn", "hybrid": "hybrid", "swin": "hybrid"}
+FAMILY |= {"resnet18": "cnn", "resnet34": "cnn", "resnet50": "cnn"}
 SIZE = {2: 64, 3: 32}
 
 
@@ -54,6 +58,16 @@ def test_encoder_shapes_and_rebuild(name, spatial_dims):
     again.load_state_dict(enc.state_dict())
     with torch.no_grad():
         assert torch.equal(again(x), pooled)
+
+
+def test_resnet_small_input_keeps_resolution_for_tiny_images():
+    """MedMNIST-style ResNet for 28 px: 3x3 stride-1 stem, no max-pool, stages at strides 1-8."""
+    enc = create_encoder("resnet18", img_size=28, small_input=True, width=8).eval()
+    feats = enc.forward_features(torch.rand(2, 1, 28, 28))
+    assert [f.shape[-1] for f in feats] == [28, 14, 7, 4] and enc.feature_strides == [1, 2, 4, 8]
+    assert enc.embed_dim == 64
+    with pytest.raises(ConfigError, match="block"):
+        create_encoder("resnet18", block="wide")
 
 
 def test_vit_token_api_and_pooling():

@@ -98,6 +98,9 @@ def evaluate(
     )
     key = f"eval_{split}" + (f"_{site}" if site else "") + ("_pp" if keep_components or fill_holes else "")
     update_metrics(run, **{key: res})
+    from medfm.tasks.segment.modelcard import refresh_seg_model_card
+
+    refresh_seg_model_card(run)
     for name, m in res.items():
         typer.echo(
             f"{name}: dice {m['dice']:.4f}  hd95 {m['hd95_mm']:.2f} mm  surface dice {m['surface_dice']:.4f}"

@@ -96,6 +96,17 @@ def clip(
         2, help="-1 train the text tower, 0 lock it, N train only its last N layers.", rich_help_panel=_TXT
     ),
     max_text_len: int = typer.Option(96, help="Report tokens seen by the text tower.", rich_help_panel=_TXT),
+    text_pooling: str = typer.Option(
+        "report",
+        help="'report': embed the whole report; 'sentences': average per-sentence embeddings, which matches "
+        "single-sentence zero-shot prompts (needs --lock-text 0).",
+        rich_help_panel=_TXT,
+    ),
+    sentence_dropout: float = typer.Option(
+        0.3,
+        help="With --text-pooling sentences: chance to leave a sentence out per step.",
+        rich_help_panel=_TXT,
+    ),
     proj_dim: int = typer.Option(128, help="Joint embedding size.", rich_help_panel=_OBJ),
     w_contrastive: float = typer.Option(
         1.0, help="Weight of the symmetric InfoNCE loss.", rich_help_panel=_OBJ
@@ -156,6 +167,8 @@ def clip(
         text_tower=text_tower,
         text_path=text_path,
         max_text_len=max_text_len,
+        text_pooling=text_pooling,
+        sentence_dropout=sentence_dropout,
         lock_image=lock_image,
         lock_text=lock_text,
         proj_dim=proj_dim,

@@ -57,4 +57,4 @@ def describe_encoder(name: str) -> str:
 
 
 # The family modules register themselves on import; imported last because they import ENCODERS from here.
-from medfm.models import convnext, hybrid, vit  # noqa: E402, F401, I001
+from medfm.models import convnext, hybrid, resnet, vit  # noqa: E402, F401, I001

@@ -30,6 +30,7 @@ from torch import nn
 from medfm.errors import ConfigError, InputError
 from medfm.models.fusion import ITMFusion
 from medfm.models.report_decoder import ReportDecoder, WordVocab
+from medfm.models.sentences import pool_sentences, sentence_index
 from medfm.models.text import TextTower, create_text_tower, lock_tower, mean_pool
 from medfm.runs import environment, read_json, write_json
 from medfm.train.gradcache import cached_backward
@@ -53,6 +54,11 @@ class ClipConfig:
     text_tower: str = "minilm"
     text_path: str | None = None
     max_text_len: int = 96
+    # "report": one embedding of the whole report; "sentences": the mean of per-sentence embeddings (matches
+    # single-sentence zero-shot prompts; needs the text tower locked, lock_text=0), with each sentence
+    # dropped with probability sentence_dropout during training (text augmentation)
+    text_pooling: str = "report"
+    sentence_dropout: float = 0.3
     # locking: -1 = train all, 0 = lock the whole tower, N = train only its last N blocks
     lock_image: int = -1
     lock_text: int = 2
@@ -100,6 +106,14 @@ class ClipConfig:
             raise ConfigError("objective weights must be >= 0 and not all 0")
         if self.proj_norm not in ("batch", "none"):
             raise ConfigError(f"proj_norm must be 'batch' or 'none', got {self.proj_norm!r}")
+        if self.text_pooling not in ("report", "sentences"):
+            raise ConfigError(f"text_pooling must be 'report' or 'sentences', got {self.text_pooling!r}")
+        if self.text_pooling == "sentences" and (self.lock_text != 0 or self.w_itm > 0):
+            raise ConfigError(
+                "text_pooling='sentences' needs a locked text tower (lock_text=0) and no ITM head (w_itm=0)"
+            )
+        if not 0 <= self.sentence_dropout < 1:
+            raise ConfigError(f"sentence_dropout must be in [0, 1), got {self.sentence_dropout}")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
         if self.w_itm > 0 and self.w_contrastive <= 0:
@@ -308,9 +322,24 @@ class ClipModel(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, self.cfg.proj_dim)
 
     @torch.no_grad()
+    def sentence_features(self, sentences: list[str], batch_size: int = 128) -> torch.Tensor:
+        """Mean-pooled text-tower features (S, D) of single sentences (before normalisation/projection)."""
+        self.eval()
+        out = []
+        for i in range(0, len(sentences), batch_size):
+            tok = self.text.tokenize(sentences[i : i + batch_size], self.cfg.max_text_len)
+            ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+            out.append(mean_pool(self.text.forward_tokens(ids, mask), mask).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.text.embed_dim)
+
+    @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """L2-normalised text embeddings in the joint space (eval mode, no grad)."""
         self.eval()
+        if self.cfg.text_pooling == "sentences":
+            sents, index = sentence_index(list(texts))
+            pooled = pool_sentences(self.sentence_features(sents), index).to(self.device)
+            return F.normalize(self.txt_proj(self.txt_norm(pooled)), dim=-1).cpu()
         out = []
         for i in range(0, len(texts), batch_size):
             tok = self.text.tokenize(texts[i : i + batch_size], self.cfg.max_text_len)
@@ -565,7 +594,12 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
     model = build_clip(cfg, ds.texts).to(device)
     tok = model.text.tokenize(ds.texts, cfg.max_text_len)  # tokenise once: the tokenizer is the slow part
     # locked text blocks run once over the whole dataset, not every step (reports repeat a lot)
-    cache = model.text_cache(tok["input_ids"], tok["attention_mask"])
+    cache, sent = None, None
+    if cfg.text_pooling == "sentences":  # per-sentence features once; each step pools (a subset of) them
+        sents, sent_index = sentence_index(ds.texts)
+        sent = (model.sentence_features(sents), sent_index)
+    else:
+        cache = model.text_cache(tok["input_ids"], tok["attention_mask"])
     caps = model.vocab.batch(ds.texts, cfg.max_report_len) if model.vocab is not None else None
 
     bs = min(cfg.batch_size, len(ds))
@@ -620,7 +654,10 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
                 cap = c[:, : int((c != model.vocab.pad).sum(1).max())].to(device)
             opt.zero_grad(set_to_none=True)
             hid = None
-            if cache is not None:
+            if sent is not None:
+                drop = cfg.sentence_dropout if cfg.augment else 0.0
+                hid = pool_sentences(sent[0], sent[1][idx], drop, g).to(device)
+            elif cache is not None:
                 hid = (cache[idx] if cache.ndim == 2 else cache[idx][:, :keep]).to(device)
             rec = train_step(model, x, batch["text"], ids, mask, cap, hid)
             torch.nn.utils.clip_grad_norm_([p for gr in groups for p in gr["params"]], 1.0)
@@ -690,7 +727,12 @@ def _model_card(cfg: ClipConfig, metrics: dict[str, Any], out: Path) -> None:
         "",
         f"- Image tower: `{cfg.init_from or cfg.encoder}` ({cfg.spatial_dims}D, {cfg.in_chans} channel(s), "
         f"{cfg.img_size}px), {lock(cfg.lock_image, 'blocks')}",
-        f"- Text tower: `{cfg.text_path or cfg.text_tower}`, {lock(cfg.lock_text, 'layers')}",
+        f"- Text tower: `{cfg.text_path or cfg.text_tower}`, {lock(cfg.lock_text, 'layers')}; "
+        + (
+            f"a report = mean of its sentence embeddings (sentence dropout {cfg.sentence_dropout})"
+            if cfg.text_pooling == "sentences"
+            else "one embedding per report"
+        ),
         f"- Objectives: {', '.join(objectives)}",
         f"- Data: `{cfg.data}` (split {cfg.split}), {metrics['pairs']} image-report pairs, "
         f"{metrics['steps']} steps, batch {cfg.batch_size}{cache}",

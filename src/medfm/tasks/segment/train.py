@@ -1,7 +1,8 @@
 """Train a segmentation model (foundation encoder + dense decoder, or a MONAI UNet baseline) into a run dir.
 
 Run directory: ``config.json`` (enough to rebuild), ``seg_model.safetensors`` (encoder + decoder),
-``model.safetensors`` (the encoder alone, so ``medfm.load_encoder`` works on it too), ``metrics.json``.
+``model.safetensors`` (the encoder alone, so ``medfm.load_encoder`` works on it too), ``metrics.json``,
+``README.md`` (model card; `medfm segment evaluate` rewrites it with the new metrics).
 """
 
 from __future__ import annotations
@@ -144,7 +145,10 @@ def train_segmentation(cfg: SegTrainConfig, out: str | Path, pairs: SegPairs | N
         "environment": environment(),
     }
     save_segmentation_run(model, conf, out)
-    update_metrics(out, train_seconds=round(seconds, 1), n_train=len(pairs))
+    metrics = update_metrics(out, train_seconds=round(seconds, 1), n_train=len(pairs))
+    from medfm.tasks.segment.modelcard import write_seg_model_card
+
+    write_seg_model_card(out, conf, metrics)
     return out
 
 
