@@ -166,7 +166,7 @@ def stage_covid(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     man = work / "covid_manifest.csv"
     df[["image", "text", "patient_id", "split", *notes_findings]].to_csv(man, index=False)
-    run = work / "clip_covid"
+    run = work / f"clip_covid_{args.text_pooling}"
     if not (run / "config.json").is_file():
         cfg = ClipConfig(
             data=str(man),
@@ -175,6 +175,7 @@ def stage_covid(args) -> None:
             batch_size=64,
             epochs=args.covid_epochs,
             lock_text=0,
+            text_pooling=args.text_pooling,
             max_text_len=128,
             lr=1e-3,
             threads=args.threads,
@@ -315,7 +316,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=0, help="Phantom stage step cap (0: --epochs).")
     p.add_argument("--max-seconds", type=float, default=0.0, help="Phantom stage training time cap.")
     p.add_argument("--w-caption", type=float, default=0.5, help="Phantom stage report-generation weight.")
-    p.add_argument("--text-pooling", default="report", help="Phantom stage: report | sentences.")
+    p.add_argument("--text-pooling", default="report", help="Phantom and covid stages: report | sentences.")
     p.add_argument(
         "--img-size", type=int, default=64, help="Phantom stage image size (data prepared at >= it)."
     )
