@@ -37,6 +37,10 @@ def train(
     lr: float = typer.Option(1e-3, help="Learning rate of the decoder."),
     encoder_lr_scale: float = typer.Option(0.1, help="Encoder lr = lr x this (gentler fine-tuning)."),
     freeze_encoder: bool = typer.Option(False, help="Keep the encoder fixed."),
+    flip: bool = typer.Option(
+        True,
+        help="Random left-right flips in training (--no-flip for lateralised anatomy, e.g. chest X-rays).",
+    ),
     encoder_depth: int = typer.Option(None, help="Override the encoder depth (fresh encoders only)."),
     seed: int = typer.Option(0, help="Random seed (also picks the N labelled cases)."),
 ) -> None:
@@ -59,6 +63,7 @@ def train(
         lr=lr,
         encoder_lr_scale=encoder_lr_scale,
         freeze_encoder=freeze_encoder,
+        flip=flip,
         seed=seed,
         encoder_kwargs=kw,
     )

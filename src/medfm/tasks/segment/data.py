@@ -183,7 +183,10 @@ def _from_prepared(
 
 
 class CropDataset(Dataset):
-    """Random crops (padded when smaller; half centred on foreground) + flips + intensity jitter."""
+    """Random crops (padded when smaller; half centred on foreground) + flips + intensity jitter.
+
+    ``flip=False`` keeps left and right as they are (lateralised anatomy: on a chest X-ray the heart is on
+    the image's right, and random mirroring makes the model under-segment the left lower lung)."""
 
     def __init__(
         self,
@@ -193,8 +196,10 @@ class CropDataset(Dataset):
         length: int | None = None,
         seed: int = 0,
         fg_prob: float = 0.5,
+        flip: bool = True,
     ) -> None:
         self.images, self.masks, self.patch, self.augment = pairs.images, pairs.masks, tuple(patch), augment
+        self.flip = flip
         self.fg_prob = fg_prob
         self.length = length or len(pairs)
         self.gen = np.random.default_rng(seed)
@@ -219,7 +224,7 @@ class CropDataset(Dataset):
         sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch))
         img, m = img[(slice(None),) + sl], m[sl]
         if self.augment:
-            if rng.random() < 0.5:
+            if self.flip and rng.random() < 0.5:
                 img, m = img.flip(-1), m.flip(-1)
             img = (img * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.05, 0.05))).clamp(0, 1)
         return {"image": img.contiguous(), "mask": m.contiguous()}

@@ -92,7 +92,8 @@ Decoder: {dec_text}
 
 ## Training
 {tr.get("steps")} steps, batch {tr.get("batch_size")}, AdamW lr {tr.get("lr")} (warmup + cosine), Dice +
-cross-entropy loss, augmentation {tr.get("augment")}; {_fmt(metrics.get("train_seconds", "?"))} s wall time.
+cross-entropy loss, augmentation {tr.get("augment")} (left-right flips {tr.get("flip", True)});
+{_fmt(metrics.get("train_seconds", "?"))} s wall time.
 
 ## Metrics
 {metric_text}

@@ -50,6 +50,7 @@ class SegTrainConfig:
     class_names: list[str] | None = None
     seed: int = 0
     augment: bool = True
+    flip: bool = True  # random left-right flips (part of augment); off for lateralised anatomy (CXR)
     progress: bool = True
 
 
@@ -99,7 +100,9 @@ def fit(model: torch.nn.Module, pairs: SegPairs, patch: list[int], cfg: SegTrain
     from medfm.train.segmentation import SegmentationModule, make_trainer
 
     torch.manual_seed(cfg.seed)
-    ds = CropDataset(pairs, tuple(patch), cfg.augment, length=cfg.steps * cfg.batch_size, seed=cfg.seed)
+    ds = CropDataset(
+        pairs, tuple(patch), cfg.augment, length=cfg.steps * cfg.batch_size, seed=cfg.seed, flip=cfg.flip
+    )
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
     module = SegmentationModule(
         model,
