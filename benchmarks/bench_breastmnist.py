@@ -86,11 +86,14 @@ def main() -> None:
     run = args.encoder_run or pool_and_pretrain(args.work, args.size, args.patch, args.steps)
     t_pre = time.perf_counter() - t0
     data = args.work / f"breastmnist_{args.size}"
-    res = bench.label_efficiency_split(run, data, args.work / "adapt_breastmnist", args.methods.split(","),
-                                       "0.1,1.0", args.shots, args.seeds,
-                                       args.trained_seeds or args.seeds, args.adapt_steps,
-                                       epochs=args.epochs, min_steps=args.min_steps,
-                                       max_steps=args.max_steps, patience=args.patience)
+    methods = [m for m in args.methods.split(",") if m]
+    res = pd.DataFrame()
+    if methods:  # --methods "" with --resnet-reference: only the reference (its own results file)
+        res = bench.label_efficiency_split(run, data, args.work / "adapt_breastmnist", methods,
+                                           "0.1,1.0", args.shots, args.seeds,
+                                           args.trained_seeds or args.seeds, args.adapt_steps,
+                                           epochs=args.epochs, min_steps=args.min_steps,
+                                           max_steps=args.max_steps, patience=args.patience)
     if args.resnet_reference:
         ref = resnet_reference(args.work, args.size, args.resnet_reference)
         out = args.work / "adapt_breastmnist" / "resnet_reference"
@@ -110,7 +113,8 @@ def main() -> None:
             "encoder_run": str(run), "data": str(data), "pretrain_and_prepare_s": round(t_pre, 1),
             "wall_s": round(wall, 1), "threads": args.threads,
             "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared with other jobs: timings noisy)"}
-    js, md = bench.write_results("breastmnist_label_efficiency", res, Path("benchmarks/results"), meta,
+    name = "breastmnist_label_efficiency" if methods else "breastmnist_resnet_reference"
+    js, md = bench.write_results(name, res, Path("benchmarks/results"), meta,
                                  {"ResNet-18 (28), MedMNIST v2": {"auroc": 0.901, "acc": 0.863}})
     print(md.read_text())
     print(f"wrote {js}")
