@@ -51,6 +51,22 @@ def resnet_reference(work: Path, size: int, width: int) -> Path:
     return run
 
 
+def describe_encoder(run: Path, default_steps: int) -> str:
+    """'<encoder> <options>, <objective> <steps> steps' from a pretraining run's config.json."""
+    import json
+
+    try:
+        conf = json.loads((Path(run) / "config.json").read_text())
+        enc = dict(conf["encoder"])
+        objective = conf.get("pretrain", {}).get("objective", "pretraining")
+    except (OSError, KeyError, ValueError):
+        return f"encoder {run}"
+    name = enc.pop("name")
+    keep = ("patch_size", "embed_dim", "depth", "width", "small_input", "layers")
+    opts = ", ".join(f"{k} {enc[k]}" for k in keep if k in enc)
+    return f"encoder {name} ({opts}), {objective} {bench.mae_steps(run, default_steps)} steps"
+
+
 def add_common_args(ap: argparse.ArgumentParser) -> None:
     """Options shared by the label-efficiency benchmarks (BreastMNIST, tuberculosis)."""
     ap.add_argument("--work", type=Path, default=Path("runs/h6bench"))
@@ -71,6 +87,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default="linear,knn,prototype,finetune,lora,scratch")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results-name", default="", help="results file stem (default: the benchmark's)")
     ap.add_argument("--resnet-reference", type=int, default=0, metavar="WIDTH",
                     help="also train a from-scratch ResNet-18 (28 px stem) of this base width (64 = the "
                     "published one) with the same recipe; 0: off")
@@ -105,15 +122,15 @@ def main() -> None:
         res = pd.concat([res, r], ignore_index=True)
     wall = time.perf_counter() - t0
     recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience)
-    meta = {"description": f"BreastMNIST ({args.size} px), official split 546/78/156; encoder vit_tiny "
-                           f"{ENCODER_ARGS} patch {args.patch}, MAE {bench.mae_steps(run, args.steps)} steps "
-                           "on the unlabelled pool; "
+    meta = {"description": f"BreastMNIST ({args.size} px), official split 546/78/156; "
+                           f"{describe_encoder(run, args.steps)} on the unlabelled pool; "
                            f"{recipe}; {args.seeds} seeds (finetune/lora/scratch: "
                            f"{args.trained_seeds or args.seeds}).",
             "encoder_run": str(run), "data": str(data), "pretrain_and_prepare_s": round(t_pre, 1),
             "wall_s": round(wall, 1), "threads": args.threads,
             "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared with other jobs: timings noisy)"}
-    name = "breastmnist_label_efficiency" if methods else "breastmnist_resnet_reference"
+    name = args.results_name or (
+        "breastmnist_label_efficiency" if methods else "breastmnist_resnet_reference")
     js, md = bench.write_results(name, res, Path("benchmarks/results"), meta,
                                  {"ResNet-18 (28), MedMNIST v2": {"auroc": 0.901, "acc": 0.863}})
     print(md.read_text())
