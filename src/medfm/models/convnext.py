@@ -16,7 +16,7 @@ from torch import nn
 from medfm.errors import ConfigError
 from medfm.models.base import Encoder
 from medfm.models.layers import DropPath, LayerNormCF, check_dims, conv_nd, drop_path_rates, to_tuple
-from medfm.models.registry import ENCODERS, build
+from medfm.models.registry import register_size
 from medfm.models.vit import Mlp
 
 
@@ -143,16 +143,8 @@ _HELP = {
 }
 
 
-def _register(name: str) -> None:
-    def factory(**kw: Any) -> ConvNeXtLK:
-        return build(ConvNeXtLK, name, _SIZES[name], kw)
-
-    factory.__name__ = name
-    ENCODERS.register(name, help=_HELP[name])(factory)
-
-
-for _name in _SIZES:
-    _register(_name)
+for _name, _defaults in _SIZES.items():
+    register_size(ConvNeXtLK, _name, _defaults, _HELP[_name])
 
 
 def timm_convnext_to_medfm(

@@ -25,7 +25,7 @@ from medfm.models.layers import (
     sincos_pos_embed,
     to_tuple,
 )
-from medfm.models.registry import ENCODERS, build
+from medfm.models.registry import register_size
 from medfm.models.vit import Block
 
 
@@ -194,15 +194,5 @@ _SIZES: dict[str, tuple[type[Encoder], dict[str, Any], str]] = {
 }
 
 
-def _register(name: str) -> None:
-    cls, defaults, help_text = _SIZES[name]
-
-    def factory(**kw: Any) -> Encoder:
-        return build(cls, name, defaults, kw)
-
-    factory.__name__ = name
-    ENCODERS.register(name, help=help_text)(factory)
-
-
-for _name in _SIZES:
-    _register(_name)
+for _name, (_cls, _defaults, _help) in _SIZES.items():
+    register_size(_cls, _name, _defaults, _help)

@@ -37,6 +37,16 @@ def build(cls: type[Encoder], name: str, defaults: dict[str, Any], overrides: di
     return enc
 
 
+def register_size(cls: type[Encoder], name: str, defaults: dict[str, Any], help_text: str) -> None:
+    """Register ``name`` as ``cls`` with ``defaults`` (one named size of an encoder family)."""
+
+    def factory(**kw: Any) -> Encoder:
+        return build(cls, name, defaults, kw)
+
+    factory.__name__ = name
+    ENCODERS.register(name, help=help_text)(factory)
+
+
 def create_encoder(name: str, **kwargs: Any) -> Encoder:
     """Build a registered encoder; any keyword overrides that encoder's defaults (e.g. depth=2 for tests)."""
     if name not in ENCODERS:

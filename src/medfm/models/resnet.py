@@ -16,7 +16,7 @@ from torch import nn
 from medfm.errors import ConfigError
 from medfm.models.base import Encoder
 from medfm.models.layers import check_dims, conv_nd, to_tuple
-from medfm.models.registry import ENCODERS, build
+from medfm.models.registry import register_size
 
 
 def _bn(spatial_dims: int, c: int) -> nn.Module:
@@ -147,13 +147,5 @@ _HELP = {
 }
 
 
-def _register(name: str) -> None:
-    def factory(**kw: Any) -> ResNet:
-        return build(ResNet, name, _SIZES[name], kw)
-
-    factory.__name__ = name
-    ENCODERS.register(name, help=_HELP[name])(factory)
-
-
-for _name in _SIZES:
-    _register(_name)
+for _name, _defaults in _SIZES.items():
+    register_size(ResNet, _name, _defaults, _HELP[_name])

@@ -29,7 +29,7 @@ from medfm.models.layers import (
     sincos_pos_embed,
     to_tuple,
 )
-from medfm.models.registry import ENCODERS, build
+from medfm.models.registry import register_size
 
 
 class Attention(nn.Module):
@@ -250,13 +250,5 @@ _HELP = {
 }
 
 
-def _register(name: str) -> None:
-    def factory(**kw: Any) -> VisionTransformer:
-        return build(VisionTransformer, name, _SIZES[name], kw)
-
-    factory.__name__ = name
-    ENCODERS.register(name, help=_HELP[name])(factory)
-
-
-for _name in _SIZES:
-    _register(_name)
+for _name, _defaults in _SIZES.items():
+    register_size(VisionTransformer, _name, _defaults, _HELP[_name])
