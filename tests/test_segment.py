@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from medfm.cli.app import app
 from medfm.tasks.segment.io import overlay, write_mask_nifti
 from medfm.tasks.segment.metrics import segmentation_metrics
+from segdata import disk_dataset
 
 
 def test_hd95_uses_spacing_and_dice_is_exact():
@@ -51,34 +52,10 @@ def test_overlay_draws_contours():
     )
 
 
-def _disk_dataset(root, n=12, size=32, three_d=False):
-    rng = np.random.default_rng(0)
-    rows = ["image,mask,split"]
-    for i in range(n):
-        if three_d:
-            zz, yy, xx = np.mgrid[:24, :16, :16]
-            c = rng.integers(5, 11, 3)
-            m = (((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < 16).astype(np.uint8)
-            img = (m * 150 + rng.integers(0, 60, m.shape)).astype(np.int16)
-            aff = np.diag([1.0, 1.0, 2.0, 1.0])
-            nib.save(nib.Nifti1Image(img.transpose(2, 1, 0), aff), str(root / f"im{i}.nii.gz"))
-            nib.save(nib.Nifti1Image(m.transpose(2, 1, 0), aff), str(root / f"m{i}.nii.gz"))
-            rows.append(f"im{i}.nii.gz,m{i}.nii.gz,{'train' if i < n - 2 else 'test'}")
-            continue
-        yy, xx = np.mgrid[:size, :size]
-        cy, cx = rng.integers(10, size - 10, 2)
-        m = (((yy - cy) ** 2 + (xx - cx) ** 2) < 36).astype(np.uint8) * 255
-        img = np.clip(m * 0.6 + rng.integers(0, 60, m.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(root / f"im{i}.png")
-        Image.fromarray(m).save(root / f"m{i}.png")
-        rows.append(f"im{i}.png,m{i}.png,{'train' if i < n - 2 else 'test'}")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-
-
 def test_cli_train_evaluate_predict_2d(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    _disk_dataset(data)
+    disk_dataset(data)
     run = tmp_path / "run"
     r = CliRunner().invoke(
         app,
@@ -134,7 +111,7 @@ def test_cli_train_evaluate_predict_2d(tmp_path):
 def test_cli_3d_sliding_window_writes_aligned_nifti(tmp_path):
     data = tmp_path / "vol"
     data.mkdir()
-    _disk_dataset(data, n=4, three_d=True)
+    disk_dataset(data, n=4, three_d=True)
     run = tmp_path / "run3d"
     r = CliRunner().invoke(
         app,

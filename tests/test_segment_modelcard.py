@@ -4,26 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-from PIL import Image
 from typer.testing import CliRunner
 
 from medfm.cli.app import app
-
-
-def _disk_dataset(root, n=12, size=32):
-    """PNG discs with a manifest: the last two cases are the test split."""
-    rng = np.random.default_rng(0)
-    rows = ["image,mask,split"]
-    for i in range(n):
-        yy, xx = np.mgrid[:size, :size]
-        cy, cx = rng.integers(10, size - 10, 2)
-        m = (((yy - cy) ** 2 + (xx - cx) ** 2) < 36).astype(np.uint8) * 255
-        img = np.clip(m * 0.6 + rng.integers(0, 60, m.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(root / f"im{i}.png")
-        Image.fromarray(m).save(root / f"m{i}.png")
-        rows.append(f"im{i}.png,m{i}.png,{'train' if i < n - 2 else 'test'}")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+from segdata import disk_dataset
 
 
 def test_segment_run_has_model_card_with_data_encoder_decoder_steps_metrics(tmp_path):
@@ -32,7 +16,7 @@ def test_segment_run_has_model_card_with_data_encoder_decoder_steps_metrics(tmp_
 
     data = tmp_path / "data"
     data.mkdir()
-    _disk_dataset(data)
+    disk_dataset(data)
     pre = tmp_path / "mae_run"  # a stand-in pretrained run: encoder weights + config.json with the objective
     save_encoder(
         create_encoder("vit_tiny", img_size=32, depth=2, embed_dim=48, num_heads=2, patch_size=8), pre
@@ -59,7 +43,7 @@ def test_segment_run_has_model_card_with_data_encoder_decoder_steps_metrics(tmp_
 def test_baseline_run_card_says_no_encoder(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    _disk_dataset(data, n=6)
+    disk_dataset(data, n=6)
     run = tmp_path / "run"
     args = ["segment", "train", str(data), "-o", str(run), "--decoder", "monai_unet", "--img-size", "32"]
     r = CliRunner().invoke(app, [*args, "--steps", "2", "--batch-size", "2"])
