@@ -88,9 +88,18 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--methods", default="linear,knn,prototype,finetune,lora,scratch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results-name", default="", help="results file stem (default: the benchmark's)")
+    ap.add_argument("--lr-finetune", type=float, default=None,
+                    help="finetune/lpft encoder lr (top layer; default: AdaptConfig's)")
+    ap.add_argument("--layer-decay", type=float, default=None, help="finetune/lpft layer-wise lr decay")
     ap.add_argument("--resnet-reference", type=int, default=0, metavar="WIDTH",
                     help="also train a from-scratch ResNet-18 (28 px stem) of this base width (64 = the "
                     "published one) with the same recipe; 0: off")
+
+
+def adapt_overrides(args: argparse.Namespace) -> dict:
+    """AdaptConfig fields set on the command line (the rest keep their defaults)."""
+    kw = {"lr_finetune": args.lr_finetune, "layer_decay": args.layer_decay}
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def main() -> None:
@@ -110,7 +119,8 @@ def main() -> None:
                                            "0.1,1.0", args.shots, args.seeds,
                                            args.trained_seeds or args.seeds, args.adapt_steps,
                                            epochs=args.epochs, min_steps=args.min_steps,
-                                           max_steps=args.max_steps, patience=args.patience)
+                                           max_steps=args.max_steps, patience=args.patience,
+                                           **adapt_overrides(args))
     if args.resnet_reference:
         ref = resnet_reference(args.work, args.size, args.resnet_reference)
         out = args.work / "adapt_breastmnist" / "resnet_reference"
@@ -121,7 +131,8 @@ def main() -> None:
         r["method"] = f"scratch ResNet-18 (width {args.resnet_reference})"
         res = pd.concat([res, r], ignore_index=True)
     wall = time.perf_counter() - t0
-    recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience)
+    recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience,
+                          **adapt_overrides(args))
     meta = {"description": f"BreastMNIST ({args.size} px), official split 546/78/156; "
                            f"{describe_encoder(run, args.steps)} on the unlabelled pool; "
                            f"{recipe}; {args.seeds} seeds (finetune/lora/scratch: "

@@ -78,7 +78,8 @@ def mini_mae(
         opt.step()
         if step % 100 == 0:
             print(f"mae step {step} loss {float(loss):.4f}", flush=True)
-    out = Path(out) if out else RESULTS / "runs" / f"mini_mae_p{patch_size}"
+    suffix = "" if size == 128 else f"_{size}"  # the 128 px runs kept their original names
+    out = Path(out) if out else RESULTS / "runs" / f"mini_mae_p{patch_size}{suffix}"
     save_encoder(enc, out)
     write_json(
         out / "config.json",

@@ -23,9 +23,14 @@ import torch
 from medfm.pipeline import bench
 
 try:  # run as a script from the repo root: benchmarks/ is not a package
-    from bench_breastmnist import ENCODER_ARGS, add_common_args, pool_and_pretrain
+    from bench_breastmnist import ENCODER_ARGS, adapt_overrides, add_common_args, pool_and_pretrain
 except ImportError:  # pragma: no cover
-    from benchmarks.bench_breastmnist import ENCODER_ARGS, add_common_args, pool_and_pretrain
+    from benchmarks.bench_breastmnist import (
+        ENCODER_ARGS,
+        adapt_overrides,
+        add_common_args,
+        pool_and_pretrain,
+    )
 
 
 def main() -> None:
@@ -40,9 +45,11 @@ def main() -> None:
     res = bench.label_efficiency_split(run, data, args.work / "adapt_tb", args.methods.split(","),
                                        "0.1,1.0", args.shots, args.seeds, args.trained_seeds or args.seeds,
                                        args.adapt_steps, epochs=args.epochs, min_steps=args.min_steps,
-                                       max_steps=args.max_steps, patience=args.patience)
+                                       max_steps=args.max_steps, patience=args.patience,
+                                       **adapt_overrides(args))
     wall = time.perf_counter() - t0
-    recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience)
+    recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience,
+                          **adapt_overrides(args))
     meta = {"description": f"Shenzhen + Montgomery TB CXR ({args.size} px), fixed split 492/70/142; encoder "
                            f"vit_tiny {ENCODER_ARGS} patch {args.patch}, "
                            f"MAE {bench.mae_steps(run, args.steps)} steps "

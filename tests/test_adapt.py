@@ -229,8 +229,8 @@ def test_scratch_is_randomly_initialised():
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
 def test_trained_methods_handle_multiclass_and_multilabel(tmp_path, task):
     data = make_prepared(tmp_path / "d", n=40, task=task)
-    cfg = AdaptConfig(methods=["finetune", "lora", "scratch"], budgets=[Budget("shots", 2)], seeds=1, steps=4,
-                      batch_size=8, save_adapters=False)
+    cfg = AdaptConfig(methods=["finetune", "lora", "lpft", "scratch"], budgets=[Budget("shots", 2)], seeds=1,
+                      steps=4, batch_size=8, save_adapters=False)
     res = run_adapt(TinyViT(), data, tmp_path / "out", cfg)
     preds = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
     pcols = [c for c in preds.columns if c.startswith("p_")]
@@ -278,6 +278,45 @@ def test_layer_decay_groups_lower_blocks_get_smaller_lr():
     stem = lr_of[id(model.encoder.patch.weight)]
     assert stem < b0 < b1 <= 1e-3
     assert all(g["weight_decay"] == 0.0 for g in groups if all(p.ndim == 1 for p in g["params"]))
+
+
+def test_layer_decay_groups_cnn_stages():
+    from medfm.models import create_encoder
+    from medfm.tasks.adapt.finetune import Classifier, layer_decay_groups
+
+    model = Classifier(create_encoder("resnet18", img_size=28, small_input=True, width=8), 1)
+    groups = layer_decay_groups(model, base_lr=1e-3, decay=0.5, head_lr=1e-2, weight_decay=0.05)
+    lr_by_id = {id(p): g["lr"] for g in groups for p in g["params"]}
+    lr_of = {n: lr_by_id[id(p)] for n, p in model.named_parameters()}
+    stem = [v for n, v in lr_of.items() if ".stem." in n]
+    first = [v for n, v in lr_of.items() if ".stages.0." in n]
+    last = [v for n, v in lr_of.items() if ".stages.3." in n]
+    assert set(stem) == {1e-3 * 0.5**5} and set(first) == {1e-3 * 0.5**4} and set(last) == {1e-3 * 0.5}
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "multilabel"])
+def test_lpft_head_reproduces_the_linear_probe(task):
+    from types import SimpleNamespace
+
+    from medfm.tasks.adapt.finetune import head_outputs, logits_to_prob
+    from medfm.tasks.adapt.linear import fit_linear_probe
+    from medfm.tasks.adapt.lpft import probe_head
+
+    rng = np.random.default_rng(0)
+    n_out = 2 if task == "binary" else 3
+    x = {s: rng.normal(3.0, 2.0, (60, 10)).astype(np.float32) for s in ("train", "val", "test")}
+    if task == "multilabel":
+        y = {s: (v[:, :3] > 3.0).astype(int) for s, v in x.items()}
+    else:
+        y = {s: np.digitize(v[:, 0], [3.0] if task == "binary" else [2.0, 4.0]) for s, v in x.items()}
+    ctx = SimpleNamespace(features=x, labels=y, task=task, n_out=n_out, cfg=AdaptConfig())
+    idx = np.arange(60)
+    head = probe_head(ctx, idx, 0, head_outputs(task, n_out))
+    predict, _ = fit_linear_probe(x["train"], y["train"], x["val"], y["val"], task, n_out)
+    with torch.no_grad():
+        p_head = logits_to_prob(head(torch.as_tensor(x["test"])), task)
+    np.testing.assert_allclose(p_head, predict(x["test"]), atol=1e-4)
+    assert p_head.std() > 0.1  # a real, confident probe (the equality above is not between constants)
 
 
 def test_schedule_steps_epochs_clamped_and_fixed_override():

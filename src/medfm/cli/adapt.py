@@ -41,7 +41,8 @@ def adapt(
                                  "encoder weights."),
     data: Path = typer.Argument(..., help="Prepared dataset directory (from `medfm data prepare`)."),
     method: str = typer.Option("linear,knn,prototype", "--method", "-m",
-                               help="Comma-separated: linear, knn, prototype, finetune, lora, scratch."),
+                               help="Comma-separated: linear, knn, prototype, finetune, lpft (linear probe, "
+                               "then fine-tune from that head), lora, scratch."),
     fractions: str = typer.Option("0.1,1.0", help="Label fractions of the training patients, e.g. "
                                   "0.01,0.1,1.0 (patient-level, stratified). Empty string for none."),
     shots: str = typer.Option("", help="k-shot budgets (k labelled images per class), e.g. 1,5,10."),
@@ -60,9 +61,10 @@ def adapt(
     patience: int = typer.Option(15, help="Early stopping: validation evaluations (one per epoch) without a "
                                  "better val AUROC; the best-val checkpoint is kept. 0: no early stopping."),
     batch_size: int = typer.Option(32, help="Batch size for finetune / lora / scratch."),
-    lr_finetune: float = typer.Option(5e-4, help="Learning rate of the top encoder block for finetune; lower "
-                                      "blocks get --layer-decay per block less."),
-    layer_decay: float = typer.Option(0.75, help="Layer-wise lr decay for finetune (1: same lr everywhere)."),
+    lr_finetune: float = typer.Option(5e-4, help="Learning rate of the top encoder block (or CNN stage) for "
+                                      "finetune / lpft; lower ones get --layer-decay per layer less."),
+    layer_decay: float = typer.Option(0.75, help="Layer-wise lr decay for finetune / lpft (1: same lr "
+                                      "everywhere)."),
     lr_head: float = typer.Option(2e-3, help="Learning rate of the linear head (finetune, lora, scratch)."),
     lr_lora: float = typer.Option(2e-3, help="Learning rate for LoRA adapters."),
     lr_scratch: float = typer.Option(1e-3, help="Learning rate for the from-scratch baseline."),

@@ -21,6 +21,7 @@ _METHOD_TEXT = {
     "knn": "k nearest neighbours on frozen features (cosine, distance-weighted)",
     "prototype": "nearest class prototype (mean of L2-normalised frozen features)",
     "finetune": "encoder + linear head trained end to end (AdamW)",
+    "lpft": "linear probe first, then the whole network fine-tuned from that head (LP-FT)",
     "lora": "low-rank adapters (peft LoRA) + linear head; encoder weights frozen",
     "scratch": "same architecture from random init, same labels and steps (baseline)",
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -12,12 +14,13 @@ import pandas as pd  # noqa: E402
 
 # One colour per method, stable across figures; the scratch baseline is grey and dashed everywhere.
 _METHOD_COLORS = {"linear": "#1f77b4", "knn": "#2ca02c", "prototype": "#9467bd", "finetune": "#d62728",
-                  "lora": "#ff7f0e", "scratch": "#555555"}
+                  "lora": "#ff7f0e", "lpft": "#8c564b", "scratch": "#555555"}
 _FALLBACK = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 def method_color(method: str) -> str:
-    return _METHOD_COLORS.get(method, _FALLBACK[hash(method) % len(_FALLBACK)])
+    # crc32, not hash(): str hashes change between processes, colours must not
+    return _METHOD_COLORS.get(method, _FALLBACK[zlib.crc32(method.encode()) % len(_FALLBACK)])
 
 
 def _style(ax) -> None:

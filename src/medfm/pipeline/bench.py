@@ -99,11 +99,13 @@ def label_efficiency_split(run: Path, data: Path, out: Path, methods: list[str],
     return pd.concat(parts, ignore_index=True)
 
 
-def recipe(steps: int, epochs: float, min_steps: int = 150, max_steps: int = 1500, patience: int = 15) -> str:
+def recipe(steps: int, epochs: float, min_steps: int = 150, max_steps: int = 1500, patience: int = 15,
+           **adapt_kw) -> str:
     """One line describing the finetune / lora / scratch budget, for the results' description."""
     from medfm.tasks.adapt import AdaptConfig
 
-    c = AdaptConfig(steps=steps, epochs=epochs, min_steps=min_steps, max_steps=max_steps, patience=patience)
+    c = AdaptConfig(steps=steps, epochs=epochs, min_steps=min_steps, max_steps=max_steps, patience=patience,
+                    **adapt_kw)
     budget = (f"{steps} steps" if steps else
               f"{epochs:g} epochs (min {c.min_steps}, max {c.max_steps} steps), best-val-AUROC checkpoint, "
               f"early stopping (patience {c.patience} epochs)")

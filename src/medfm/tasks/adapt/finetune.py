@@ -123,15 +123,21 @@ def augment(x: torch.Tensor, gen: torch.Generator,
 
 def layer_decay_groups(model: nn.Module, base_lr: float, decay: float, head_lr: float,
                        weight_decay: float) -> list[dict]:
-    """Parameter groups with layer-wise lr decay for a ViT-like encoder (``encoder.blocks.i``).
+    """Parameter groups with layer-wise lr decay.
 
-    Block i of d gets ``base_lr * decay**(d - i)``, the patch/position embedding ``decay**(d + 1)``, the
-    final norm ``base_lr``; the head gets ``head_lr``. Biases and norms get no weight decay. Encoders
-    without ``blocks`` fall back to one group at ``base_lr``. Low layers hold generic features that
-    pretraining got right, so they move least.
+    Layers are the encoder's transformer ``blocks`` (ViT, hybrid) or, for CNNs, its ``stages`` (ResNet,
+    ConvNeXt). Layer i of d gets ``base_lr * decay**(d - i)``, the stem / patch and position embedding
+    ``decay**(d + 1)``, the final norm ``base_lr``; the head gets ``head_lr``. Biases and norms get no
+    weight decay. Encoders with neither fall back to one group at ``base_lr``. Low layers hold generic
+    features that pretraining got right, so they move least.
     """
-    blocks = getattr(getattr(model, "encoder", None), "blocks", None)
-    depth = len(blocks) if isinstance(blocks, nn.ModuleList | nn.Sequential) else 0
+    enc = getattr(model, "encoder", None)
+    kind, depth = "", 0
+    for attr in ("blocks", "stages"):
+        layers = getattr(enc, attr, None)
+        if isinstance(layers, nn.ModuleList | nn.Sequential):
+            kind, depth = attr, len(layers)
+            break
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -139,8 +145,8 @@ def layer_decay_groups(model: nn.Module, base_lr: float, decay: float, head_lr: 
         if name.startswith("head"):
             lr = head_lr
         elif depth:
-            m = re.search(r"\bblocks\.(\d+)\.", name)
-            is_stem = re.search(r"patch|pos_|cls|embed", name) is not None
+            m = re.search(rf"\b{kind}\.(\d+)\.", name)
+            is_stem = re.search(r"patch|pos_|cls|embed|stem", name) is not None
             layer = int(m.group(1)) + 1 if m else (0 if is_stem else depth + 1)
             lr = base_lr * decay ** (depth + 1 - layer)
         else:

@@ -33,21 +33,17 @@ def _score(y: np.ndarray, p: np.ndarray, task: str) -> float:
     return m["auroc"] if math.isfinite(m["auroc"]) else m["accuracy"]
 
 
-def fit_linear_probe(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, task: str,
-                     n_out: int, c_grid: tuple[float, ...] = C_GRID, seed: int = 0):
-    """Fit one logistic regression per C, keep the best on val. Returns (predict_fn, chosen C)."""
+def fit_best_logistic(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, task: str,
+                      n_out: int, c_grid: tuple[float, ...] = C_GRID, seed: int = 0):
+    """One logistic regression per C on standardised features, the best on val.
+
+    Returns (classifier, scaler, C), or None when the training labels hold a single class.
+    """
+    if task != "multilabel" and len(np.unique(y_tr)) < 2:
+        return None
     scaler = StandardScaler().fit(x_tr)
     xs_tr, xs_val = scaler.transform(x_tr), scaler.transform(x_val)
     best = (-math.inf, None, None)
-    if task != "multilabel" and len(np.unique(y_tr)) < 2:  # one class only: predict it
-        cls = int(np.unique(y_tr)[0])
-
-        def const(x: np.ndarray) -> np.ndarray:
-            full = np.zeros((len(x), n_out))
-            full[:, cls] = 1.0
-            return full[:, 1] if task == "binary" else full
-
-        return const, math.nan
     for c in c_grid:
         base = LogisticRegression(C=c, max_iter=2000, random_state=seed)
         clf = OneVsRestClassifier(base) if task == "multilabel" else base
@@ -58,7 +54,23 @@ def fit_linear_probe(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_va
         s = _score(y_val, _proba(clf, xs_val, task, n_out), task)
         if s > best[0] or best[1] is None:
             best = (s, clf, c)
-    _, clf, c = best
+    return best[1], scaler, best[2]
+
+
+def fit_linear_probe(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, task: str,
+                     n_out: int, c_grid: tuple[float, ...] = C_GRID, seed: int = 0):
+    """Fit one logistic regression per C, keep the best on val. Returns (predict_fn, chosen C)."""
+    fitted = fit_best_logistic(x_tr, y_tr, x_val, y_val, task, n_out, c_grid, seed)
+    if fitted is None:  # one class only: predict it
+        cls = int(np.unique(y_tr)[0])
+
+        def const(x: np.ndarray) -> np.ndarray:
+            full = np.zeros((len(x), n_out))
+            full[:, cls] = 1.0
+            return full[:, 1] if task == "binary" else full
+
+        return const, math.nan
+    clf, scaler, c = fitted
     return (lambda x: _proba(clf, scaler.transform(x), task, n_out)), c
 
 

@@ -22,7 +22,7 @@ from medfm.data.store import PreparedDataset, read_manifest, read_summary
 from medfm.errors import ConfigError, InputError
 from medfm.eval.metrics import classification_metrics, infer_task, youden_threshold
 from medfm.runs import environment, write_json
-from medfm.tasks.adapt import finetune, knn, linear, lora, prototype, scratch  # noqa: F401  (registers methods)
+from medfm.tasks.adapt import finetune, knn, linear, lora, lpft, prototype, scratch  # noqa: F401  (registers)
 from medfm.tasks.adapt.features import cached_features, encoder_fingerprint
 from medfm.tasks.adapt.protocol import Budget, sample_labelled
 from medfm.tasks.adapt.registry import ADAPTERS
