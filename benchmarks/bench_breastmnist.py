@@ -81,6 +81,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--patience", type=int, default=15, help="early stopping, in epochs")
     ap.add_argument("--trained-seeds", type=int, default=0,
                     help="seeds for finetune/lora/scratch (0: --seeds); they cost minutes per run on a CPU")
+    ap.add_argument("--fractions", default="0.1,1.0", help="label fractions (comma-separated)")
     ap.add_argument("--shots", default="1,5,10")
     ap.add_argument("--encoder-run", type=Path, default=None,
                     help="use this pretrained run instead of pretraining one (e.g. a longer MAE run)")
@@ -116,7 +117,7 @@ def main() -> None:
     res = pd.DataFrame()
     if methods:  # --methods "" with --resnet-reference: only the reference (its own results file)
         res = bench.label_efficiency_split(run, data, args.work / "adapt_breastmnist", methods,
-                                           "0.1,1.0", args.shots, args.seeds,
+                                           args.fractions, args.shots, args.seeds,
                                            args.trained_seeds or args.seeds, args.adapt_steps,
                                            epochs=args.epochs, min_steps=args.min_steps,
                                            max_steps=args.max_steps, patience=args.patience,
@@ -125,7 +126,7 @@ def main() -> None:
         ref = resnet_reference(args.work, args.size, args.resnet_reference)
         out = args.work / "adapt_breastmnist" / "resnet_reference"
         r = bench.label_efficiency(ref, data, out, ["scratch"],
-                                   "0.1,1.0", "", args.trained_seeds or args.seeds, args.adapt_steps,
+                                   args.fractions, "", args.trained_seeds or args.seeds, args.adapt_steps,
                                    epochs=args.epochs, min_steps=args.min_steps, max_steps=args.max_steps,
                                    patience=args.patience)
         r["method"] = f"scratch ResNet-18 (width {args.resnet_reference})"

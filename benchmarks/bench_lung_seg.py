@@ -363,7 +363,11 @@ decoder on the p16 pretrained encoder, one box per lung, Dice at 128 px. Rows of
 timed on a shared CPU with ~8 other jobs (inflated); current rows on 1 thread beside one other job (the
 load average after each run is in lung_seg.json). The p8 MAE run was made with `.venv/bin/python
 benchmarks/bench_lung_seg.py --mae-only --patch-size 8 --mae-steps 600 --mae-batch 32`; the commands of
-the earlier round are in the git history of this file."""
+the earlier round are in the git history of this file. Rows with "256 px" in the recipe (suffix _256)
+train and predict at the masks' native 256 px (no logit upsampling): ViT p16 (16x16 tokens, the same
+token count as p8 at 128 px) pretrained by the built-in MAE at 256 px (600 steps, batch 32,
+benchmarks/results/runs/mini_mae_p16_256, made with `--mae-only --size 256 --patch-size 16 --mae-steps
+600 --mae-batch 32`), no flips; MONAI UNet and scratch at 256 px are their equal-step references."""
 
 
 def row_recipe(r: dict) -> str:

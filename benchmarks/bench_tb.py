@@ -43,7 +43,8 @@ def main() -> None:
     run = args.encoder_run or pool_and_pretrain(args.work, args.size, args.patch, args.steps)
     data = args.work / f"cxr_lung_seg_{args.size}"
     res = bench.label_efficiency_split(run, data, args.work / "adapt_tb", args.methods.split(","),
-                                       "0.1,1.0", args.shots, args.seeds, args.trained_seeds or args.seeds,
+                                       args.fractions, args.shots, args.seeds,
+                                       args.trained_seeds or args.seeds,
                                        args.adapt_steps, epochs=args.epochs, min_steps=args.min_steps,
                                        max_steps=args.max_steps, patience=args.patience,
                                        **adapt_overrides(args))

@@ -128,7 +128,10 @@ def stage_phantom(args) -> None:
             lock_text=0,
             text_pooling=args.text_pooling,
             img_size=args.img_size,
-            encoder_kwargs={"patch_size": args.patch_size, "depth": 4},
+            encoder=args.encoder,
+            encoder_kwargs=json.loads(args.encoder_args)
+            if args.encoder_args
+            else {"patch_size": args.patch_size, "depth": 4},
             init_from=args.init_from or None,
             lock_image=args.lock_image,
             lr=args.lr,
@@ -321,6 +324,13 @@ def main() -> None:
         "--img-size", type=int, default=64, help="Phantom stage image size (data prepared at >= it)."
     )
     p.add_argument("--patch-size", type=int, default=8, help="Phantom stage ViT patch size.")
+    p.add_argument("--encoder", default="vit_tiny", help="Phantom stage image tower (`medfm models list`).")
+    p.add_argument(
+        "--encoder-args",
+        default="",
+        help='Phantom stage image-tower options as JSON, e.g. \'{"width": 32}\' (default: ViT depth 4, '
+        "--patch-size)",
+    )
     p.add_argument("--k", type=int, default=5, help="Neighbours for retrieval-augmented reports.")
     p.add_argument("--covid-epochs", type=int, default=30)
     p.add_argument("--iu-steps", type=int, default=400)
