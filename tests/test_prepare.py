@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,21 @@ def test_parallel_workers_give_identical_shards(tmp_path):
     prepare(src, tmp_path / "b", _cfg(tmp_path, size=16, shard_size=4, workers=2), progress=False)
     for f in sorted((tmp_path / "a" / "images").iterdir()):
         assert f.read_bytes() == (tmp_path / "b" / "images" / f.name).read_bytes()
+
+
+def test_in_process_prepare_keeps_the_callers_thread_count(tmp_path, monkeypatch):
+    # regression: preparing in-process used to pin torch to 1 thread for everything after it (make demo)
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        prepare(_pngs(tmp_path / "src", 4), tmp_path / "a", _cfg(tmp_path, size=16), progress=False)
+        assert torch.get_num_threads() == 2
+        assert "OMP_NUM_THREADS" not in os.environ
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bad_inputs_are_skipped_and_reported(tmp_path):

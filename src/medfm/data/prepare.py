@@ -125,7 +125,13 @@ def _fallback_read(p: Path) -> Any:
 _SETTINGS: dict[str, Any] = {}
 
 
+def _set_settings(settings: dict[str, Any]) -> None:
+    _SETTINGS.clear()
+    _SETTINGS.update(settings)
+
+
 def _init_worker(settings: dict[str, Any]) -> None:
+    """Initializer of a pool worker process (never call it in the main process: it pins threads)."""
     # One thread per worker: the pool is the parallelism; nested BLAS/torch threads only contend.
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -134,8 +140,7 @@ def _init_worker(settings: dict[str, Any]) -> None:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
-    _SETTINGS.clear()
-    _SETTINGS.update(settings)
+    _set_settings(settings)
 
 
 def _one_line(e: BaseException, ref: str) -> str:
@@ -377,7 +382,8 @@ def prepare(
         if cfg.workers > 0
         else None
     )
-    _init_worker(settings) if pool is None else None
+    if pool is None:  # decode in this process: settings only, the caller's thread count stays
+        _set_settings(settings)
     new_shards = 0
     bar = None
     if _progress_enabled(progress):
