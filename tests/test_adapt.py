@@ -317,6 +317,15 @@ def test_lpft_head_reproduces_the_linear_probe(task):
         p_head = logits_to_prob(head(torch.as_tensor(x["test"])), task)
     np.testing.assert_allclose(p_head, predict(x["test"]), atol=1e-4)
     assert p_head.std() > 0.1  # a real, confident probe (the equality above is not between constants)
+    if task == "multiclass":  # a subset showing only two of the three classes (sklearn's binary form)
+        two = np.flatnonzero(y["train"] != 2)
+        head = probe_head(ctx, two, 0, n_out)
+        predict, _ = fit_linear_probe(x["train"][two], y["train"][two], x["val"], y["val"], task, n_out)
+        with torch.no_grad():
+            p_two = logits_to_prob(head(torch.as_tensor(x["test"])), task)
+        renorm = p_two[:, :2] / p_two[:, :2].sum(1, keepdims=True)
+        np.testing.assert_allclose(renorm, predict(x["test"])[:, :2], atol=1e-3)
+        assert (p_two[:, 2] < 0.05).all()  # the absent class is predicted rarely
 
 
 def test_schedule_steps_epochs_clamped_and_fixed_override():

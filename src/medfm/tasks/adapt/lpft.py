@@ -37,10 +37,15 @@ def _rows(clf, task: str, n_out: int) -> tuple[np.ndarray, np.ndarray]:
         return np.stack(ws), np.asarray(bs)
     if task == "binary":
         return clf.coef_[:1], clf.intercept_[:1]
-    w = np.zeros((n_out, clf.coef_.shape[1]))
-    b = np.full(n_out, float(clf.intercept_.min()) + ABSENT_BIAS)
-    w[clf.classes_.astype(int)] = clf.coef_
-    b[clf.classes_.astype(int)] = clf.intercept_
+    cls = clf.classes_.astype(int)
+    coef, icpt = clf.coef_, clf.intercept_
+    if len(cls) == 2:  # sklearn's binary form (one row for the second class): softmax over (0, row)
+        coef = np.concatenate([np.zeros_like(coef), coef])
+        icpt = np.concatenate([np.zeros_like(icpt), icpt])
+    w = np.zeros((n_out, coef.shape[1]))
+    b = np.full(n_out, float(icpt.min()) + ABSENT_BIAS)
+    w[cls] = coef
+    b[cls] = icpt
     return w, b
 
 
