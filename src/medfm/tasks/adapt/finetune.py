@@ -283,9 +283,12 @@ def fit_and_predict(ctx, model: Classifier, param_groups: list[dict], train_idx:
 
 @ADAPTERS.register("finetune", help="full fine-tune: encoder (layer-wise lr decay) + head, AdamW, "
                    "augmentation, best-val checkpoint")
-def finetune(ctx, train_idx: np.ndarray, seed: int) -> dict:
+def finetune(ctx, train_idx: np.ndarray, seed: int, head: nn.Linear | None = None) -> dict:
+    """``head``: start from this head (LP-FT) instead of a fresh one."""
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(ctx.encoder), head_outputs(ctx.task, ctx.n_out))
+    if head is not None:
+        model.head = head
     cfg = ctx.cfg
     groups = layer_decay_groups(model, cfg.lr_finetune, cfg.layer_decay, cfg.lr_head, cfg.weight_decay)
     return fit_and_predict(ctx, model, groups, train_idx, seed)

@@ -9,13 +9,11 @@ informative; it usually helps most when the labelled set is small or the shift f
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from torch import nn
 
-from medfm.tasks.adapt.finetune import Classifier, fit_and_predict, head_outputs, layer_decay_groups
+from medfm.tasks.adapt.finetune import finetune, head_outputs
 from medfm.tasks.adapt.linear import fit_best_logistic
 from medfm.tasks.adapt.registry import ADAPTERS
 
@@ -72,14 +70,7 @@ def probe_head(ctx, train_idx: np.ndarray, seed: int, n_logits: int) -> nn.Linea
 @ADAPTERS.register("lpft", help="linear probe, then full fine-tune from that head (LP-FT): the same recipe "
                    "as finetune, with less distortion of the pretrained features")
 def lpft(ctx, train_idx: np.ndarray, seed: int) -> dict:
-    torch.manual_seed(seed)
-    n_logits = head_outputs(ctx.task, ctx.n_out)
-    model = Classifier(copy.deepcopy(ctx.encoder), n_logits)
-    head = probe_head(ctx, train_idx, seed, n_logits)
-    if head is not None:
-        model.head = head
-    cfg = ctx.cfg
-    groups = layer_decay_groups(model, cfg.lr_finetune, cfg.layer_decay, cfg.lr_head, cfg.weight_decay)
-    out = fit_and_predict(ctx, model, groups, train_idx, seed)
+    head = probe_head(ctx, train_idx, seed, head_outputs(ctx.task, ctx.n_out))
+    out = finetune(ctx, train_idx, seed, head=head)
     out["info"]["probe_head"] = head is not None
     return out
