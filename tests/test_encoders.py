@@ -70,6 +70,31 @@ def test_resnet_small_input_keeps_resolution_for_tiny_images():
         create_encoder("resnet18", block="wide")
 
 
+def test_resnet_global_pool_choices():
+    """avg / max / GeM of the last map; GeM at p=1 is the average, large p approaches the max."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 96, 96)  # last map 3x3
+    encs = {g: create_encoder("resnet18", img_size=96, width=8, global_pool=g).eval()
+            for g in ("avg", "max", "gem")}
+    for e in encs.values():
+        e.load_state_dict(encs["avg"].state_dict(), strict=False)
+    with torch.no_grad():
+        fmap = encs["avg"].forward_features(x)[-1].flatten(2)
+        assert torch.allclose(encs["avg"](x), fmap.mean(2))
+        assert torch.allclose(encs["max"](x), fmap.amax(2))
+        gem = encs["gem"]
+        assert gem.gem.p.requires_grad and gem.config["global_pool"] == "gem"
+        gem.gem.p.fill_(1.0)
+        assert torch.allclose(gem(x), fmap.clamp(min=1e-6).mean(2), atol=1e-5)
+        gem.gem.p.fill_(200.0)
+        assert torch.allclose(gem(x), fmap.amax(2), rtol=0.1, atol=1e-3)
+        again = create_encoder(**gem.config).eval()
+        again.load_state_dict(gem.state_dict())
+        assert torch.equal(again(x), gem(x))
+    with pytest.raises(ConfigError, match="global_pool"):
+        create_encoder("resnet18", global_pool="median")
+
+
 def test_vit_token_api_and_pooling():
     torch.manual_seed(0)
     enc = create_encoder("vit_tiny", spatial_dims=2, in_chans=1, img_size=32, patch_size=8, depth=2).eval()

@@ -4,6 +4,10 @@
 ResNets do for 28-32 px images; the four stages then have strides 1-8 instead of 4-32. ``width`` scales
 all channel counts (64 = the usual ResNet). Batch norm everywhere, zero-initialised last norm of each
 residual branch (each block starts as the identity, which helps from-scratch training on small data).
+
+``global_pool`` picks how the last feature map becomes one vector: ``"avg"`` (the usual), ``"max"``, or
+``"gem"`` (generalised mean with a learnable exponent p, starting at 3). Averaging dilutes a finding that
+fills one cell of the last map (a 3 px nodule at 128 px input sits in one of 4x4 cells); max and GeM keep it.
 """
 
 from __future__ import annotations
@@ -63,8 +67,27 @@ def _shortcut(sd: int, cin: int, cout: int, stride: int) -> nn.Module:
     return nn.Sequential(conv_nd(sd)(cin, cout, 1, stride, bias=False), _bn(sd, cout))
 
 
+class GeM(nn.Module):
+    """Generalised mean over all positions: (mean x^p)^(1/p), p learnable (1 = avg, inf = max)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)  # below 1 it stops being a mean of the activations
+        x = x.flatten(2).clamp(min=self.eps)
+        # Scaled by the max so that x^p neither underflows nor overflows in float32 / bf16 for large p.
+        m = x.amax(2, keepdim=True).detach()
+        return (x / m).pow(p).mean(2).pow(1.0 / p) * m.squeeze(2)
+
+
+_POOLS = ("avg", "max", "gem")
+
+
 class ResNet(Encoder):
-    """ResNet encoder: features = the 4 stage outputs; pooled = global average of the last stage."""
+    """ResNet encoder: features = the 4 stage outputs; pooled = ``global_pool`` of the last stage."""
 
     _family = "cnn"
 
@@ -77,6 +100,7 @@ class ResNet(Encoder):
         layers: tuple[int, ...] = (2, 2, 2, 2),
         width: int = 64,
         small_input: bool = False,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         self.spatial_dims = check_dims(spatial_dims)
@@ -86,6 +110,9 @@ class ResNet(Encoder):
             raise ConfigError(f"block must be 'basic' or 'bottleneck', got {block!r}")
         if len(layers) != 4 or min(layers) < 1:
             raise ConfigError(f"layers needs 4 positive entries (blocks per stage), got {list(layers)}")
+        if global_pool not in _POOLS:
+            raise ConfigError(f"global_pool must be one of {', '.join(_POOLS)}; got {global_pool!r}")
+        self.global_pool = global_pool
         cls = BasicBlock if block == "basic" else Bottleneck
         sd, conv = spatial_dims, conv_nd(spatial_dims)
         if small_input:
@@ -111,6 +138,8 @@ class ResNet(Encoder):
         self.feature_dims = [width * 2**i * cls.expansion for i in range(4)]
         self.feature_strides = strides
         self._init_weights()
+        if global_pool == "gem":  # after init: _init_weights only touches convs and norms
+            self.gem = GeM()
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -132,7 +161,10 @@ class ResNet(Encoder):
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[-1].flatten(2).mean(2)
+        f = self.forward_features(x)[-1]
+        if self.global_pool == "gem":
+            return self.gem(f)
+        return f.flatten(2).amax(2) if self.global_pool == "max" else f.flatten(2).mean(2)
 
 
 _SIZES: dict[str, dict[str, Any]] = {

@@ -138,13 +138,21 @@ def _sd(sd: float) -> str:
 
 def write_results(name: str, results: pd.DataFrame, out_dir: Path, meta: dict,
                   published: dict[str, dict[str, float]] | None = None) -> tuple[Path, Path]:
-    """benchmarks/results/<name>.json (+ .md): the label-efficiency table with the run's facts."""
+    """benchmarks/results/<name>.json (+ .md): the label-efficiency table with the run's facts, and the
+    paired differences against the from-scratch method (the first method named ``scratch...``) when the
+    results have one."""
+    from medfm.eval.paired import paired_differences
+
     t = table(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     js = out_dir / f"{name}.json"
     runs = results.drop(columns=["info"], errors="ignore").to_dict(orient="records")
+    ref = next((m for m in sorted(set(results.get("method", []))) if str(m).startswith("scratch")), None)
+    paired = paired_differences(results, ref) if ref else pd.DataFrame()
     js.write_text(json.dumps({"benchmark": name, **meta, "published": published or {},
-                              "table": t.to_dict(orient="records"), "runs": runs}, indent=2, default=str))
+                              "table": t.to_dict(orient="records"), "runs": runs,
+                              "paired_reference": ref, "paired": paired.to_dict(orient="records")},
+                             indent=2, default=str))
     lines = [f"# {name}", "", f"{meta.get('description', '')}", "",
              "| method | labels | n_labels | test AUROC (mean ± sd) | test ACC (mean ± sd) | seeds |",
              "|---|---|---|---|---|---|"]
@@ -158,6 +166,15 @@ def write_results(name: str, results: pd.DataFrame, out_dir: Path, meta: dict,
     for k, v in (published or {}).items():
         lines.append(f"| {k} (published) | 100% | – | {v.get('auroc', float('nan')):.3f} | "
                      f"{v.get('acc', float('nan')):.3f} | – |")
+    if len(paired):
+        lines += ["", f"Paired by seed (same labelled subset) against {ref}: test AUROC difference.", "",
+                  "| method | labels | pairs | mean diff | 95% CI | wins | p (Wilcoxon, one-sided) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in paired.to_dict(orient="records"):
+            lab = f"{100 * r['budget']:g}%" if r["regime"] == "fraction" else f"{int(r['budget'])}-shot"
+            lines.append(f"| {r['method']} | {lab} | {r['n']} | {r['mean_diff']:+.3f} | "
+                         f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['wins']}/{r['n']} | "
+                         f"{r['p_greater']:.3f} |")
     lines += ["", f"Measured on: {meta.get('machine', '')}; wall time {meta.get('wall_s', 0):.0f} s."]
     md = out_dir / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
