@@ -23,12 +23,12 @@ import torch
 from medfm.pipeline import bench
 
 try:  # run as a script from the repo root: benchmarks/ is not a package
-    from bench_breastmnist import ENCODER_ARGS, adapt_overrides, add_common_args, pool_and_pretrain
+    from bench_breastmnist import adapt_overrides, add_common_args, describe_encoder, pool_and_pretrain
 except ImportError:  # pragma: no cover
     from benchmarks.bench_breastmnist import (
-        ENCODER_ARGS,
         adapt_overrides,
         add_common_args,
+        describe_encoder,
         pool_and_pretrain,
     )
 
@@ -51,10 +51,8 @@ def main() -> None:
     wall = time.perf_counter() - t0
     recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience,
                           **adapt_overrides(args))
-    meta = {"description": f"Shenzhen + Montgomery TB CXR ({args.size} px), fixed split 492/70/142; encoder "
-                           f"vit_tiny {ENCODER_ARGS} patch {args.patch}, "
-                           f"MAE {bench.mae_steps(run, args.steps)} steps "
-                           "on the pool; "
+    meta = {"description": f"Shenzhen + Montgomery TB CXR ({args.size} px), fixed split 492/70/142; "
+                           f"{describe_encoder(run, args.steps)} on the pool; "
                            f"{recipe}; {args.seeds} seeds (finetune/lora/scratch: "
                            f"{args.trained_seeds or args.seeds}).",
             "encoder_run": str(run), "data": str(data), "wall_s": round(wall, 1), "threads": args.threads,
