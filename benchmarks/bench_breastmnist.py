@@ -64,7 +64,11 @@ def describe_encoder(run: Path, default_steps: int) -> str:
     name = enc.pop("name")
     keep = ("patch_size", "embed_dim", "depth", "width", "small_input", "layers")
     opts = ", ".join(f"{k} {enc[k]}" for k in keep if k in enc)
-    return f"encoder {name} ({opts}), {objective} {bench.mae_steps(run, default_steps)} steps"
+    # Which unlabelled images it saw matters as much as the objective (mixed pool vs BreastMNIST train only).
+    data = [f"{Path(d['path']).name} ({d.get('images', '?')} images, {d.get('split', 'train')})"
+            for d in conf.get("data", []) if isinstance(d, dict) and "path" in d]
+    seen = f" on {' + '.join(data)}, labels unused" if data else " on the unlabelled pool"
+    return f"encoder {name} ({opts}), {objective} {bench.mae_steps(run, default_steps)} steps{seen}"
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -135,7 +139,7 @@ def main() -> None:
     recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience,
                           **adapt_overrides(args))
     meta = {"description": f"BreastMNIST ({args.size} px), official split 546/78/156; "
-                           f"{describe_encoder(run, args.steps)} on the unlabelled pool; "
+                           f"{describe_encoder(run, args.steps)}; "
                            f"{recipe}; {args.seeds} seeds (finetune/lora/scratch: "
                            f"{args.trained_seeds or args.seeds}).",
             "encoder_run": str(run), "data": str(data), "pretrain_and_prepare_s": round(t_pre, 1),

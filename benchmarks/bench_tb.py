@@ -52,7 +52,7 @@ def main() -> None:
     recipe = bench.recipe(args.adapt_steps, args.epochs, args.min_steps, args.max_steps, args.patience,
                           **adapt_overrides(args))
     meta = {"description": f"Shenzhen + Montgomery TB CXR ({args.size} px), fixed split 492/70/142; "
-                           f"{describe_encoder(run, args.steps)} on the pool; "
+                           f"{describe_encoder(run, args.steps)}; "
                            f"{recipe}; {args.seeds} seeds (finetune/lora/scratch: "
                            f"{args.trained_seeds or args.seeds}).",
             "encoder_run": str(run), "data": str(data), "wall_s": round(wall, 1), "threads": args.threads,

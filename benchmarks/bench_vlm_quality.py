@@ -142,11 +142,34 @@ def stage_phantom(args) -> None:
     m = json.loads((run / "metrics.json").read_text())
     size = model.cfg.img_size
     train = ImageTextDataset(args.data, split="train", img_size=size)
+    val = ImageTextDataset(args.data, split="val", img_size=size)
     test = ImageTextDataset(args.data, split="test", img_size=size)
+    selected = _zeroshot_selected(model, val, test)
+    if args.zeroshot_only:  # add the val-selected zero-shot to an existing entry, nothing else re-run
+        cur = json.loads(RESULTS.read_text()).get(args.key, {}) if RESULTS.is_file() else {}
+        _merge(args.key, _round({**cur, "zeroshot_val_selected": selected}))
+        return
     res = _eval_run(model, train, test, PHANTOM_FINDINGS, k_rag=args.k)
+    res["zeroshot_val_selected"] = selected
     res["train"] = {k: v for k, v in m.items() if k != "history"}
     res["run"] = str(run)
     _merge(args.key, _round(res))
+
+
+def _zeroshot_selected(model, val, test) -> dict:
+    """Zero-shot test AUROC with, per finding, the prompt set (default / attributes) that scored best on the
+    validation split; the test split plays no part in the choice."""
+    from medfm.tasks.vlm.prompts import attribute_prompts, default_prompts
+    from medfm.tasks.vlm.retrieval import embed_dataset
+    from medfm.tasks.vlm.zeroshot import evaluate_zeroshot, select_on_split
+
+    names = test.label_names
+    cands = {"default": default_prompts(names), "attributes": attribute_prompts(names)}
+    prompts, chosen, val_scores = select_on_split(model, cands, embed_dataset(model, val)[0], val.labels(),
+                                                  val.label_names)
+    zs = evaluate_zeroshot(model, None, prompts, test.labels(), names, img_emb=embed_dataset(model, test)[0])
+    return {"auroc": zs.get("auroc"), "mean_auroc": zs.get("mean_auroc"), "chosen": chosen,
+            "val_auroc": val_scores}
 
 
 def stage_covid(args) -> None:
@@ -332,6 +355,8 @@ def main() -> None:
         "--patch-size)",
     )
     p.add_argument("--k", type=int, default=5, help="Neighbours for retrieval-augmented reports.")
+    p.add_argument("--zeroshot-only", action="store_true",
+                   help="Phantom stage, existing run: only add the val-selected zero-shot to its entry.")
     p.add_argument("--covid-epochs", type=int, default=30)
     p.add_argument("--iu-steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=2)

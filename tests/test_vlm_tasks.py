@@ -11,14 +11,14 @@ import torch
 from typer.testing import CliRunner
 
 from medfm.cli.app import app
-from medfm.errors import InputError
+from medfm.errors import ConfigError, InputError
 from medfm.models.text import save_tiny_bert
 from medfm.tasks.vlm.data import ImageTextDataset, write_toy_pairs
-from medfm.tasks.vlm.prompts import default_prompts, load_prompts
+from medfm.tasks.vlm.prompts import attribute_prompts, default_prompts, load_prompts, select_prompts
 from medfm.tasks.vlm.rag import compose_report, nearest_reports, rag_reports
 from medfm.tasks.vlm.retrieval import CaseIndex, embed_dataset, recall_at_k, retrieval_metrics
 from medfm.tasks.vlm.vqa import evaluate_vqa, load_vqa_json, parse_question, phantom_questions
-from medfm.tasks.vlm.zeroshot import auroc_per_class, evaluate_zeroshot, zeroshot_probs
+from medfm.tasks.vlm.zeroshot import auroc_per_class, evaluate_zeroshot, select_on_split, zeroshot_probs
 from medfm.train.clip import ClipConfig, load_clip, train_clip
 
 
@@ -104,6 +104,25 @@ def test_prompts_default_and_file(tmp_path):
         load_prompts(f)
 
 
+def test_attribute_prompts_and_selection():
+    att = load_prompts("attributes", ["pneumothorax", "cardiomegaly"])
+    assert "There is a small right pneumothorax." in att["pneumothorax"]["positive"]
+    assert att["pneumothorax"]["negative"] == ["No pneumothorax.", "There is no pneumothorax.",
+                                               "No evidence of pneumothorax."]
+    assert att["cardiomegaly"] == default_prompts(["cardiomegaly"])["cardiomegaly"]  # no attributes known
+    cands = {"default": default_prompts(["pneumothorax", "nodule", "effusion"]),
+             "attributes": attribute_prompts(["pneumothorax", "nodule", "effusion"])}
+    scores = {"default": {"pneumothorax": 0.79, "nodule": 0.51, "effusion": None},
+              "attributes": {"pneumothorax": 0.92, "nodule": 0.49, "effusion": 0.99}}
+    pr, chosen = select_prompts(cands, scores)
+    # The better validation score wins; an unmeasurable default loses to a measured alternative.
+    assert chosen == {"pneumothorax": "attributes", "nodule": "default", "effusion": "attributes"}
+    assert pr["pneumothorax"] == cands["attributes"]["pneumothorax"]
+    assert pr["nodule"] == cands["default"]["nodule"]
+    tie, chosen = select_prompts(cands, {"default": {"nodule": 0.5}, "attributes": {"nodule": 0.5}})
+    assert chosen["nodule"] == "default"
+
+
 def test_zeroshot_on_trained_run(trained):
     m = trained["model"]
     ds = ImageTextDataset(trained["data"], img_size=32)
@@ -111,6 +130,10 @@ def test_zeroshot_on_trained_run(trained):
     res = evaluate_zeroshot(m, x, default_prompts(ds.label_names), ds.labels(), ds.label_names)
     assert res["probs"].shape == (32, 2) and ((res["probs"] > 0) & (res["probs"] < 1)).all()
     assert set(res["auroc"]) == {"effusion", "nodule"} and all(0 <= v <= 1 for v in res["auroc"].values())
+    cands = {"default": default_prompts(ds.label_names), "attributes": attribute_prompts(ds.label_names)}
+    pr, chosen, scores = select_on_split(m, cands, m.encode_images(x), ds.labels(), ds.label_names)
+    for f, c in chosen.items():  # the chosen set is the best-scoring one on the selection data
+        assert scores[c][f] == max(scores[n][f] for n in cands) and pr[f] == cands[c][f]
 
 
 def test_recall_at_k_exact():
@@ -254,6 +277,13 @@ def test_cli_commands_end_to_end(trained, tmp_path):
     assert "bleu4" in json.loads((tmp_path / "rep" / "report_metrics.json").read_text())
     res = r.invoke(app, ["vqa", run, data, "--split", "all"])
     assert res.exit_code == 0 and "per_type" in res.output, res.output
+    res = r.invoke(app, ["zeroshot", run, data, "--prompts", "default,attributes", "--select-on", "train",
+                         "--split", "test", "--out", str(tmp_path / "zs2")])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "zs2" / "zeroshot.json").read_text())
+    assert got["selected_on"] == "train" and set(got["prompts_chosen"].values()) <= {"default", "attributes"}
+    res = r.invoke(app, ["zeroshot", run, data, "--prompts", "default,attributes"])
+    assert isinstance(res.exception, ConfigError) and "--select-on" in str(res.exception)
     res = r.invoke(app, ["zeroshot", str(tmp_path), data])
     assert isinstance(res.exception, InputError) and "not a run directory" in str(res.exception)
     res = r.invoke(app, ["clip", str(tmp_path / "none"), "--out", str(tmp_path / "o")])

@@ -200,10 +200,15 @@ def zeroshot(
     data: Path = typer.Argument(..., help="Prepared dataset or manifest to classify."),
     prompts: str = typer.Option(
         "default",
-        help="'default' (prompt ensembles for the dataset's label names) or "
-        "a JSON file {finding: {positive: [...], negative: [...]}}.",
+        help="'default' (short prompt ensembles for the dataset's label names), 'attributes' (report-style "
+        "sentences naming side / size / zone) or a JSON file {finding: {positive: [...], negative: [...]}}; "
+        "several, comma-separated, with --select-on.",
     ),
     split: str = typer.Option("test", help="Split to classify ('all' for every case)."),
+    select_on: str = typer.Option(
+        "", help="With several --prompts: per finding, use the set with the best AUROC on this labelled "
+        "split (e.g. val; must differ from --split)."
+    ),
     out: Path = typer.Option(None, "--out", "-o", help="Write metrics JSON (and predictions CSV) here."),
 ) -> None:
     """Zero-shot multi-label classification from class prompts (positive vs negative), AUROC per class.
@@ -213,13 +218,27 @@ def zeroshot(
     import pandas as pd
 
     from medfm.tasks.vlm.prompts import load_prompts
-    from medfm.tasks.vlm.zeroshot import evaluate_zeroshot
+    from medfm.tasks.vlm.zeroshot import evaluate_zeroshot, select_on_split
 
+    specs = [s.strip() for s in prompts.split(",") if s.strip()] or ["default"]
+    if len(specs) > 1 and not select_on:
+        raise ConfigError("several --prompts need --select-on SPLIT (a labelled split, e.g. val) to choose")
+    if select_on and select_on == split:
+        raise ConfigError(f"--select-on {select_on} is the evaluated split; choose on another, e.g. val")
     model = _load(run)
     ds = _dataset(model, data, split)
-    pr = load_prompts(prompts, ds.label_names or None)
+    candidates = {s: load_prompts(s, ds.label_names or None) for s in specs}
+    chosen: dict[str, str] = {f: specs[0] for f in candidates[specs[0]]}
+    pr = candidates[specs[0]]
+    if select_on:
+        sel = _dataset(model, data, select_on)
+        if sel.labels() is None:
+            raise InputError(data, f"split '{select_on}' has no labels to choose prompts on")
+        pr, chosen, _ = select_on_split(model, candidates, model.encode_images(_images(sel)), sel.labels(),
+                                        sel.label_names)
     res = evaluate_zeroshot(model, _images(ds), pr, ds.labels(), ds.label_names)
-    summary = {k: v for k, v in res.items() if k != "probs"}
+    summary = {k: v for k, v in res.items() if k != "probs"} | {"prompts_chosen": chosen,
+                                                                 "selected_on": select_on or None}
     from rich.console import Console
     from rich.table import Table
 
@@ -227,9 +246,11 @@ def zeroshot(
     t.add_column("finding")
     t.add_column("AUROC")
     t.add_column("mean prob")
+    t.add_column("prompts")
     for j, f in enumerate(res["findings"]):
         au = (res.get("auroc") or {}).get(f)
-        t.add_row(f, "-" if au is None else f"{au:.3f}", f"{res['probs'][:, j].mean():.3f}")
+        auc = "-" if au is None else f"{au:.3f}"
+        t.add_row(f, auc, f"{res['probs'][:, j].mean():.3f}", chosen.get(f, ""))
     Console().print(t)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,11 @@ A finding's score is a softmax between its positive and its negative prompt ense
 L2-normalised template embeddings), so "pleural effusion" is judged against "no pleural effusion" rather than
 against the other findings — which is what makes the scores usable for multi-label data.
 
+Two built-in sets: ``default`` (bare names in short templates) and ``attributes`` (report-style sentences that
+name the side, size or zone: "There is a small right pneumothorax."). Which works better depends on how the
+training reports were written, so :func:`select_prompts` picks per finding the set with the best AUROC on a
+labelled validation split — the test split is never used for the choice.
+
 A prompts file is JSON: ``{"effusion": {"positive": ["pleural effusion", ...], "negative": ["no pleural
 effusion", ...]}, ...}``; or ``{"effusion": ["pleural effusion", "pleural fluid"]}`` (names only: the
 templates below make the sentences).
@@ -59,10 +64,64 @@ def default_prompts(findings: list[str] | None = None) -> Prompts:
     return {f: from_names(SYNONYMS.get(f, [f.replace("_", " ")]), EXTRA_NEGATIVES.get(f)) for f in findings}
 
 
+_SIZES = ("small", "moderate", "large")
+_SIDES = ("right", "left")
+_ZONES = ("upper", "mid", "lower")
+# Report-style positives with the attributes radiologists state; findings not listed keep the default set.
+ATTRIBUTE_POSITIVES: dict[str, list[str]] = {
+    "pneumothorax": [f"There is a {z} {s} pneumothorax." for z in _SIZES for s in _SIDES],
+    "effusion": [f"There is a {z} {s} pleural effusion." for z in _SIZES for s in _SIDES],
+    "nodule": [f"There is a {mm} mm nodule in the {s} {z} zone." for mm in (5, 8, 12)
+               for s in _SIDES for z in _ZONES],
+    "consolidation": [f"There is consolidation in the {s} {z} zone." for s in _SIDES for z in _ZONES],
+}
+BUILTIN = ("default", "attributes")
+
+
+def attribute_prompts(findings: list[str] | None = None) -> Prompts:
+    """:func:`default_prompts` with lateralised / sized report sentences as the positives where known."""
+    out = default_prompts(findings)
+    for f in out:
+        if f in ATTRIBUTE_POSITIVES:
+            # Negatives in report style too: the canonical name in the three ways reports deny a finding
+            # (no "Without X." and no synonyms). The negative ensemble moves zero-shot scores as much as the
+            # positive one: for a sentence-pooled tower, a negative set unlike report sentences pulls the
+            # "absent" anchor away from the reports that state the finding absent.
+            name = SYNONYMS[f][0]
+            neg = [t.format(name) for t in NEGATIVE_TEMPLATES[:3]] + EXTRA_NEGATIVES.get(f, [])
+            out[f] = {"positive": list(ATTRIBUTE_POSITIVES[f]), "negative": neg}
+    return out
+
+
+def select_prompts(candidates: dict[str, Prompts], scores: dict[str, dict[str, float | None]]
+                   ) -> tuple[Prompts, dict[str, str]]:
+    """Per finding, the candidate set with the highest score (e.g. validation AUROC).
+
+    ``candidates``: set name -> prompts; ``scores``: set name -> finding -> score (None = not measurable).
+    Ties and unmeasurable findings go to the first candidate. Returns (prompts, finding -> chosen set name).
+    """
+    names = list(candidates)
+    if not names:
+        raise ValueError("select_prompts needs at least one candidate prompt set")
+    chosen_prompts: Prompts = {}
+    chosen: dict[str, str] = {}
+    for f in candidates[names[0]]:
+        best, best_score = names[0], scores.get(names[0], {}).get(f)
+        for n in names[1:]:
+            sc = scores.get(n, {}).get(f)
+            if f in candidates[n] and sc is not None and (best_score is None or sc > best_score):
+                best, best_score = n, sc
+        chosen_prompts[f], chosen[f] = candidates[best][f], best
+    return chosen_prompts, chosen
+
+
 def load_prompts(spec: str | Path | None, findings: list[str] | None = None) -> Prompts:
-    """``default`` / None -> default_prompts(findings); otherwise read a JSON prompts file."""
+    """``default`` / None -> default_prompts(findings); ``attributes`` -> attribute_prompts(findings);
+    otherwise read a JSON prompts file."""
     if spec is None or str(spec) == "default":
         return default_prompts(findings)
+    if str(spec) == "attributes":
+        return attribute_prompts(findings)
     p = Path(spec)
     try:
         raw: Any = json.loads(p.read_text())

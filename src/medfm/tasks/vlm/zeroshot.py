@@ -69,3 +69,15 @@ def evaluate_zeroshot(
             out["mean_auroc"] = float(np.mean(vals)) if vals else None
             out["prevalence"] = {n: float((y[:, i] > 0).mean()) for i, n in enumerate(common)}
     return out
+
+
+def select_on_split(model: Any, candidates: dict[str, Prompts], img_emb: torch.Tensor, labels: np.ndarray,
+                    label_names: list[str]) -> tuple[Prompts, dict[str, str], dict[str, dict]]:
+    """Choose per finding among candidate prompt sets by AUROC on a labelled split (pass validation
+    embeddings, never the test ones). Returns (prompts, finding -> chosen set, set -> finding -> AUROC)."""
+    from medfm.tasks.vlm.prompts import select_prompts
+
+    scores = {n: evaluate_zeroshot(model, None, pr, labels, label_names, img_emb=img_emb).get("auroc") or {}
+              for n, pr in candidates.items()}
+    prompts, chosen = select_prompts(candidates, scores)
+    return prompts, chosen, scores
