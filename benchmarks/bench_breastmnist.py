@@ -130,7 +130,8 @@ def main() -> None:
         ref = resnet_reference(args.work, args.size, args.resnet_reference)
         out = args.work / "adapt_breastmnist" / "resnet_reference"
         r = bench.label_efficiency(ref, data, out, ["scratch"],
-                                   args.fractions, "", args.trained_seeds or args.seeds, args.adapt_steps,
+                                   args.fractions, args.shots, args.trained_seeds or args.seeds,
+                                   args.adapt_steps,
                                    epochs=args.epochs, min_steps=args.min_steps, max_steps=args.max_steps,
                                    patience=args.patience)
         r["method"] = f"scratch ResNet-18 (width {args.resnet_reference})"
