@@ -172,9 +172,10 @@ def write_results(name: str, results: pd.DataFrame, out_dir: Path, meta: dict,
                   "|---|---|---|---|---|---|---|"]
         for r in paired.to_dict(orient="records"):
             lab = f"{100 * r['budget']:g}%" if r["regime"] == "fraction" else f"{int(r['budget'])}-shot"
-            lines.append(f"| {r['method']} | {lab} | {r['n']} | {r['mean_diff']:+.3f} | "
-                         f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['wins']}/{r['n']} | "
-                         f"{r['p_greater']:.3f} |")
+            ci = "–" if r["ci_low"] != r["ci_low"] else f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            pv = "–" if r["p_greater"] != r["p_greater"] else f"{r['p_greater']:.3f}"
+            lines.append(f"| {r['method']} | {lab} | {r['n']} | {r['mean_diff']:+.3f} | {ci} | "
+                         f"{r['wins']}/{r['n']} | {pv} |")
     lines += ["", f"Measured on: {meta.get('machine', '')}; wall time {meta.get('wall_s', 0):.0f} s."]
     md = out_dir / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
