@@ -75,7 +75,6 @@ ATTRIBUTE_POSITIVES: dict[str, list[str]] = {
                for s in _SIDES for z in _ZONES],
     "consolidation": [f"There is consolidation in the {s} {z} zone." for s in _SIDES for z in _ZONES],
 }
-BUILTIN = ("default", "attributes")
 
 
 def attribute_prompts(findings: list[str] | None = None) -> Prompts:
