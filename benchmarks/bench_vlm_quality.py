@@ -51,7 +51,8 @@ def _round(d):
     return d
 
 
-def _eval_run(model, train_ds, test_ds, findings, k_rag: int = 5, beam: int = 1, max_gen: int | None = None):
+def _eval_run(model, train_ds, test_ds, findings, k_rag: int = 5, beam: int = 1, max_gen: int | None = None,
+              val_ds=None):
     from medfm.tasks.vlm.rag import nearest_reports, rag_reports
     from medfm.tasks.vlm.report import evaluate_reports, generate_reports
     from medfm.tasks.vlm.retrieval import CaseIndex, embed_dataset, retrieval_metrics
@@ -77,6 +78,8 @@ def _eval_run(model, train_ds, test_ds, findings, k_rag: int = 5, beam: int = 1,
             "mean_auroc": zs.get("mean_auroc"),
             "prevalence": zs.get("prevalence"),
         }
+        if val_ds is not None:
+            out["zeroshot_val_selected"] = _zeroshot_selected(model, val_ds, test_ds, test_emb=img)
         out["vqa"] = {
             k: v
             for k, v in evaluate_vqa(
@@ -144,21 +147,20 @@ def stage_phantom(args) -> None:
     train = ImageTextDataset(args.data, split="train", img_size=size)
     val = ImageTextDataset(args.data, split="val", img_size=size)
     test = ImageTextDataset(args.data, split="test", img_size=size)
-    selected = _zeroshot_selected(model, val, test)
     if args.zeroshot_only:  # add the val-selected zero-shot to an existing entry, nothing else re-run
         cur = json.loads(RESULTS.read_text()).get(args.key, {}) if RESULTS.is_file() else {}
-        _merge(args.key, _round({**cur, "zeroshot_val_selected": selected}))
+        _merge(args.key, _round({**cur, "zeroshot_val_selected": _zeroshot_selected(model, val, test)}))
         return
-    res = _eval_run(model, train, test, PHANTOM_FINDINGS, k_rag=args.k)
-    res["zeroshot_val_selected"] = selected
+    res = _eval_run(model, train, test, PHANTOM_FINDINGS, k_rag=args.k, val_ds=val)
     res["train"] = {k: v for k, v in m.items() if k != "history"}
     res["run"] = str(run)
     _merge(args.key, _round(res))
 
 
-def _zeroshot_selected(model, val, test) -> dict:
+def _zeroshot_selected(model, val, test, test_emb=None) -> dict:
     """Zero-shot test AUROC with, per finding, the prompt set (default / attributes) that scored best on the
-    validation split; the test split plays no part in the choice."""
+    validation split; the test split plays no part in the choice. ``test_emb``: already computed test image
+    embeddings."""
     from medfm.tasks.vlm.prompts import attribute_prompts, default_prompts
     from medfm.tasks.vlm.retrieval import embed_dataset
     from medfm.tasks.vlm.zeroshot import evaluate_zeroshot, select_on_split
@@ -167,7 +169,9 @@ def _zeroshot_selected(model, val, test) -> dict:
     cands = {"default": default_prompts(names), "attributes": attribute_prompts(names)}
     prompts, chosen, val_scores = select_on_split(model, cands, embed_dataset(model, val)[0], val.labels(),
                                                   val.label_names)
-    zs = evaluate_zeroshot(model, None, prompts, test.labels(), names, img_emb=embed_dataset(model, test)[0])
+    if test_emb is None:
+        test_emb = embed_dataset(model, test)[0]
+    zs = evaluate_zeroshot(model, None, prompts, test.labels(), names, img_emb=test_emb)
     return {"auroc": zs.get("auroc"), "mean_auroc": zs.get("mean_auroc"), "chosen": chosen,
             "val_auroc": val_scores}
 
