@@ -50,19 +50,17 @@ def by_size(pred: pd.DataFrame, manifest: pd.DataFrame, score: str = "p_nodule")
 
 def clip_predictions(run: str | Path, data: str | Path) -> pd.DataFrame:
     """Test-split zero-shot nodule probabilities of a CLIP run, prompts selected on the val split."""
+    from bench_vlm_quality import val_selected_prompts  # same prompt choice as the VLM quality benchmark
     from medfm.tasks.vlm.data import ImageTextDataset
-    from medfm.tasks.vlm.prompts import attribute_prompts, default_prompts
     from medfm.tasks.vlm.retrieval import embed_dataset
-    from medfm.tasks.vlm.zeroshot import evaluate_zeroshot, select_on_split
+    from medfm.tasks.vlm.zeroshot import evaluate_zeroshot
     from medfm.train.clip import load_clip
 
     model = load_clip(run)
     size = model.cfg.img_size
     val = ImageTextDataset(data, split="val", img_size=size)
     test = ImageTextDataset(data, split="test", img_size=size)
-    names = ["nodule"]
-    cands = {"default": default_prompts(names), "attributes": attribute_prompts(names)}
-    prompts, _, _ = select_on_split(model, cands, embed_dataset(model, val)[0], val.labels(), val.label_names)
+    prompts, _, _ = val_selected_prompts(model, val, ["nodule"])
     zs = evaluate_zeroshot(model, None, prompts, img_emb=embed_dataset(model, test)[0])
     y = test.labels()[:, test.label_names.index("nodule")]
     return pd.DataFrame({"case_id": test.case_ids, "y_nodule": y, "p_nodule": zs["probs"][:, 0]})

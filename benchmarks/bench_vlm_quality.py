@@ -162,18 +162,26 @@ def stage_phantom(args) -> None:
     _merge(args.key, _round(res))
 
 
+def val_selected_prompts(model, val, names: list[str]) -> tuple[dict, dict, dict]:
+    """Per finding in ``names``, the prompt set (default / attributes) that scores best on the validation
+    split: (prompts, finding -> chosen set, set -> finding -> val AUROC)."""
+    from medfm.tasks.vlm.prompts import attribute_prompts, default_prompts
+    from medfm.tasks.vlm.retrieval import embed_dataset
+    from medfm.tasks.vlm.zeroshot import select_on_split
+
+    cands = {"default": default_prompts(names), "attributes": attribute_prompts(names)}
+    return select_on_split(model, cands, embed_dataset(model, val)[0], val.labels(), val.label_names)
+
+
 def _zeroshot_selected(model, val, test, test_emb=None) -> dict:
     """Zero-shot test AUROC with, per finding, the prompt set (default / attributes) that scored best on the
     validation split; the test split plays no part in the choice. ``test_emb``: already computed test image
     embeddings."""
-    from medfm.tasks.vlm.prompts import attribute_prompts, default_prompts
     from medfm.tasks.vlm.retrieval import embed_dataset
-    from medfm.tasks.vlm.zeroshot import evaluate_zeroshot, select_on_split
+    from medfm.tasks.vlm.zeroshot import evaluate_zeroshot
 
     names = test.label_names
-    cands = {"default": default_prompts(names), "attributes": attribute_prompts(names)}
-    prompts, chosen, val_scores = select_on_split(model, cands, embed_dataset(model, val)[0], val.labels(),
-                                                  val.label_names)
+    prompts, chosen, val_scores = val_selected_prompts(model, val, names)
     if test_emb is None:
         test_emb = embed_dataset(model, test)[0]
     zs = evaluate_zeroshot(model, None, prompts, test.labels(), names, img_emb=test_emb)
