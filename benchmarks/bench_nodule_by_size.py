@@ -60,7 +60,8 @@ def clip_predictions(run: str | Path, data: str | Path) -> pd.DataFrame:
     size = model.cfg.img_size
     val = ImageTextDataset(data, split="val", img_size=size)
     test = ImageTextDataset(data, split="test", img_size=size)
-    prompts, _, _ = val_selected_prompts(model, val, ["nodule"])
+    train_texts = ImageTextDataset(data, split="train", img_size=size).texts
+    prompts, _, _ = val_selected_prompts(model, val, ["nodule"], train_texts)
     zs = evaluate_zeroshot(model, None, prompts, img_emb=embed_dataset(model, test)[0])
     y = test.labels()[:, test.label_names.index("nodule")]
     return pd.DataFrame({"case_id": test.case_ids, "y_nodule": y, "p_nodule": zs["probs"][:, 0]})

@@ -84,7 +84,7 @@ def _eval_run(model, train_ds, test_ds, findings, k_rag: int = 5, beam: int = 1,
             "prevalence": zs.get("prevalence"),
         }
         if val_ds is not None:
-            out["zeroshot_val_selected"] = _zeroshot_selected(model, val_ds, test_ds, test_emb=img)
+            out |= _selected(model, val_ds, test_ds, train_ds.texts, test_emb=img, images=x)
         out["vqa"] = {
             k: v
             for k, v in evaluate_vqa(
@@ -141,6 +141,7 @@ def stage_phantom(args) -> None:
             if args.encoder_args
             else {"patch_size": args.patch_size, "depth": 4},
             init_from=args.init_from or None,
+            init_clip=args.init_clip or None,
             lock_image=args.lock_image,
             lr=args.lr,
             threads=args.threads,
@@ -152,9 +153,9 @@ def stage_phantom(args) -> None:
     train = ImageTextDataset(args.data, split="train", img_size=size)
     val = ImageTextDataset(args.data, split="val", img_size=size)
     test = ImageTextDataset(args.data, split="test", img_size=size)
-    if args.zeroshot_only:  # add the val-selected zero-shot to an existing entry, nothing else re-run
+    if args.zeroshot_only:  # add the val-selected zero-shot and VQA to an existing entry, nothing else re-run
         cur = json.loads(RESULTS.read_text()).get(args.key, {}) if RESULTS.is_file() else {}
-        _merge(args.key, _round({**cur, "zeroshot_val_selected": _zeroshot_selected(model, val, test)}))
+        _merge(args.key, _round({**cur, **_selected(model, val, test, train.texts)}))
         return
     res = _eval_run(model, train, test, PHANTOM_FINDINGS, k_rag=args.k, val_ds=val)
     res["train"] = {k: v for k, v in m.items() if k != "history"}
@@ -162,31 +163,42 @@ def stage_phantom(args) -> None:
     _merge(args.key, _round(res))
 
 
-def val_selected_prompts(model, val, names: list[str]) -> tuple[dict, dict, dict]:
-    """Per finding in ``names``, the prompt set (default / attributes) that scores best on the validation
-    split: (prompts, finding -> chosen set, set -> finding -> val AUROC)."""
-    from medfm.tasks.vlm.prompts import attribute_prompts, default_prompts
+def val_selected_prompts(model, val, names: list[str], train_texts: list[str] | None = None
+                         ) -> tuple[dict, dict, dict]:
+    """Per finding in ``names``, the prompt set (default / attributes / reports, the last mined from
+    ``train_texts``) that scores best on the validation split: (prompts, finding -> chosen set,
+    set -> finding -> val AUROC)."""
+    from medfm.tasks.vlm.prompts import attribute_prompts, corpus_prompts, default_prompts
     from medfm.tasks.vlm.retrieval import embed_dataset
     from medfm.tasks.vlm.zeroshot import select_on_split
 
     cands = {"default": default_prompts(names), "attributes": attribute_prompts(names)}
+    if train_texts:
+        cands["reports"] = corpus_prompts(train_texts, names)
     return select_on_split(model, cands, embed_dataset(model, val)[0], val.labels(), val.label_names)
 
 
-def _zeroshot_selected(model, val, test, test_emb=None) -> dict:
-    """Zero-shot test AUROC with, per finding, the prompt set (default / attributes) that scored best on the
-    validation split; the test split plays no part in the choice. ``test_emb``: already computed test image
-    embeddings."""
+def _selected(model, val, test, train_texts, test_emb=None, images=None) -> dict:
+    """Zero-shot test AUROC and VQA accuracy with, per finding, the prompt set (default / attributes /
+    reports mined from ``train_texts``) that scored best on the validation split; the test split plays no
+    part in the choice. ``test_emb`` / ``images``: already computed test embeddings / loaded test images."""
     from medfm.tasks.vlm.retrieval import embed_dataset
+    from medfm.tasks.vlm.vqa import evaluate_vqa, phantom_questions
     from medfm.tasks.vlm.zeroshot import evaluate_zeroshot
 
     names = test.label_names
-    prompts, chosen, val_scores = val_selected_prompts(model, val, names)
+    prompts, chosen, val_scores = val_selected_prompts(model, val, names, train_texts)
     if test_emb is None:
         test_emb = embed_dataset(model, test)[0]
+    if images is None:
+        images = torch.stack([test.image(i) for i in range(len(test))])
     zs = evaluate_zeroshot(model, None, prompts, test.labels(), names, img_emb=test_emb)
-    return {"auroc": zs.get("auroc"), "mean_auroc": zs.get("mean_auroc"), "chosen": chosen,
-            "val_auroc": val_scores}
+    vqa = evaluate_vqa(model, images, phantom_questions(test.labels(), names), prompts=prompts)
+    return {
+        "zeroshot_val_selected": {"auroc": zs.get("auroc"), "mean_auroc": zs.get("mean_auroc"),
+                                  "chosen": chosen, "val_auroc": val_scores},
+        "vqa_val_selected": {k: v for k, v in vqa.items() if k != "answers"},
+    }
 
 
 def stage_covid(args) -> None:
@@ -352,6 +364,7 @@ def main() -> None:
     p.add_argument("--iu", default="", help="iu_xray_reports folder (default: shared data).")
     p.add_argument("--key", default="phantom", help="Result key of the phantom stage.")
     p.add_argument("--init-from", default="", help="Phantom stage: image tower from this run (MAE).")
+    p.add_argument("--init-clip", default="", help="Phantom stage: warm start from this CLIP run.")
     p.add_argument("--lock-image", type=int, default=-1, help="Phantom stage: -1 train all, N last N blocks.")
     p.add_argument("--lr", type=float, default=3e-4, help="Phantom stage learning rate.")
     p.add_argument("--batch", type=int, default=64, help="Phantom stage batch size.")
@@ -373,7 +386,7 @@ def main() -> None:
     )
     p.add_argument("--k", type=int, default=5, help="Neighbours for retrieval-augmented reports.")
     p.add_argument("--zeroshot-only", action="store_true",
-                   help="Phantom stage, existing run: only add the val-selected zero-shot to its entry.")
+                   help="Phantom stage, existing run: only add the val-selected zero-shot + VQA.")
     p.add_argument("--covid-epochs", type=int, default=30)
     p.add_argument("--iu-steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=2)

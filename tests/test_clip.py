@@ -262,3 +262,23 @@ def test_feature_norm_keeps_similar_images_apart(bert):
         return float((z @ z.t())[off].mean())
 
     assert mean_cos("none") > 0.9 > 0.5 > mean_cos("batch")
+
+
+def test_warm_start_from_a_clip_run_keeps_every_weight(bert, toy, tmp_path):
+    """init_clip continues a finished run: the new model starts exactly where the old one ended (towers,
+    projections, temperature, decoder + vocabulary), then trains on; incompatible heads give a ConfigError."""
+    first = train_clip(tiny_cfg(bert, data=toy, out=str(tmp_path / "a"), w_caption=1.0), progress=False)
+    old = load_clip(first)
+    cfg = tiny_cfg(bert, data=toy, out=str(tmp_path / "b"), w_caption=1.0, init_clip=str(first))
+    warm = build_clip(cfg).eval()
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(warm.encode_images(x), old.encode_images(x))
+    torch.testing.assert_close(warm.encode_texts(["no effusion"]), old.encode_texts(["no effusion"]))
+    assert warm.vocab.to_dict() == old.vocab.to_dict()
+    for a, b in zip(warm.decoder.state_dict().values(), old.decoder.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    second = train_clip(cfg, progress=False)
+    assert not torch.equal(load_clip(second).encode_images(x), old.encode_images(x))  # it trained on
+    assert "Warm start" in (second / "README.md").read_text()
+    with pytest.raises(ConfigError, match="cannot start from CLIP run"):
+        build_clip(tiny_cfg(bert, proj_dim=16, init_clip=str(first)))

@@ -14,10 +14,16 @@ from medfm.cli.app import app
 from medfm.errors import ConfigError, InputError
 from medfm.models.text import save_tiny_bert
 from medfm.tasks.vlm.data import ImageTextDataset, write_toy_pairs
-from medfm.tasks.vlm.prompts import attribute_prompts, default_prompts, load_prompts, select_prompts
+from medfm.tasks.vlm.prompts import (
+    attribute_prompts,
+    corpus_prompts,
+    default_prompts,
+    load_prompts,
+    select_prompts,
+)
 from medfm.tasks.vlm.rag import compose_report, nearest_reports, rag_reports
 from medfm.tasks.vlm.retrieval import CaseIndex, embed_dataset, recall_at_k, retrieval_metrics
-from medfm.tasks.vlm.vqa import evaluate_vqa, load_vqa_json, parse_question, phantom_questions
+from medfm.tasks.vlm.vqa import ClosedVQA, evaluate_vqa, load_vqa_json, parse_question, phantom_questions
 from medfm.tasks.vlm.zeroshot import auroc_per_class, evaluate_zeroshot, select_on_split, zeroshot_probs
 from medfm.train.clip import ClipConfig, load_clip, train_clip
 
@@ -121,6 +127,35 @@ def test_attribute_prompts_and_selection():
     assert pr["nodule"] == cands["default"]["nodule"]
     tie, chosen = select_prompts(cands, {"default": {"nodule": 0.5}, "attributes": {"nodule": 0.5}})
     assert chosen["nodule"] == "default"
+
+
+def test_corpus_prompts_take_the_archive_wording():
+    reports = [
+        "Small right pleural effusion. No pneumothorax. Heart size is normal.",
+        "No pleural effusion. There is no pneumothorax. The heart is enlarged.",
+        "No pleural effusion. No pneumothorax. Heart size is normal.",
+        "Left effusion and a right pneumothorax.",  # two findings in one sentence: used for neither
+        "FINDINGS: No pleural effusion; the previously seen effusion has resolved. Possible pneumothorax.",
+    ]
+    pr = corpus_prompts(reports, ["effusion", "pneumothorax", "cardiomegaly", "nodule"], max_per_side=2)
+    assert pr["effusion"] == {
+        "positive": ["Small right pleural effusion."],
+        "negative": [
+            "No pleural effusion.",
+            "No pleural effusion; the previously seen effusion has resolved.",
+        ],
+    }  # most frequent first, at most max_per_side
+    assert pr["cardiomegaly"] == {
+        "positive": ["The heart is enlarged."],
+        "negative": ["Heart size is normal."],
+    }
+    # Never stated present (the hedged mention does not count): the default ensemble instead.
+    assert pr["pneumothorax"] == default_prompts(["pneumothorax"])["pneumothorax"]
+    assert pr["nodule"] == default_prompts(["nodule"])["nodule"]
+    assert load_prompts("reports", ["effusion"], reports=reports)["effusion"] == corpus_prompts(
+        reports, ["effusion"])["effusion"]
+    with pytest.raises(InputError, match="reports"):
+        load_prompts("reports", ["effusion"])
 
 
 def test_zeroshot_on_trained_run(trained):
@@ -247,6 +282,13 @@ def test_vqa_questions_parse_and_answer(trained, tmp_path):
         res = evaluate_vqa(m, x, qs, method=method)
         assert res["n"] == len(qs) - 1 and res["skipped_open"] == 1 and 0 <= res["accuracy"] <= 1
         assert set(res["per_type"]) <= {"presence", "choice"}
+    # Given prompts replace the default statements of the findings they cover.
+    swapped = {"effusion": {"positive": ["No pleural effusion."], "negative": ["Large pleural effusion."]}}
+    q = [{"index": i, "question": "Is there a pleural effusion?", "answer": "yes"} for i in range(8)]
+    vqa = ClosedVQA(m, prompts=swapped)
+    assert vqa._statements("pleural effusion") == (["No pleural effusion."], ["Large pleural effusion."])
+    assert vqa._statements("nodule")[0] == default_prompts(["nodule"])["nodule"]["positive"]
+    assert evaluate_vqa(m, x, q, prompts=swapped)["n"] == 8
 
 
 def test_cli_commands_end_to_end(trained, tmp_path):
@@ -277,11 +319,14 @@ def test_cli_commands_end_to_end(trained, tmp_path):
     assert "bleu4" in json.loads((tmp_path / "rep" / "report_metrics.json").read_text())
     res = r.invoke(app, ["vqa", run, data, "--split", "all"])
     assert res.exit_code == 0 and "per_type" in res.output, res.output
-    res = r.invoke(app, ["zeroshot", run, data, "--prompts", "default,attributes", "--select-on", "train",
-                         "--split", "test", "--out", str(tmp_path / "zs2")])
+    res = r.invoke(app, ["zeroshot", run, data, "--prompts", "default,attributes,reports", "--select-on",
+                         "train", "--split", "test", "--out", str(tmp_path / "zs2")])
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "zs2" / "zeroshot.json").read_text())
-    assert got["selected_on"] == "train" and set(got["prompts_chosen"].values()) <= {"default", "attributes"}
+    assert got["selected_on"] == "train"
+    assert set(got["prompts_chosen"].values()) <= {"default", "attributes", "reports"}
+    res = r.invoke(app, ["zeroshot", run, data, "--prompts", "reports", "--reports-split", "test"])
+    assert isinstance(res.exception, ConfigError) and "--reports-split" in str(res.exception)
     res = r.invoke(app, ["zeroshot", run, data, "--prompts", "default,attributes"])
     assert isinstance(res.exception, ConfigError) and "--select-on" in str(res.exception)
     res = r.invoke(app, ["zeroshot", str(tmp_path), data])

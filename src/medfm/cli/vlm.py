@@ -44,6 +44,18 @@ def _dataset(model: Any, data: Path, split: str) -> Any:
     )
 
 
+def _mined_reports(
+    model: Any, data: Path, specs: list[str], reports_split: str, split: str
+) -> list[str] | None:
+    """The report text that ``--prompts reports`` mines (None when no spec asks for it); never the
+    evaluated split, so its own reports cannot leak into the prompts."""
+    if "reports" not in specs:
+        return None
+    if reports_split == split:
+        raise ConfigError(f"--reports-split {reports_split} is the evaluated split; mine another, e.g. train")
+    return _dataset(model, data, reports_split).texts
+
+
 def _images(ds: Any) -> Any:
     import torch
 
@@ -70,6 +82,12 @@ def clip(
     init_from: str = typer.Option(
         "",
         help="Start the image tower from a run directory or weights file (e.g. a `medfm pretrain mae` run).",
+        rich_help_panel=_ENC,
+    ),
+    init_clip: str = typer.Option(
+        "",
+        help="Start every weight (both towers, heads, decoder) from an earlier `medfm pretrain clip` run, "
+        "with a fresh optimiser and LR schedule: trains a finished run longer. Its architecture is kept.",
         rich_help_panel=_ENC,
     ),
     spatial_dims: int = typer.Option(2, help="2 for images, 3 for volumes.", rich_help_panel=_ENC),
@@ -160,6 +178,7 @@ def clip(
         split=None if split == "all" else split,
         encoder=encoder,
         init_from=init_from or None,
+        init_clip=init_clip or None,
         spatial_dims=spatial_dims,
         in_chans=in_chans,
         img_size=img_size,
@@ -201,8 +220,13 @@ def zeroshot(
     prompts: str = typer.Option(
         "default",
         help="'default' (short prompt ensembles for the dataset's label names), 'attributes' (report-style "
-        "sentences naming side / size / zone) or a JSON file {finding: {positive: [...], negative: [...]}}; "
-        "several, comma-separated, with --select-on.",
+        "sentences naming side / size / zone), 'reports' (the sentences of DATA's --reports-split reports "
+        "that state each finding present / absent: the archive's own wording, no image labels used) or a "
+        "JSON file {finding: {positive: [...], negative: [...]}}; several, comma-separated, with "
+        "--select-on.",
+    ),
+    reports_split: str = typer.Option(
+        "train", help="With --prompts reports: the split of DATA whose report text is mined for prompts."
     ),
     split: str = typer.Option("test", help="Split to classify ('all' for every case)."),
     select_on: str = typer.Option(
@@ -227,7 +251,8 @@ def zeroshot(
         raise ConfigError(f"--select-on {select_on} is the evaluated split; choose on another, e.g. val")
     model = _load(run)
     ds = _dataset(model, data, split)
-    candidates = {s: load_prompts(s, ds.label_names or None) for s in specs}
+    reports = _mined_reports(model, data, specs, reports_split, split)
+    candidates = {s: load_prompts(s, ds.label_names or None, reports=reports) for s in specs}
     chosen: dict[str, str] = {f: specs[0] for f in candidates[specs[0]]}
     pr = candidates[specs[0]]
     if select_on:
@@ -429,6 +454,14 @@ def vqa(
         "zeroshot", help="zeroshot (prompt ensembles) | itm (the run's matching head)."
     ),
     split: str = typer.Option("test", help="Split of a labelled dataset to ask about."),
+    prompts: str = typer.Option(
+        "default",
+        help="Statements behind a finding's yes/no: 'default', 'attributes', 'reports' (mined from "
+        "--reports-split of DATA) or a JSON prompts file, as in `medfm zeroshot`.",
+    ),
+    reports_split: str = typer.Option(
+        "train", help="With --prompts reports: the split of DATA whose reports are mined."
+    ),
     out: Path = typer.Option(None, "--out", "-o", help="Write accuracy and answers JSON here."),
 ) -> None:
     """Answer closed questions (yes/no, multiple choice) about images; accuracy per question type.
@@ -438,6 +471,7 @@ def vqa(
     """
     import torch
 
+    from medfm.tasks.vlm.prompts import SYNONYMS, load_prompts
     from medfm.tasks.vlm.vqa import evaluate_vqa, load_vqa_json, phantom_questions
 
     if method not in ("zeroshot", "itm"):
@@ -460,7 +494,11 @@ def vqa(
             raise InputError(data, "no label columns to generate questions from (give --questions)")
         qs = phantom_questions(ds.labels(), ds.label_names)
         images = _images(ds)
-    res = evaluate_vqa(model, images, qs, method)
+    if prompts == "reports" and questions is not None:
+        raise ConfigError("--prompts reports mines a dataset's reports; it does not work with --questions")
+    reports = _mined_reports(model, data, [prompts], reports_split, split)
+    pr = load_prompts(prompts, list(SYNONYMS), reports=reports)
+    res = evaluate_vqa(model, images, qs, method, pr)
     _print_json({k: v for k, v in res.items() if k != "answers"})
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,10 @@ class ClipConfig:
     # image tower: a registry name built from scratch, or a run directory / checkpoint to start from
     encoder: str = "vit_tiny"
     init_from: str | None = None
+    # a CLIP run directory to start *every* weight from (both towers, heads, decoder and its vocabulary):
+    # a warm start with a fresh optimiser and LR schedule, for training a finished run longer. The
+    # architecture then comes from that run; encoder/init_from/encoder_kwargs are ignored.
+    init_clip: str | None = None
     spatial_dims: int = 2
     in_chans: int = 1
     img_size: int = 64
@@ -403,10 +407,13 @@ class ClipModel(nn.Module):
 
 
 def build_clip(cfg: ClipConfig, train_texts: list[str] | None = None) -> ClipModel:
-    """A fresh model from a config (the image tower from scratch or from ``cfg.init_from``)."""
+    """A fresh model from a config (the image tower from scratch or from ``cfg.init_from``), or every
+    weight from the CLIP run ``cfg.init_clip``."""
     from medfm.models.io import load_encoder
     from medfm.models.registry import create_encoder
 
+    if cfg.init_clip:
+        return _warm_start(cfg, train_texts)
     if cfg.init_from:
         enc = load_encoder(cfg.init_from, in_chans=cfg.in_chans, img_size=cfg.img_size)
     else:
@@ -422,6 +429,25 @@ def build_clip(cfg: ClipConfig, train_texts: list[str] | None = None) -> ClipMod
     )
     vocab = WordVocab.build(train_texts or [], cfg.vocab_min_count) if cfg.w_caption > 0 else None
     model = ClipModel(cfg, enc, text, vocab)
+    lock_tower(model.encoder, image_blocks(model.encoder), cfg.lock_image)
+    lock_tower(model.text, model.text.layers(), cfg.lock_text)
+    return model
+
+
+def _warm_start(cfg: ClipConfig, train_texts: list[str] | None) -> ClipModel:
+    """The model of ``cfg`` with all weights the CLIP run ``cfg.init_clip`` has; modules that run lacks
+    (an ITM head, a decoder) start fresh, modules ``cfg`` switches off are dropped."""
+    src = load_clip(cfg.init_clip)  # type: ignore[arg-type]
+    vocab = src.vocab
+    if vocab is None and cfg.w_caption > 0:
+        vocab = WordVocab.build(train_texts or [], cfg.vocab_min_count)
+    model = ClipModel(cfg, src.encoder, src.text, vocab if cfg.w_caption > 0 else None)
+    try:
+        model.load_state_dict(src.state_dict(), strict=False)
+    except RuntimeError as e:  # shape mismatches: proj_dim, fusion or decoder sizes differ
+        detail = str(e).strip().splitlines()[-1].strip()
+        raise ConfigError(f"cannot start from CLIP run {cfg.init_clip}: {detail}") from None
+    model.train()
     lock_tower(model.encoder, image_blocks(model.encoder), cfg.lock_image)
     lock_tower(model.text, model.text.layers(), cfg.lock_text)
     return model
@@ -734,6 +760,7 @@ def _model_card(cfg: ClipConfig, metrics: dict[str, Any], out: Path) -> None:
             else "one embedding per report"
         ),
         f"- Objectives: {', '.join(objectives)}",
+        *([f"- Warm start: every weight from the CLIP run `{cfg.init_clip}`"] if cfg.init_clip else []),
         f"- Data: `{cfg.data}` (split {cfg.split}), {metrics['pairs']} image-report pairs, "
         f"{metrics['steps']} steps, batch {cfg.batch_size}{cache}",
         f"- Final training loss {metrics['final_loss']:.4f}, temperature {metrics['temperature']:.4f}",

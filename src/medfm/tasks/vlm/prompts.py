@@ -92,6 +92,39 @@ def attribute_prompts(findings: list[str] | None = None) -> Prompts:
     return out
 
 
+def corpus_prompts(reports: list[str], findings: list[str] | None = None, max_per_side: int = 256) -> Prompts:
+    """Prompt ensembles in the archive's own wording: per finding, the report sentences that the
+    negation-aware labeller (:mod:`medfm.eval.text_metrics`) reads as stating it present (positives) or
+    absent (negatives), the most frequent first. Only sentences about that one finding are used, so an
+    anchor is not pulled towards another finding. Needs no image labels — only the training reports — so
+    the scores stay zero-shot. Findings without both kinds of sentence keep :func:`default_prompts`.
+    """
+    from collections import Counter
+
+    from medfm.eval.text_metrics import FINDING_PATTERNS, NEGATIVE, POSITIVE, label_report, split_sentences
+
+    findings = findings or ["nodule", "effusion", "consolidation", "cardiomegaly", "pneumothorax"]
+    known = list(FINDING_PATTERNS)  # every known finding, so a sentence about two of them is left out
+    counts: dict[tuple[str, str], Counter[str]] = {}
+    for report in reports:
+        for sent in split_sentences(report):
+            labels = label_report(sent, known)
+            if len(labels) == 1:
+                (f, lab), = labels.items()
+                if f in findings and lab in (POSITIVE, NEGATIVE):
+                    counts.setdefault((f, lab), Counter())[sent.strip()] += 1
+    out = default_prompts(findings)
+    for f in findings:
+        pos, neg = counts.get((f, POSITIVE)), counts.get((f, NEGATIVE))
+        if pos and neg:
+
+            def top(c: Counter[str]) -> list[str]:
+                return [t for t, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:max_per_side]]
+
+            out[f] = {"positive": top(pos), "negative": top(neg)}
+    return out
+
+
 def select_prompts(candidates: dict[str, Prompts], scores: dict[str, dict[str, float | None]]
                    ) -> tuple[Prompts, dict[str, str]]:
     """Per finding, the candidate set with the highest score (e.g. validation AUROC).
@@ -114,13 +147,20 @@ def select_prompts(candidates: dict[str, Prompts], scores: dict[str, dict[str, f
     return chosen_prompts, chosen
 
 
-def load_prompts(spec: str | Path | None, findings: list[str] | None = None) -> Prompts:
+def load_prompts(
+    spec: str | Path | None, findings: list[str] | None = None, reports: list[str] | None = None
+) -> Prompts:
     """``default`` / None -> default_prompts(findings); ``attributes`` -> attribute_prompts(findings);
-    otherwise read a JSON prompts file."""
+    ``reports`` -> corpus_prompts(reports, findings) (pass the training reports); otherwise read a JSON
+    prompts file."""
     if spec is None or str(spec) == "default":
         return default_prompts(findings)
     if str(spec) == "attributes":
         return attribute_prompts(findings)
+    if str(spec) == "reports":
+        if not reports:
+            raise InputError(None, "prompts 'reports' need report text to mine; none was found")
+        return corpus_prompts(reports, findings)
     p = Path(spec)
     try:
         raw: Any = json.loads(p.read_text())

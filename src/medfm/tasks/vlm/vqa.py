@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from medfm.errors import InputError
-from medfm.tasks.vlm.prompts import SYNONYMS, default_prompts, from_names
+from medfm.tasks.vlm.prompts import SYNONYMS, Prompts, default_prompts, from_names
 from medfm.tasks.vlm.zeroshot import ensemble_embedding
 
 _YESNO = re.compile(
@@ -138,18 +138,25 @@ def parse_question(q: dict[str, Any]) -> dict[str, Any]:
 
 
 class ClosedVQA:
-    """Answers closed questions with a CLIP run: zero-shot prompt ensembles (default) or the ITM head."""
+    """Answers closed questions with a CLIP run: zero-shot prompt ensembles (default) or the ITM head.
 
-    def __init__(self, model: Any, method: str = "zeroshot") -> None:
+    ``prompts``: ensembles to use for the findings they cover (e.g. the validation-selected or report-mined
+    ones, see :mod:`medfm.tasks.vlm.prompts`); other phrases get the default templates."""
+
+    def __init__(self, model: Any, method: str = "zeroshot", prompts: Prompts | None = None) -> None:
         self.model = model
         self.method = method
+        self.prompts = prompts or {}
         self._cache: dict[str, tuple[list[str], list[str]]] = {}
         self._emb: dict[str, torch.Tensor] = {}
 
     def _statements(self, phrase: str) -> tuple[list[str], list[str]]:
         if phrase not in self._cache:
             key = _finding_key(phrase)
-            p = default_prompts([key])[key] if key else from_names([phrase])
+            if key in self.prompts:
+                p = self.prompts[key]
+            else:
+                p = default_prompts([key])[key] if key else from_names([phrase])
             self._cache[phrase] = (p["positive"], p["negative"])
         return self._cache[phrase]
 
@@ -176,10 +183,15 @@ class ClosedVQA:
 
 
 def evaluate_vqa(
-    model: Any, images: torch.Tensor, questions: list[dict[str, Any]], method: str = "zeroshot"
+    model: Any,
+    images: torch.Tensor,
+    questions: list[dict[str, Any]],
+    method: str = "zeroshot",
+    prompts: Prompts | None = None,
 ) -> dict[str, Any]:
-    """Accuracy overall and per question type; ``images[q["index"]]`` is the image of question q."""
-    vqa = ClosedVQA(model, method)
+    """Accuracy overall and per question type; ``images[q["index"]]`` is the image of question q.
+    ``prompts``: finding -> ensembles to use instead of the default ones."""
+    vqa = ClosedVQA(model, method, prompts)
     emb = model.encode_images(images)
     per: dict[str, list[int]] = {}
     skipped = 0
