@@ -6,7 +6,8 @@ of view is 400 mm), so a bin's nodule diameter in pixels can be read off. Merges
 benchmarks/results/phantom_nodule_by_size.json and rewrites the .md table.
 
 With ``--clip`` the run is a CLIP run (``medfm clip``): its zero-shot nodule scores on the test split, with
-the prompt set (default / attributes) that scores best on the val split, are stratified the same way.
+the prompt set (default / attributes / reports) that scores best on the val split, are stratified the same
+way.
 
 Example::
 
