@@ -14,8 +14,12 @@ iu       Real text only: /work/shared/data/iu_xray_reports (R2Gen split). The re
          vocabulary). A retrieval baseline without images: embed each test IMPRESSION with MiniLM, take the
          FINDINGS of the nearest train study (by its impression), score against the test FINDINGS.
 
-Example (the best phantom run so far: 6000 cases, ResNet-18 w32 tower, 2800 steps, about 45 min on 2 CPU
-cores; the nodule is learnt late, so fewer steps or the 1500-case set leave its zero-shot AUROC near 0.6)::
+Zero-shot and VQA are scored twice: with the default prompts, and with the prompt set chosen per finding on
+the val split among default / attributes / reports (sentences mined from the training reports).
+
+Example (the best phantom run so far: 6000 cases, ResNet-18 w32 tower, 2800 steps then 4000 more from a
+warm start, about 45 + 58 min on 2 CPU cores; the nodule is learnt late, so fewer steps or the 1500-case
+set leave its zero-shot AUROC near 0.6–0.8)::
 
     .venv/bin/medfm data phantom --n 6000 --out runs/h9/phantom_raw6k --workers 2
     .venv/bin/medfm data prepare runs/h9/phantom_raw6k/manifest.csv -o runs/h9/prep128_6k --size 128
@@ -23,6 +27,11 @@ cores; the nodule is learnt late, so fewer steps or the 1500-case set leave its 
         --img-size 128 --encoder resnet18 --encoder-args '{"width": 32}' --text-pooling sentences \\
         --run runs/h9/clip_6k_w32_128_s2800 --work runs/h9 --key phantom_6k_resnet18_s2800 --epochs 60 \\
         --max-steps 2800 --w-caption 0.5 --lr 5e-4 --threads 2
+    .venv/bin/python benchmarks/bench_vlm_quality.py --stage phantom --data runs/h9/prep128_6k \\
+        --img-size 128 --encoder resnet18 --encoder-args '{"width": 32}' --text-pooling sentences \\
+        --init-clip runs/h9/clip_6k_w32_128_s2800 --run runs/h9/clip_6k_w32_128_s6800 --work runs/h9 \\
+        --key phantom_6k_resnet18_s6800 --epochs 70 --max-steps 4000 --max-seconds 3700 --w-caption 0.5 \\
+        --lr 4e-4 --threads 2
 """
 
 from __future__ import annotations
