@@ -37,6 +37,8 @@ ANATOMY_PATTERNS: dict[str, str] = {
     "cardiomegaly": r"heart size|cardiac silhouette|cardiomediastinal silhouette|heart",
 }
 ABNORMAL_QUALIFIER = r"\b(enlarg\w*|increased|prominent|large|mildly enlarged)\b"
+# Before a neutral anatomy mention, these deny the abnormality: "Normal heart size."
+NORMAL_PRE = r"\b(normal|unremarkable)\b"
 NEGATION_PRE = (
     r"\b(no|not|without|free of|negative for|absence of|clear of|no evidence of|no signs? of|"
     r"rule[sd]? out|resolution of|resolved)\b"
@@ -75,12 +77,14 @@ def _clause_labels(clause: str, findings: Sequence[str]) -> dict[str, str]:
     pre = [m.start() for m in re.finditer(NEGATION_PRE, c)]
     post = [m.start() for m in re.finditer(NEGATION_POST, c)]
     hedged = re.search(UNCERTAINTY, c) is not None
+    normal = [m.start() for m in re.finditer(NORMAL_PRE, c)]
     for f in findings:
         spans = [(m.start(), m.end(), True) for m in re.finditer(FINDING_PATTERNS.get(f, r"$^"), c)]
         if f in ANATOMY_PATTERNS and not spans:
             spans = [(m.start(), m.end(), False) for m in re.finditer(ANATOMY_PATTERNS[f], c)]
         for start, end, strong in spans:
             negated = any(p < start for p in pre) or any(p >= end for p in post)
+            negated |= not strong and any(p < start for p in normal)
             if not strong and not negated and not re.search(ABNORMAL_QUALIFIER, c):
                 continue  # "stable cardiac silhouette": says nothing about enlargement
             lab = NEGATIVE if negated else UNCERTAIN if hedged else POSITIVE
