@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -282,3 +283,58 @@ def test_warm_start_from_a_clip_run_keeps_every_weight(bert, toy, tmp_path):
     assert "Warm start" in (second / "README.md").read_text()
     with pytest.raises(ConfigError, match="cannot start from CLIP run"):
         build_clip(tiny_cfg(bert, proj_dim=16, init_clip=str(first)))
+
+
+def test_time_budget_stop_then_resume_continues_the_run(bert, toy, tmp_path):
+    """A run stopped by max_seconds keeps a resume state; resume=True takes it to the planned step count with
+    the LR schedule where it was (the same LRs as an uninterrupted run), then drops the state."""
+    cfg = tiny_cfg(bert, data=toy, out=str(tmp_path / "run"), lock_text=0, w_caption=1.0, epochs=3)
+    full = json.loads((train_clip(replace(cfg, out=str(tmp_path / "full")), progress=False)
+                       / "metrics.json").read_text())
+    run = train_clip(replace(cfg, max_seconds=1e-6), progress=False)
+    first = json.loads((run / "metrics.json").read_text())
+    n = full["steps"]
+    assert n > 2 and first["steps"] == 1 and first["stopped_early"] and first["total_steps"] == n
+    assert (run / "resume" / "train_state.json").is_file() and "--resume" in (run / "README.md").read_text()
+    done = json.loads((train_clip(replace(cfg, resume=True), progress=False) / "metrics.json").read_text())
+    assert done["steps"] == n and not done["stopped_early"] and done["history"][0] == first["history"][0]
+    assert [h["lr"] for h in done["history"]] == pytest.approx([h["lr"] for h in full["history"]])
+    assert not (run / "resume").exists()
+    with pytest.raises(InputError, match="nothing to resume"):
+        train_clip(replace(cfg, resume=True), progress=False)
+
+
+def test_checkpoint_every_saves_mid_run(bert, toy, tmp_path, monkeypatch):
+    import medfm.train.clip_state as cs
+
+    saved: list[int] = []
+    real = cs.save_state
+    monkeypatch.setattr(cs, "save_state", lambda out, sm, opt, g, prog: saved.append(prog["step"]) or real(
+        out, sm, opt, g, prog))
+    cfg = tiny_cfg(bert, data=toy, out=str(tmp_path / "run"), lock_text=0, epochs=3, checkpoint_every=2)
+    m = json.loads((train_clip(cfg, progress=False) / "metrics.json").read_text())
+    assert saved == list(range(2, m["steps"], 2)) and saved  # not after the last step: the run is complete
+    assert not (tmp_path / "run" / "resume").exists()
+
+
+def test_resume_state_round_trip(tmp_path):
+    """Optimiser moments and both random streams come back exactly; a partial swap still leaves one state."""
+    from medfm.train.clip_state import load_state, resume_dir, save_state
+
+    w = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(w.parameters(), lr=1e-2)
+    w(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    g = torch.Generator().manual_seed(3)
+    save_state(tmp_path, lambda d: d.mkdir(parents=True), opt, g, {"step": 5, "history": []})
+    want_g, want_torch = torch.rand(2, generator=g), torch.rand(2)
+    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-2)
+    g2 = torch.Generator()
+    assert load_state(resume_dir(tmp_path), opt2, g2)["step"] == 5
+    for a, b in zip(opt.state.values(), opt2.state.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    assert torch.equal(torch.rand(2, generator=g2), want_g) and torch.equal(torch.rand(2), want_torch)
+    (tmp_path / "resume").rename(tmp_path / ".resume.old")  # killed between the two renames
+    assert resume_dir(tmp_path) == tmp_path / ".resume.old"
+    with pytest.raises(InputError, match="does not fit"):
+        load_state(resume_dir(tmp_path), torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]), g2)

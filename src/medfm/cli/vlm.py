@@ -141,6 +141,16 @@ def clip(
     max_seconds: float = typer.Option(
         0.0, help="Stop after this much training wall time in seconds (0: no limit).", rich_help_panel=_OPT
     ),
+    checkpoint_every: int = typer.Option(
+        0,
+        help="Keep a resumable state (optimiser, schedule position, random streams) in OUT/resume every this "
+        "many steps (0: only when --max-seconds stops the run).",
+        rich_help_panel=_OPT,
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the unfinished run in --out from its resume/ state (same options).",
+        rich_help_panel=_OPT,
+    ),
     batch_size: int = typer.Option(64, help="Pairs per contrastive batch.", rich_help_panel=_OPT),
     grad_cache: int = typer.Option(
         0,
@@ -198,6 +208,8 @@ def clip(
         epochs=epochs,
         max_steps=max_steps,
         max_seconds=max_seconds,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
         batch_size=batch_size,
         grad_cache_chunk=grad_cache,
         lr=lr,

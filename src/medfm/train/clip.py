@@ -88,6 +88,10 @@ class ClipConfig:
     epochs: int = 10
     max_steps: int = 0  # > 0 stops early
     max_seconds: float = 0.0  # > 0: stop after this much training wall time (CPU budgets); schedule unchanged
+    # resumable training: a run stopped by max_seconds, and every checkpoint_every steps (> 0), keeps its
+    # optimiser, schedule position and random streams in OUT/resume; resume=True continues from there
+    checkpoint_every: int = 0
+    resume: bool = False
     batch_size: int = 64
     grad_cache_chunk: int = 0  # > 0: embed in chunks of this size with gradient caching
     lr: float = 5e-4
@@ -413,7 +417,7 @@ def build_clip(cfg: ClipConfig, train_texts: list[str] | None = None) -> ClipMod
     from medfm.models.registry import create_encoder
 
     if cfg.init_clip:
-        return _warm_start(cfg, train_texts)
+        return _from_run(cfg, cfg.init_clip, train_texts)
     if cfg.init_from:
         enc = load_encoder(cfg.init_from, in_chans=cfg.in_chans, img_size=cfg.img_size)
     else:
@@ -434,19 +438,20 @@ def build_clip(cfg: ClipConfig, train_texts: list[str] | None = None) -> ClipMod
     return model
 
 
-def _warm_start(cfg: ClipConfig, train_texts: list[str] | None) -> ClipModel:
-    """The model of ``cfg`` with all weights the CLIP run ``cfg.init_clip`` has; modules that run lacks
-    (an ITM head, a decoder) start fresh, modules ``cfg`` switches off are dropped."""
-    src = load_clip(cfg.init_clip)  # type: ignore[arg-type]
+def _from_run(cfg: ClipConfig, run: str | Path, train_texts: list[str] | None, strict: bool = False
+              ) -> ClipModel:
+    """The model of ``cfg`` with all weights the CLIP run ``run`` has; unless ``strict``, modules that run
+    lacks (an ITM head, a decoder) start fresh and modules ``cfg`` switches off are dropped."""
+    src = load_clip(run)
     vocab = src.vocab
     if vocab is None and cfg.w_caption > 0:
         vocab = WordVocab.build(train_texts or [], cfg.vocab_min_count)
     model = ClipModel(cfg, src.encoder, src.text, vocab if cfg.w_caption > 0 else None)
     try:
-        model.load_state_dict(src.state_dict(), strict=False)
+        model.load_state_dict(src.state_dict(), strict=strict)
     except RuntimeError as e:  # shape mismatches: proj_dim, fusion or decoder sizes differ
         detail = str(e).strip().splitlines()[-1].strip()
-        raise ConfigError(f"cannot start from CLIP run {cfg.init_clip}: {detail}") from None
+        raise ConfigError(f"cannot start from CLIP run {run}: {detail}") from None
     model.train()
     lock_tower(model.encoder, image_blocks(model.encoder), cfg.lock_image)
     lock_tower(model.text, model.text.layers(), cfg.lock_text)
@@ -541,10 +546,11 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _progress(total: int, desc: str) -> Any:
+def _progress(total: int, desc: str, initial: int = 0) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=os.environ.get("MEDFM_PROGRESS", "1") == "0", leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False,
+                disable=os.environ.get("MEDFM_PROGRESS", "1") == "0")
 
 
 def train_step(
@@ -617,7 +623,16 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
         raise InputError(cfg.data, "need at least 2 image-report pairs")
     if not any(t.strip() for t in ds.texts):
         raise InputError(cfg.data, "no report text found (manifest column 'report' / 'text')")
-    model = build_clip(cfg, ds.texts).to(device)
+    state_dir = None
+    if cfg.resume:
+        from medfm.train.clip_state import resume_dir
+
+        state_dir = resume_dir(cfg.out)
+        if state_dir is None:
+            raise InputError(cfg.out, "nothing to resume: no resume/ state (a run keeps one when it stops on "
+                                      "its time budget, --max-seconds, or every --checkpoint-every steps)")
+    model = (build_clip(cfg, ds.texts) if state_dir is None else _from_run(cfg, state_dir, ds.texts, True))
+    model = model.to(device)
     tok = model.text.tokenize(ds.texts, cfg.max_text_len)  # tokenise once: the tokenizer is the slow part
     # locked text blocks run once over the whole dataset, not every step (reports repeat a lot)
     cache, sent = None, None
@@ -649,22 +664,34 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
     if text_params:
         groups.append({"params": text_params, "lr": cfg.text_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    from medfm.train.clip_state import drop_state, load_state, save_state
+
+    history: list[dict[str, float]] = []
+    start, seconds_before = 0, 0.0
+    if state_dir is not None:
+        done = load_state(state_dir, opt, g)
+        start, seconds_before, history = int(done["step"]), float(done["train_seconds"]), done["history"]
     warm = max(1, int(cfg.warmup_frac * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
+    sched = torch.optim.lr_scheduler.LambdaLR(  # a resumed run picks the schedule up at its step
         opt,
-        lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) + 1e-3,
+        lambda s: min(1.0, (s + start + 1) / warm)
+        * (0.5 * (1 + math.cos(math.pi * min(s + start, steps) / steps)))
+        + 1e-3,
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    history: list[dict[str, float]] = []
-    t0, step, pairs = time.perf_counter(), 0, 0
-    bar = _progress(steps, "clip") if progress else None
+    t0, step, pairs, stopped = time.perf_counter(), start, 0, False
+
+    def checkpoint() -> None:
+        save_state(cfg.out, lambda d: save_clip(model, d), opt, g, {
+            "step": step, "train_seconds": seconds_before + time.perf_counter() - t0, "history": history})
+
+    bar = _progress(steps, "clip", start) if progress else None
     model.train()
-    while step < steps:
+    while step < steps and not stopped:
         for batch in loader:
-            over = cfg.max_seconds > 0 and step > 0 and time.perf_counter() - t0 > cfg.max_seconds
-            if step >= steps or over:
-                steps = step  # also ends the outer loop
+            stopped = cfg.max_seconds > 0 and step > start and time.perf_counter() - t0 > cfg.max_seconds
+            if step >= steps or stopped:
                 break
             idx = batch["index"]
             x = batch["image"].to(device)
@@ -687,24 +714,33 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
                 hid = (cache[idx] if cache.ndim == 2 else cache[idx][:, :keep]).to(device)
             rec = train_step(model, x, batch["text"], ids, mask, cap, hid)
             torch.nn.utils.clip_grad_norm_([p for gr in groups for p in gr["params"]], 1.0)
+            lr_now = float(opt.param_groups[0]["lr"])
             opt.step()
             sched.step()
             with torch.no_grad():  # CLIP's clamp, also on the stored value so it cannot drift away
                 model.logit_scale.clamp_(0, math.log(cfg.max_logit_scale))
             step += 1
             pairs += x.shape[0]
-            rec.update(step=step, temperature=float(1 / model.scale().detach()))
+            rec.update(step=step, temperature=float(1 / model.scale().detach()), lr=lr_now)
             history.append(rec)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < steps:
+                checkpoint()
     if bar is not None:
         bar.close()
+    if stopped:
+        checkpoint()  # continue later with resume=True
+    else:
+        drop_state(cfg.out)
     secs = time.perf_counter() - t0
     metrics: dict[str, Any] = {
         "steps": step,
+        "total_steps": steps,
+        "stopped_early": stopped,
         "pairs": len(ds),
-        "train_seconds": round(secs, 2),
+        "train_seconds": round(seconds_before + secs, 2),
         "pairs_per_s": round(pairs / max(secs, 1e-9), 2),
         "final_loss": sum(h["loss"] for h in history[-10:]) / max(len(history[-10:]), 1),
         "temperature": float(1 / model.scale().detach()),
@@ -761,6 +797,8 @@ def _model_card(cfg: ClipConfig, metrics: dict[str, Any], out: Path) -> None:
         ),
         f"- Objectives: {', '.join(objectives)}",
         *([f"- Warm start: every weight from the CLIP run `{cfg.init_clip}`"] if cfg.init_clip else []),
+        *([f"- **Stopped early** at step {metrics['steps']} of {metrics['total_steps']} (time budget): "
+           "continue with `--resume` (state in `resume/`)"] if metrics.get("stopped_early") else []),
         f"- Data: `{cfg.data}` (split {cfg.split}), {metrics['pairs']} image-report pairs, "
         f"{metrics['steps']} steps, batch {cfg.batch_size}{cache}",
         f"- Final training loss {metrics['final_loss']:.4f}, temperature {metrics['temperature']:.4f}",
