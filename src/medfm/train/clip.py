@@ -33,6 +33,7 @@ from medfm.models.report_decoder import ReportDecoder, WordVocab
 from medfm.models.sentences import pool_sentences, sentence_index
 from medfm.models.text import TextTower, create_text_tower, lock_tower, mean_pool
 from medfm.runs import environment, read_json, write_json
+from medfm.train import clip_state
 from medfm.train.gradcache import cached_backward
 
 
@@ -625,9 +626,7 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
         raise InputError(cfg.data, "no report text found (manifest column 'report' / 'text')")
     state_dir = None
     if cfg.resume:
-        from medfm.train.clip_state import resume_dir
-
-        state_dir = resume_dir(cfg.out)
+        state_dir = clip_state.resume_dir(cfg.out)
         if state_dir is None:
             raise InputError(cfg.out, "nothing to resume: no resume/ state (a run keeps one when it stops on "
                                       "its time budget, --max-seconds, or every --checkpoint-every steps)")
@@ -664,12 +663,10 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
     if text_params:
         groups.append({"params": text_params, "lr": cfg.text_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    from medfm.train.clip_state import drop_state, load_state, save_state
-
     history: list[dict[str, float]] = []
     start, seconds_before = 0, 0.0
     if state_dir is not None:
-        done = load_state(state_dir, opt, g)
+        done = clip_state.load_state(state_dir, opt, g)
         start, seconds_before, history = int(done["step"]), float(done["train_seconds"]), done["history"]
     warm = max(1, int(cfg.warmup_frac * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(  # a resumed run picks the schedule up at its step
@@ -683,7 +680,7 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
     t0, step, pairs, stopped = time.perf_counter(), start, 0, False
 
     def checkpoint() -> None:
-        save_state(cfg.out, lambda d: save_clip(model, d), opt, g, {
+        clip_state.save_state(cfg.out, lambda d: save_clip(model, d), opt, g, {
             "step": step, "train_seconds": seconds_before + time.perf_counter() - t0, "history": history})
 
     bar = _progress(steps, "clip", start) if progress else None
@@ -733,7 +730,7 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
     if stopped:
         checkpoint()  # continue later with resume=True
     else:
-        drop_state(cfg.out)
+        clip_state.drop_state(cfg.out)
     secs = time.perf_counter() - t0
     metrics: dict[str, Any] = {
         "steps": step,
