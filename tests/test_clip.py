@@ -338,3 +338,18 @@ def test_resume_state_round_trip(tmp_path):
     assert resume_dir(tmp_path) == tmp_path / ".resume.old"
     with pytest.raises(InputError, match="does not fit"):
         load_state(resume_dir(tmp_path), torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]), g2)
+
+
+def test_cli_gives_vit_defaults_only_to_encoders_that_take_them():
+    """`medfm pretrain clip --encoder resnet18` must not pass a ViT patch size to a CNN (it did and failed)."""
+    from medfm.cli.vlm import _small_encoder_defaults
+    from medfm.models.registry import encoder_options
+
+    assert {"patch_size", "depth"} <= encoder_options("vit_tiny") and "width" in encoder_options("resnet18")
+    assert _small_encoder_defaults("vit_tiny", None, None) == {"patch_size": 8, "depth": 4}
+    assert _small_encoder_defaults("vit_tiny", 16, None) == {"patch_size": 16, "depth": 4}
+    assert _small_encoder_defaults("resnet18", None, None) == {}
+    with pytest.raises(ConfigError, match="no option.*depth"):
+        _small_encoder_defaults("resnet18", None, 3)
+    with pytest.raises(ConfigError, match="Unknown encoder"):
+        encoder_options("no_such_net")

@@ -56,6 +56,19 @@ def _mined_reports(
     return _dataset(model, data, reports_split).texts
 
 
+def _small_encoder_defaults(encoder: str, patch_size: int | None, depth: int | None) -> dict[str, int]:
+    """Patch size 8 and depth 4 (a small scratch ViT for CPU budgets) where the encoder takes them; an option
+    given explicitly to an encoder without it is an error, not silently dropped."""
+    from medfm.models.registry import encoder_options
+
+    opts = encoder_options(encoder)
+    given = {k: v for k, v in (("patch_size", patch_size), ("depth", depth)) if v is not None}
+    wrong = sorted(set(given) - opts)
+    if wrong:
+        raise ConfigError(f"encoder '{encoder}' has no option(s) {', '.join(wrong)}; see `medfm models info`")
+    return {k: v for k, v in ({"patch_size": 8, "depth": 4} | given).items() if k in opts}
+
+
 def _images(ds: Any) -> Any:
     import torch
 
@@ -93,11 +106,13 @@ def clip(
     spatial_dims: int = typer.Option(2, help="2 for images, 3 for volumes.", rich_help_panel=_ENC),
     in_chans: int = typer.Option(1, help="Image channels (1: grey images natively).", rich_help_panel=_ENC),
     img_size: int = typer.Option(64, help="Input size per axis (images are resized).", rich_help_panel=_ENC),
-    patch_size: int = typer.Option(
-        8, help="ViT patch size (ignored when --init-from is given).", rich_help_panel=_ENC
+    patch_size: int | None = typer.Option(
+        None, help="Patch size of encoders that have one (default 8; ignored with --init-from).",
+        rich_help_panel=_ENC, show_default=False,
     ),
-    depth: int = typer.Option(
-        4, help="Encoder depth for scratch ViTs (ignored with --init-from).", rich_help_panel=_ENC
+    depth: int | None = typer.Option(
+        None, help="Depth of encoders that take one, e.g. scratch ViTs (default 4; ignored with --init-from)",
+        rich_help_panel=_ENC, show_default=False,
     ),
     encoder_args: str = typer.Option(
         "", help="More encoder options as JSON, e.g. '{\"embed_dim\": 128}'.", rich_help_panel=_ENC
@@ -178,7 +193,7 @@ def clip(
 
     kw = _json_arg(encoder_args, "--encoder-args")
     if not init_from:
-        kw = {"patch_size": patch_size, "depth": depth, **kw}
+        kw = _small_encoder_defaults(encoder, patch_size, depth) | kw
     text_path = None
     if text_tower not in ("minilm", "hf_local"):
         text_path, text_tower = text_tower, "hf_local"

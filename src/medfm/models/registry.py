@@ -44,16 +44,28 @@ def register_size(cls: type[Encoder], name: str, defaults: dict[str, Any], help_
         return build(cls, name, defaults, kw)
 
     factory.__name__ = name
+    factory.options = frozenset(p for p in inspect.signature(cls.__init__).parameters if p != "self")  # type: ignore[attr-defined]
     ENCODERS.register(name, help=help_text)(factory)
 
 
-def create_encoder(name: str, **kwargs: Any) -> Encoder:
-    """Build a registered encoder; any keyword overrides that encoder's defaults (e.g. depth=2 for tests)."""
+def encoder_options(name: str) -> frozenset[str]:
+    """The keyword options encoder ``name`` accepts (empty if it does not say)."""
+    _require(name)
+    return getattr(ENCODERS.get(name), "options", frozenset())
+
+
+def _require(name: str) -> None:
+    """ConfigError (with the known names) unless ``name`` is a registered encoder."""
     if name not in ENCODERS:
         try:
             ENCODERS.get(name)
         except KeyError as e:
             raise ConfigError(str(e.args[0])) from None
+
+
+def create_encoder(name: str, **kwargs: Any) -> Encoder:
+    """Build a registered encoder; any keyword overrides that encoder's defaults (e.g. depth=2 for tests)."""
+    _require(name)
     return ENCODERS.create(name, **kwargs)
 
 
