@@ -341,7 +341,7 @@ def test_resume_state_round_trip(tmp_path):
 
 
 def test_cli_gives_vit_defaults_only_to_encoders_that_take_them():
-    """`medfm pretrain clip --encoder resnet18` must not give a ViT patch size to a CNN (it did and failed)."""
+    """`medfm pretrain clip --encoder resnet18` must not hand a CNN ViT options (it used to, and failed)."""
     from medfm.cli.vlm import _small_encoder_defaults
     from medfm.models.registry import encoder_options
 
