@@ -103,24 +103,24 @@ def corpus_prompts(reports: list[str], findings: list[str] | None = None, max_pe
 
     from medfm.eval.text_metrics import FINDING_PATTERNS, NEGATIVE, POSITIVE, label_report, split_sentences
 
-    findings = findings or ["nodule", "effusion", "consolidation", "cardiomegaly", "pneumothorax"]
+    out = default_prompts(findings)
+    # Archives repeat sentences a lot: count them first, then label each distinct sentence once.
+    freq = Counter(sent.strip() for report in reports for sent in split_sentences(report))
     known = list(FINDING_PATTERNS)  # every known finding, so a sentence about two of them is left out
     counts: dict[tuple[str, str], Counter[str]] = {}
-    for report in reports:
-        for sent in split_sentences(report):
-            labels = label_report(sent, known)
-            if len(labels) == 1:
-                (f, lab), = labels.items()
-                if f in findings and lab in (POSITIVE, NEGATIVE):
-                    counts.setdefault((f, lab), Counter())[sent.strip()] += 1
-    out = default_prompts(findings)
-    for f in findings:
+    for sent, n in freq.items():
+        labels = label_report(sent, known)
+        if len(labels) == 1:
+            (f, lab), = labels.items()
+            if f in out and lab in (POSITIVE, NEGATIVE):
+                counts.setdefault((f, lab), Counter())[sent] += n
+
+    def top(c: Counter[str]) -> list[str]:
+        return [t for t, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:max_per_side]]
+
+    for f in out:
         pos, neg = counts.get((f, POSITIVE)), counts.get((f, NEGATIVE))
         if pos and neg:
-
-            def top(c: Counter[str]) -> list[str]:
-                return [t for t, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:max_per_side]]
-
             out[f] = {"positive": top(pos), "negative": top(neg)}
     return out
 
