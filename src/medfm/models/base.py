@@ -40,7 +40,29 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def layer_groups(self) -> list[nn.Module]:
+        """The trunk's stages in input -> output order (stem / patch embedding first, final norm last).
+
+        Every trainable trunk parameter is in exactly one group, so freezing the first k groups (tower
+        locking) or giving group i its own learning rate (layer-wise decay) needs no attribute names.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define layer_groups()")
+
     @property
     def family(self) -> str:
         """'vit', 'cnn' or 'hybrid' — decides e.g. which segmentation decoder and LoRA targets fit."""
         return getattr(self, "_family", "cnn")
+
+
+def param_group(*modules: nn.Module | None, **params: nn.Parameter | None) -> nn.Module:
+    """One layer group made of ``modules`` plus loose ``params`` (e.g. a class token beside the patch embed).
+
+    Built on demand and never stored on the encoder, so state-dict keys do not change.
+    """
+    group = nn.Module()
+    for i, m in enumerate(m for m in modules if m is not None):
+        group.add_module(str(i), m)
+    for name, p in params.items():
+        if p is not None:
+            group.register_parameter(name, p)
+    return group

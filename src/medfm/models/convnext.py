@@ -111,6 +111,10 @@ class ConvNeXtLK(Encoder):
         self.norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
         self.apply(_init)
 
+    def layer_groups(self) -> list[nn.Module]:
+        """Stem, the four stages (each with its downsampling), final norm."""
+        return [self.stem, *self.stages, self.norm]
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         feats = []

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfm.errors import ConfigError
-from medfm.models.base import Encoder
+from medfm.models.base import Encoder, param_group
 from medfm.models.convnext import ConvNeXtBlock, downsample
 from medfm.models.layers import (
     LayerNormCF,
@@ -115,6 +115,11 @@ class HybridViT(Encoder):
         tok = self.norm(tok)
         return f1, f2, tok.transpose(1, 2).reshape(b, self.embed_dim, *grid)
 
+    def layer_groups(self) -> list[nn.Module]:
+        """Conv stem, the two conv stages, tokeniser (+ position embedding), each block, final norm."""
+        tokens = param_group(self.to_tokens, pos_embed=self.pos_embed)
+        return [self.stem, self.stage1, self.stage2, tokens, *self.blocks, self.norm]
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         f1, f2, f3 = self._run(x)
         pool = F.max_pool2d if self.spatial_dims == 2 else F.max_pool3d
@@ -167,6 +172,11 @@ class SwinEncoder(Encoder):
             spatial_dims=spatial_dims,
         )
         self.norm = nn.LayerNorm(self.embed_dim)
+
+    def layer_groups(self) -> list[nn.Module]:
+        """Patch embedding, the four Swin stages, final norm."""
+        sw = self.swin
+        return [sw.patch_embed, sw.layers1, sw.layers2, sw.layers3, sw.layers4, self.norm]
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.swin(x, normalize=True)[1:]

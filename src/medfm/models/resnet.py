@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from medfm.errors import ConfigError
-from medfm.models.base import Encoder
+from medfm.models.base import Encoder, param_group
 from medfm.models.layers import check_dims, conv_nd, to_tuple
 from medfm.models.registry import register_size
 
@@ -151,6 +151,13 @@ class ResNet(Encoder):
         for m in self.modules():
             if isinstance(m, BasicBlock):
                 nn.init.zeros_(m.branch[-1].weight)
+
+    def layer_groups(self) -> list[nn.Module]:
+        """Stem, the four stages; the GeM exponent (if any) goes with the last group."""
+        groups: list[nn.Module] = [self.stem, *self.stages]
+        if self.global_pool == "gem":
+            groups[-1] = param_group(self.stages[-1], self.gem)
+        return groups
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)

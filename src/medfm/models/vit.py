@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfm.errors import ConfigError
-from medfm.models.base import Encoder
+from medfm.models.base import Encoder, param_group
 from medfm.models.layers import (
     DropPath,
     check_dims,
@@ -222,6 +222,17 @@ class VisionTransformer(Encoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.forward_tokens(self.patch_tokens(x))
         return t[:, 0] if self.global_pool == "token" else t[:, 1:].mean(dim=1)
+
+    def layer_groups(self) -> list[nn.Module]:
+        """Patch embedding (+ class/register tokens, position embeddings), each block, final norm."""
+        stem = param_group(
+            self.patch_embed,
+            cls_token=self.cls_token,
+            cls_pos=self.cls_pos,
+            pos_embed=self.pos_embed,
+            reg_tokens=self.reg_tokens,
+        )
+        return [stem, *self.blocks, self.norm]
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         t = self.patch_embed(x)
