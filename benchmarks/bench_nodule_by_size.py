@@ -52,10 +52,10 @@ def by_size(pred: pd.DataFrame, manifest: pd.DataFrame, score: str = "p_nodule")
 def clip_predictions(run: str | Path, data: str | Path) -> pd.DataFrame:
     """Test-split zero-shot nodule probabilities of a CLIP run, prompts selected on the val split."""
     from bench_vlm_quality import val_selected_prompts  # same prompt choice as the VLM quality benchmark
+    from medfm.models.clip import load_clip
     from medfm.tasks.vlm.data import ImageTextDataset
     from medfm.tasks.vlm.retrieval import embed_dataset
     from medfm.tasks.vlm.zeroshot import evaluate_zeroshot
-    from medfm.train.clip import load_clip
 
     model = load_clip(run)
     size = model.cfg.img_size

@@ -21,7 +21,7 @@ import torch
 
 from medfm.paths import shared_data_dir
 from medfm.runs import environment, write_json
-from medfm.tasks.segment.data import SegPairs, load_pairs, read_array, to_unit
+from medfm.tasks.segment.data import SegPairs, csv_spec, load_pairs, read_image, read_mask
 from medfm.tasks.segment.infer import evaluate_model
 from medfm.tasks.segment.train import SegTrainConfig, build_model, fit
 
@@ -30,14 +30,14 @@ RESULTS = Path(__file__).parent / "results"
 
 def flair_halves() -> tuple[SegPairs, SegPairs, int]:
     root = shared_data_dir() / "volumes_3d" / "nifti"
-    arr, spacing, aff = read_array(root / "FLAIR.nii.gz")
-    lab, _, _ = read_array(root / "lesion.nii.gz", is_mask=True)
-    img, m = torch.from_numpy(to_unit(arr)), torch.from_numpy(lab.astype("int64"))
+    # the same reader and normalisation as `medfm data prepare` (volumes keep their grid)
+    img, spacing, _, aff, _ = read_image(root / "FLAIR.nii.gz", csv_spec(None))
+    m = read_mask(root / "lesion.nii.gz")
     half = img.shape[-1] // 2
 
     def pairs(sl: slice, tag: str) -> SegPairs:
         i, mm = img[..., sl].contiguous(), m[..., sl].contiguous()
-        return SegPairs(i[None], mm[None], [mm], [spacing], [f"flair_{tag}"], [], [aff])
+        return SegPairs(i[None], mm[None], [mm], [spacing], [f"flair_{tag}"], [], [aff], [True])
 
     return pairs(slice(0, half), "left"), pairs(slice(half, None), "right"), int(m.max()) + 1
 

@@ -19,7 +19,11 @@ os.environ.setdefault("MEDFM_PROGRESS", "0")
 def data_dir() -> Path:
     d = shared_data_dir()
     if not d.is_dir():
-        pytest.skip(f"real data folder not found at {d} (set MEDFM_DATA)")
+        reason = f"real data folder not found at {d} (set MEDFM_DATA)"
+        # In CI a missing data folder is a setup error, not a reason to quietly skip the real-data tests.
+        if os.environ.get("CI", "").lower() == "true" or os.environ.get("MEDFM_REQUIRE_DATA") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
     return d
 
 

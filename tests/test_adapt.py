@@ -152,7 +152,8 @@ def test_feature_methods_learn_visible_signal(tmp_path, task):
     cfg = AdaptConfig(methods=["linear", "knn", "prototype"],
                       budgets=[Budget("fraction", 1.0), Budget("shots", 2)], seeds=2, knn_k=5)
     res = run_adapt(enc, data, tmp_path / "out", cfg)
-    assert len(res) == 3 * 2 * 2
+    # at 100 % labels these three methods do not depend on the seed, so they run once (issue 16 item 13)
+    assert len(res) == 3 * 1 + 3 * 2
     assert set(res["method"]) == {"linear", "knn", "prototype"}
     full = res[(res.regime == "fraction") & (res.method == "linear")]
     # the squares are obvious, so even a random-init CNN's features separate them
@@ -164,6 +165,7 @@ def test_feature_methods_learn_visible_signal(tmp_path, task):
         assert (out / f).is_file(), f
     preds = pd.read_parquet(out / "predictions.parquet")
     assert preds["run_id"].nunique() == len(res)
+    assert (out / "partial" / f"{res['run_id'].iloc[0]}.json").is_file()
     # features were cached once per split; a second run reuses the cache (files unchanged)
     cache = sorted((out / "features").glob("*.npz"))
     assert len(cache) == 3
@@ -361,3 +363,89 @@ def test_val_selection_restores_best_checkpoint_and_stops_early():
     rescored = val_score(val[1], predict(model, val[0], "binary", enc), "binary")
     assert rescored == pytest.approx(out["best_val"])
     assert out["best_val"] > 0.9
+
+
+# ---------------------------------------------------------------- thresholds, resume, seed-free methods
+
+
+def _imbalanced(root: Path) -> Path:
+    """make_prepared with 4 of 5 training negatives dropped: training labels are ~83 % positive."""
+    data = make_prepared(root, n=120)
+    df = pd.read_parquet(data / "manifest.parquet")
+    neg_train = df.index[(df["split"] == "train") & (df["label"] == 0)]
+    df = df.drop(neg_train[: int(0.8 * len(neg_train))]).reset_index(drop=True)
+    df.to_parquet(data / "manifest.parquet", index=False)
+    return data
+
+
+def test_default_threshold_is_chosen_on_val_and_report_says_so(tmp_path):
+    """Issue 16 item 14: the default is Youden's J on val, not 0.5; an explicit 0.5 still works."""
+    from medfm.eval.adapt_report import build_adapt_report
+
+    assert AdaptConfig().threshold == "youden"
+    data = _imbalanced(tmp_path / "d")
+    torch.manual_seed(0)
+    enc = TinyCNN()
+    runs = {}
+    for name, kw in (("default", {}), ("fixed", {"threshold": "0.5"})):
+        cfg = AdaptConfig(methods=["linear", "knn"], budgets=[Budget("fraction", 1.0)], seeds=1, knn_k=5,
+                          **kw)
+        runs[name] = run_adapt(enc, data, tmp_path / name, cfg)
+    assert (runs["fixed"]["threshold"] == 0.5).all()
+    assert (runs["default"]["threshold"] != 0.5).all(), runs["default"]["threshold"]
+    assert not np.allclose(runs["default"]["accuracy"], runs["fixed"]["accuracy"])
+    html = build_adapt_report(tmp_path / "default").read_text()
+    assert "chosen on val by Youden&#x27;s J" in html or "chosen on val by Youden's J" in html
+    assert "fixed 0.5" in build_adapt_report(tmp_path / "fixed").read_text()
+
+
+def test_seed_independent_methods_run_once_at_full_labels():
+    from medfm.tasks.adapt.runner import planned_runs
+
+    cfg = AdaptConfig(methods=["linear", "knn", "prototype", "finetune"],
+                      budgets=[Budget("fraction", 1.0), Budget("fraction", 0.5)], seeds=3, first_seed=4)
+    runs = planned_runs(cfg)
+    full = [(s, m) for b, s, m in runs if b.value == 1.0]
+    assert sorted(full) == sorted([(4, "linear"), (4, "knn"), (4, "prototype"),
+                                   (4, "finetune"), (5, "finetune"), (6, "finetune")])
+    # below 100 % the label subset changes with the seed, so every method repeats
+    assert len([r for r in runs if r[0].value == 0.5]) == 4 * 3
+
+
+def test_resume_reuses_finished_runs_and_gives_the_same_tables(tmp_path, monkeypatch):
+    """Issue 16 item 13: each run is written when it finishes; a rerun skips those already done."""
+    import functools
+
+    from medfm.tasks.adapt.registry import ADAPTERS
+
+    data = make_prepared(tmp_path / "d", n=60)
+    enc = TinyCNN()
+    cfg = AdaptConfig(methods=["linear", "knn"], budgets=[Budget("fraction", 0.5)], seeds=2, knn_k=5)
+    out = tmp_path / "out"
+    first = run_adapt(enc, data, out, cfg)
+    preds1 = pd.read_parquet(out / "predictions.parquet")
+    assert sorted(p.stem for p in (out / "partial").glob("*.json")) == sorted(first["run_id"])
+    # simulate a job killed before its last run finished and before the final tables were written
+    (out / "partial" / "knn-fraction0.5-seed1.json").unlink()
+    for f in ("results.csv", "predictions.parquet"):
+        (out / f).unlink()
+    calls = []
+    for name in ("linear", "knn"):
+        orig = ADAPTERS.get(name)
+
+        @functools.wraps(orig)
+        def counted(ctx, idx, seed, _orig=orig, _name=name):
+            calls.append((_name, seed))
+            return _orig(ctx, idx, seed)
+
+        monkeypatch.setitem(ADAPTERS._items, name, counted)
+    again = run_adapt(enc, data, out, cfg)
+    assert calls == [("knn", 1)]
+    cols = [c for c in first.columns if c != "time_s"]  # the recomputed run took its own time
+    pd.testing.assert_frame_equal(again[cols], first[cols])
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"), preds1)
+    # other settings are another experiment: nothing is reused
+    calls.clear()
+    run_adapt(enc, data, out, AdaptConfig(methods=["knn"], budgets=[Budget("fraction", 0.5)], seeds=2,
+                                          knn_k=3))
+    assert calls == [("knn", 0), ("knn", 1)]

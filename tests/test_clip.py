@@ -342,8 +342,8 @@ def test_resume_state_round_trip(tmp_path):
 
 def test_cli_gives_vit_defaults_only_to_encoders_that_take_them():
     """`medfm pretrain clip --encoder resnet18` must not hand a CNN ViT options (it used to, and failed)."""
-    from medfm.cli.vlm import _small_encoder_defaults
     from medfm.models.registry import encoder_options
+    from medfm.train.clip import small_encoder_defaults as _small_encoder_defaults
 
     assert {"patch_size", "depth"} <= encoder_options("vit_tiny") and "width" in encoder_options("resnet18")
     assert _small_encoder_defaults("vit_tiny", None, None) == {"patch_size": 8, "depth": 4}

@@ -9,9 +9,14 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_tiny_end_to_end(tmp_path):
+def test_demo_tiny_end_to_end(tmp_path, monkeypatch):
+    import medfm.pipeline.demo as demo
     from medfm.pipeline.demo import DemoConfig, run_demo
 
+    def no_cli(args):
+        raise AssertionError(f"the demo ran `medfm {' '.join(map(str, args))}` in-process, not the library")
+
+    monkeypatch.setattr(demo, "run_cli", no_cli)
     logs: list[str] = []
     out = tmp_path / "demo"
     report = run_demo(DemoConfig.tiny(out=out), log=logs.append)
@@ -20,6 +25,14 @@ def test_demo_tiny_end_to_end(tmp_path):
     assert "Label efficiency" in html and "data:image/png;base64," in html
     assert "http://" not in html and "https://" not in html  # self-contained: opens with no network
     assert (out / "pretrain" / "model.safetensors").is_file()
+    import medfm
+    from medfm.rundir import open_run
+
+    run = open_run(out / "pretrain")
+    assert run.kind == "encoder" and run.config()["preprocessing"]["size"] == 32
+    assert medfm.load_run(run.path).embed_dim == 32
+    card = (run.path / "README.md").read_text()
+    assert "medfm.load_run" in card and "unknown (no patient ids" not in card  # phantom cases have patients
     res = pd.read_csv(out / "adapt" / "results.csv")
     assert set(res["method"]) == {"linear", "prototype", "lora", "scratch"}
     assert res["auroc"].notna().all()

@@ -115,28 +115,44 @@ def test_cli_incontext_train_then_evaluate_held_out(tmp_path):
             "2",
             "--encoder-depth",
             "2",
+            "--patch-size",
+            "8",
+            "--embed-dim",
+            "32",
+            "--num-heads",
+            "2",
         ],
     )
     assert r.exit_code == 0, r.output
+    enc = json.loads((run / "config.json").read_text())["encoder"]  # architecture sizes set from the CLI
+    assert (enc["patch_size"], enc["embed_dim"], enc["depth"]) == (8, 32, 2)
+    import medfm
+
+    assert type(medfm.load_run(run)).__name__ == "IncontextSegmenter"
     res = json.loads((run / "metrics.json").read_text())["incontext_eval"]
     assert set(res) == {"k1", "k5"} and 0.0 <= res["k5"]["label_2"] <= 1.0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
     r = CliRunner().invoke(
         app,
         [
             "segment",
             "incontext",
             str(tmp_path),
-            "-o",
+            "--run",
             str(run),
+            "-o",
+            str(tmp_path / "ic_eval"),
             "--test-labels",
             "2",
             "--k",
             "1",
-            "--img-size",
-            "32",
         ],
     )
     assert r.exit_code == 0, r.output  # reload the run: evaluation only, no training
+    ev = json.loads((tmp_path / "ic_eval" / "metrics.json").read_text())["incontext_eval"]
+    assert set(ev) == {"k1"} and 0.0 <= ev["k1"]["label_2"] <= 1.0
+    # the evaluated run is only read (issue 16, item 15)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
 def test_knn_prior_reads_the_reference_masks():

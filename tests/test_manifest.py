@@ -67,12 +67,6 @@ def test_multi_image_cases_become_rows_of_one_study(tmp_path):
     [
         ([{"path_x": "a.png"}], None, None, "no 'image' column"),
         (
-            [{"image": "a.png", "case_id": "1"}, {"image": "b.png", "case_id": "1"}],
-            None,
-            None,
-            "duplicate case id",
-        ),
-        (
             [{"image": "a.png", "y": "2"}, {"image": "b.png", "y": "0"}],
             None,
             ["y"],
@@ -174,3 +168,19 @@ def test_rows_without_patient_are_own_groups_and_fractions_hold():
     assert (make_splits(df, (0.7, 0.1, 0.2), seed=1) != s).any()  # the seed matters
     with pytest.raises(ConfigError):
         make_splits(df, (0.5, 0.5))
+
+
+def test_bad_rows_are_listed_not_fatal(tmp_path):
+    """Issue 16 item 6: an empty row or a duplicate case id skips that row (first one kept)."""
+    rows = [
+        {"image": "a.png", "case_id": "1"},
+        {"image": "", "case_id": "2"},
+        {"image": "b.png", "case_id": "1"},
+        {"image": "c.png", "case_id": "3"},
+    ]
+    p = _write(tmp_path, rows)
+    m = load_manifest(p)
+    assert list(m.df["case_id"]) == ["1", "3"] and m.df["image"].iloc[0].endswith("a.png")
+    assert [(b["row"], b["case_id"]) for b in m.bad_rows] == [(3, ""), (4, "1")]
+    assert "row 3: empty 'image'" in m.bad_rows[0]["error"] and str(p) in m.bad_rows[0]["error"]
+    assert "row 4: duplicate case id (first at row 2" in m.bad_rows[1]["error"]

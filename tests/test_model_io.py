@@ -203,3 +203,74 @@ def test_mismatched_medfm_checkpoint(tmp_path):
     save_file({k: v for k, v in sd.items() if k != "norm.weight"}, str(missing), metadata=meta)
     with pytest.raises(InputError, match="missing.safetensors.*missing.*norm.weight"):
         load_encoder(missing)
+
+
+class _Evil:
+    """A pickle payload: unpickling it would run ``open(marker, "w")`` and create the marker file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_checkpoint(tmp_path):
+    import pickle
+
+    marker = tmp_path / "PWNED"
+    pth = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(2), "payload": _Evil(marker)}, pth)
+    legacy = tmp_path / "evil_legacy.pt"  # a plain (non-zip) pickle, the older torch format
+    legacy.write_bytes(pickle.dumps({"payload": _Evil(marker)}))
+    return marker, [pth, legacy]
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    import pickle
+
+    from medfm.models.checkpoint import read_torch_weights
+    from medfm.models.io import read_torch_checkpoint
+    from medfm.models.seg.sam import read_state_dict
+
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Evil(control)))  # the payload is live: plain unpickling runs it
+    assert control.exists()
+    marker, files = _evil_checkpoint(tmp_path)
+    for f in files:
+        for reader in (read_torch_weights, read_torch_checkpoint, read_state_dict, load_encoder):
+            with pytest.raises(InputError) as err:
+                reader(f)
+            msg = str(err.value)
+            assert msg == f"{f}: refused: not a weights-only checkpoint; loading it could execute code"
+            assert "weights_only=False" not in msg
+    assert not marker.exists()
+
+
+def test_truncated_torch_file_is_one_line(tmp_path):
+    from medfm.models.checkpoint import read_torch_weights
+
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.zeros(64)}, good)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(InputError, match=r"cut\.pth: not a readable weights-only torch checkpoint") as err:
+        read_torch_weights(cut)
+    assert "\n" not in str(err.value)
+    assert read_torch_weights(good)["w"].shape == (64,)
+
+
+def test_cli_refuses_malicious_pickle(tmp_path):
+    import subprocess
+    import sys
+
+    marker, files = _evil_checkpoint(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "medfm.cli.app", "models", "import", str(files[0]), str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    refused = "refused: not a weights-only checkpoint; loading it could execute code"
+    assert r.stderr.strip() == f"error: {files[0]}: {refused}"
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not marker.exists() and not (tmp_path / "run").exists()

@@ -16,13 +16,18 @@ from medfm.cli.app import app
 from medfm.data.prepare import PrepareConfig, prepare
 from medfm.data.splits import leaking_groups
 from medfm.data.store import PreparedDataset, read_manifest, read_summary
-from medfm.errors import ConfigError, InputError
+from medfm.errors import ConfigError
 
 
 def _cfg(tmp_path, **kw):
     kw.setdefault("size", 64)
     kw.setdefault("shard_size", 8)
     return PrepareConfig(salt_file=str(tmp_path / "salt"), **kw)
+
+
+def _cfg_out(data_dir, tmp_path, **kw):
+    """_subset manifests live in tmp_path but point into data_dir: allowed explicitly (issue 16 item 4)."""
+    return _cfg(tmp_path, allow_outside=[str(data_dir)], **kw)
 
 
 def _subset(data_dir, tmp_path, name, n_per, by, extra=None):
@@ -42,7 +47,8 @@ def _subset(data_dir, tmp_path, name, n_per, by, extra=None):
 
 def test_cxr_lung_seg_subset(data_dir, tmp_path):
     src, sub = _subset(data_dir, tmp_path, "cxr_lung_seg", 10, "site")
-    s = prepare(src, tmp_path / "out", _cfg(tmp_path), progress=False)
+    # keep_identifiers: this test joins the prepared rows back to the source by case id.
+    s = prepare(src, tmp_path / "out", _cfg_out(data_dir, tmp_path, keep_identifiers=True), progress=False)
     assert s["n_cases"] == 20 and s["n_skipped"] == 0 and s["image_shape"] == [1, 64, 64]
     assert s["counts"]["site"] == {"montgomery": 10, "shenzhen": 10} and s["task"] == "binary"
     ds = PreparedDataset(tmp_path / "out")
@@ -74,7 +80,7 @@ def test_covid_notes_subset_deidentified_patient_splits(data_dir, tmp_path):
         None,
         extra=lambda df: df["patient_id"].isin(df["patient_id"].head(16)),
     )
-    s = prepare(src, tmp_path / "out", _cfg(tmp_path, resize_mode="pad"), progress=False)
+    s = prepare(src, tmp_path / "out", _cfg_out(data_dir, tmp_path, resize_mode="pad"), progress=False)
     man = read_manifest(tmp_path / "out")
     assert s["n_cases"] == len(sub) and (man["report"].str.len() > 20).all()
     assert man["patient_id"].str.startswith("p_").all()
@@ -83,7 +89,7 @@ def test_covid_notes_subset_deidentified_patient_splits(data_dir, tmp_path):
     assert leaking_groups(man) == []
     assert set(man["sex"]) <= {"M", "F", ""} and man["age"].notna().any()
     # Same salt -> same hashes on a second run; the salt file lives outside the output.
-    s2 = prepare(src, tmp_path / "out2", _cfg(tmp_path), progress=False)
+    s2 = prepare(src, tmp_path / "out2", _cfg_out(data_dir, tmp_path), progress=False)
     assert list(read_manifest(tmp_path / "out2")["patient_id"]) == list(man["patient_id"]) and s2["n_cases"]
     assert not any(p.name == "salt" for p in (tmp_path / "out").rglob("*"))
     # A non-square image is letterboxed: its padding rows/cols are exactly 0.
@@ -159,7 +165,10 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path):
     from badinputs import make_bad_corpus
 
     files = make_bad_corpus(tmp_path / "bad")
-    s = prepare(tmp_path / "bad", tmp_path / "out", _cfg(tmp_path, size=16), progress=False)
+    # keep_identifiers: errors and sources name the real files (test_no_identifiers covers the default).
+    s = prepare(
+        tmp_path / "bad", tmp_path / "out", _cfg(tmp_path, size=16, keep_identifiers=True), progress=False
+    )
     skipped = {r["case_id"]: r["error"] for r in s["skipped"]}
     must_fail = [
         "zero_byte_png",
@@ -188,7 +197,12 @@ def test_bad_manifests(tmp_path):
     from badinputs import make_bad_corpus
 
     files = make_bad_corpus(tmp_path / "bad")
-    s = prepare(files["manifest_missing_file"], tmp_path / "o1", _cfg(tmp_path, size=16), progress=False)
+    s = prepare(
+        files["manifest_missing_file"],
+        tmp_path / "o1",
+        _cfg(tmp_path, size=16, keep_identifiers=True),
+        progress=False,
+    )
     assert s["n_cases"] == 3 and [r["case_id"] for r in s["skipped"]] == ["c9"]
     assert "does_not_exist.png: file not found" in s["skipped"][0]["error"]
     res = CliRunner().invoke(
@@ -203,7 +217,11 @@ def test_bad_manifests(tmp_path):
             str(tmp_path / "salt"),
         ],
     )
-    assert isinstance(res.exception, InputError) and "duplicate case id(s): c1" in str(res.exception)
+    # Issue 16 item 6: the duplicate row is skipped and listed, the job goes on with the first one.
+    assert res.exit_code == 0, res.output
+    s2 = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    assert s2["n_cases"] == 3 and len(s2["skipped"]) == 1
+    assert "row 5: duplicate case id (first at row 3; row skipped)" in s2["skipped"][0]["error"]
     # An image/mask pair with different shapes is one skipped case, not a crash.
     pd.DataFrame(
         {
@@ -340,7 +358,9 @@ def test_phantom_folder_is_a_manifest_source(tmp_path):
     from medfm.data.phantom.generate import write_phantom
 
     write_phantom("cxr", 6, tmp_path / "ph", size=64)
-    s = prepare(tmp_path / "ph", tmp_path / "out", _cfg(tmp_path, size=32), progress=False)
+    s = prepare(
+        tmp_path / "ph", tmp_path / "out", _cfg(tmp_path, size=32, keep_identifiers=True), progress=False
+    )
     raw = pd.read_csv(tmp_path / "ph" / "manifest.csv")
     assert s["n_cases"] == 6 and s["task"] == "multilabel" and s["modality"] == "xray"
     assert s["mask_label_names"]["1"] == "right_lung"

@@ -90,14 +90,22 @@ def test_cli_train_evaluate_predict_2d(tmp_path):
     import medfm
 
     assert medfm.load_encoder(run).config["depth"] == 2
-    r = CliRunner().invoke(app, ["segment", "evaluate", str(run), str(data), "--split", "test"])
-    assert r.exit_code == 0, r.output
-    metrics = json.loads((run / "metrics.json").read_text())["eval_test"]
-    assert 0.0 <= metrics["class_1"]["dice"] <= 1.0 and metrics["class_1"]["n"] == 2
-    args = ["segment", "evaluate", str(run), str(data), "--keep-components", "1", "--fill-holes"]
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    ev = tmp_path / "eval"
+    args = ["segment", "evaluate", str(run), str(data), "--split", "test", "-o", str(ev)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "eval_test_pp" in json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((ev / "metrics.json").read_text())["eval_test"]
+    assert 0.0 <= metrics["class_1"]["dice"] <= 1.0 and metrics["class_1"]["n"] == 2
+    # PNGs carry no pixel spacing: HD95 is in pixels, and says so
+    assert metrics["class_1"]["hd95_unit"] == "px" and " px " in r.output and " mm " not in r.output
+    args = ["segment", "evaluate", str(run), str(data), "--keep-components", "1", "--fill-holes"]
+    args += ["-o", str(ev)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert {"eval_test", "eval_test_pp"} <= set(json.loads((ev / "metrics.json").read_text()))
+    # evaluation never changes the model's run directory (issue 16, item 15)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     out = tmp_path / "pred"
     r = CliRunner().invoke(app, ["segment", "predict", str(run), str(data), "-o", str(out)])
     assert r.exit_code == 0, r.output

@@ -27,17 +27,23 @@ def test_segment_run_has_model_card_with_data_encoder_decoder_steps_metrics(tmp_
     r = CliRunner().invoke(app, [*args, "--steps", "3", "--batch-size", "2", "--n-labels", "5"])
     assert r.exit_code == 0, r.output
     card = (run / "README.md").read_text()
-    assert str(data) in card and "5 labelled cases" in card and "--n-labels 5" in card
+    assert f"`{data.name}`" in card and "5 labelled cases" in card and "--n-labels 5" in card
+    assert str(tmp_path) not in card  # folder names only: full paths may carry identifiers
     assert "`vit_tiny`" in card and "depth=2" in card and "patch_size=8" in card
-    assert f"pretrained weights from `{pre}` (mae, 7 steps)" in card
+    assert f"pretrained weights from `{pre.name}` (mae, 7 steps)" in card
+    assert "kind: `segmenter`" in card and "medfm.load_run" in card
     assert "`unetr` decoder" in card and "3 steps, batch 2" in card
     assert "Not evaluated yet" in card
-    r = CliRunner().invoke(app, ["segment", "evaluate", str(run), str(data), "--split", "test"])
+    ev = tmp_path / "eval"
+    r = CliRunner().invoke(
+        app, ["segment", "evaluate", str(run), str(data), "--split", "test", "-o", str(ev)]
+    )
     assert r.exit_code == 0, r.output
-    card = (run / "README.md").read_text()
-    dice = json.loads((run / "metrics.json").read_text())["eval_test"]["class_1"]["dice"]
-    assert "Not evaluated yet" not in card
-    assert f"| test | class_1 | 2 | {dice:.4g} |" in card
+    assert "Not evaluated yet" in (run / "README.md").read_text()  # the run itself is left as trained
+    card = (ev / "README.md").read_text()
+    dice = json.loads((ev / "metrics.json").read_text())["eval_test"]["class_1"]["dice"]
+    assert "Not evaluated yet" not in card and "the run is unchanged" in card
+    assert f"| test | class_1 | 2 | {dice:.4g} | " in card and " px | " in card
 
 
 def test_baseline_run_card_says_no_encoder(tmp_path):

@@ -12,4 +12,11 @@ def load_encoder(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "load_encoder"]
+def load_run(path):
+    """Load what a run directory holds, by its kind (encoder, clip, classifier, segmenter, ...)."""
+    from medfm.rundir import load_run as _load
+
+    return _load(path)
+
+
+__all__ = ["__version__", "load_encoder", "load_run"]

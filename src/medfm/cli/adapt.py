@@ -46,7 +46,11 @@ def adapt(
     fractions: str = typer.Option("0.1,1.0", help="Label fractions of the training patients, e.g. "
                                   "0.01,0.1,1.0 (patient-level, stratified). Empty string for none."),
     shots: str = typer.Option("", help="k-shot budgets (k labelled images per class), e.g. 1,5,10."),
-    seeds: int = typer.Option(3, help="Repetitions with different label subsets and inits (mean ± sd)."),
+    seeds: int = typer.Option(3, help="Repetitions with different label subsets and inits (mean ± sd). "
+                              "With all labels (fraction 1.0), linear / knn / prototype do not depend on the "
+                              "seed and run once."),
+    first_seed: int = typer.Option(0, help="Seeds are FIRST_SEED .. FIRST_SEED+SEEDS-1, so seeds can run in "
+                                   "parallel processes (each with its own --out)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (results, predictions, cache, "
                              "report)."),
     k: int = typer.Option(20, help="Neighbours for knn."),
@@ -73,8 +77,9 @@ def adapt(
                                 "for ultrasound, none for X-ray), light (crop/rotate/jitter), flip (light + "
                                 "horizontal flips), none."),
     lora_r: int = typer.Option(8, help="LoRA rank (alpha = 2r)."),
-    threshold: str = typer.Option("0.5", help="Decision threshold for accuracy/F1/sens/spec: a number, or "
-                                  "'youden' (chosen on val, applied to test)."),
+    threshold: str = typer.Option("youden", help="Decision threshold for accuracy/F1/sens/spec: 'youden' "
+                                  "(default: chosen on the validation split by Youden's J, applied to test; "
+                                  "binary and multi-label) or a fixed number such as 0.5."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html in the out dir."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: leave the default)."),
 ) -> None:
@@ -84,7 +89,8 @@ def adapt(
     dataset (`medfm data prepare`) with train/test (and val) splits and labels.
 
     Every method runs at every label budget with every seed. Frozen features are computed once per
-    encoder and split and cached in OUT/features for linear / knn / prototype.
+    encoder and split and cached in OUT/features for linear / knn / prototype. Each finished run is
+    written to OUT/partial at once; rerunning the same command resumes, skipping runs already done.
     """
     import torch
 
@@ -97,7 +103,8 @@ def adapt(
         raise ConfigError("--method: give at least one method")
     if not data.exists():
         raise InputError(data, "no such prepared dataset directory")
-    cfg = AdaptConfig(methods=methods, budgets=parse_budgets(fractions, shots), seeds=seeds, knn_k=k,
+    cfg = AdaptConfig(methods=methods, budgets=parse_budgets(fractions, shots), seeds=seeds,
+                      first_seed=first_seed, knn_k=k,
                       steps=steps, epochs=epochs, min_steps=min_steps, max_steps=max_steps,
                       patience=patience, batch_size=batch_size, lr_finetune=lr_finetune,
                       layer_decay=layer_decay, lr_head=lr_head, lr_lora=lr_lora, lr_scratch=lr_scratch,
@@ -202,7 +209,9 @@ def _print_runs(table) -> None:
     from rich.table import Table
 
     t = Table(title="test metrics per run (95 % CI where computed)")
-    for c in ("run", "AUROC", "accuracy", "sens", "spec", "ECE"):
+    # run names must stay whole (never "lin…"): fold long names onto a second line instead of cutting them
+    t.add_column("run", overflow="fold", min_width=max((len(str(x)) for x in table["run_id"]), default=3))
+    for c in ("AUROC", "accuracy", "sens", "spec", "ECE"):
         t.add_column(c)
     for r in table.to_dict(orient="records"):
         ms = ("auroc", "accuracy", "sensitivity", "specificity", "ece")

@@ -40,8 +40,24 @@ def _register_all() -> None:
 _register_all()
 
 
+def quiet_libraries() -> None:
+    """Hide library chatter that is not about the user's run.
+
+    That is Lightning's litlogger/litmodels adverts and FutureWarnings from lightning/monai internals (they
+    concern those libraries' next versions, not medfm's).
+    """
+    import logging
+    import warnings
+
+    libs = r"(lightning|lightning_fabric|monai)(\.|$)"
+    warnings.filterwarnings("ignore", category=FutureWarning, module=libs)
+    # The adverts are INFO records of these loggers; real Lightning warnings are WARNING and still show.
+    logging.getLogger("lightning.pytorch.trainer.connectors").setLevel(logging.WARNING)
+
+
 def main() -> None:
     """Entry point: user-facing errors become one line on stderr and exit code 2, not a traceback."""
+    quiet_libraries()
     try:
         app()
     except MedfmError as e:

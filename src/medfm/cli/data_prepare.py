@@ -60,7 +60,11 @@ def prepare_cmd(
     ),
     seed: int = typer.Option(0, help="Seed of the split assignment."),
     keep_identifiers: bool = typer.Option(
-        False, "--keep-identifiers", help="Keep patient/study IDs as given instead of salted hashes."
+        False,
+        "--keep-identifiers",
+        help="Keep patient/study/case IDs and source paths (folder and file names) as given instead "
+        "of salted hashes. Free-text reports in a manifest column are copied as given either way: "
+        "removing names from them is your responsibility.",
     ),
     salt_file: Path | None = typer.Option(
         None,
@@ -69,10 +73,17 @@ def prepare_cmd(
         "missing); default ~/.medfm/.medfm_salt, outside the dataset.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete OUT first instead of resuming."),
+    allow_outside: list[Path] = typer.Option(
+        [],
+        "--allow-outside",
+        help="A folder a manifest may point into besides its own (repeatable); other absolute or ../ "
+        "paths are refused per row.",
+    ),
 ) -> None:
     """Prepare a dataset: resize, normalise, de-identify and shard; resumes an interrupted run."""
     from rich.console import Console
 
+    from medfm.data.identifiers import for_terminal
     from medfm.data.prepare import PrepareConfig, prepare
 
     cfg = PrepareConfig(
@@ -91,12 +102,27 @@ def prepare_cmd(
         keep_identifiers=keep_identifiers,
         salt_file=str(salt_file) if salt_file else None,
         workers=workers,
+        allow_outside=[str(p) for p in allow_outside],
     )
     summary = prepare(src, out, cfg, overwrite=overwrite)
     Console().print(
         f"prepared {summary['n_cases']} cases ({summary['n_skipped']} skipped, see {out / 'summary.json'})",
         soft_wrap=True,  # one line, whatever the terminal width (scripts grep it)
     )
+    map_file = summary.get("case_map_file")
+    if map_file:
+        # The user's own terminal may name real files; the dataset itself holds only hashed ids.
+        typer.echo(f"hashed case ids -> source files: {map_file} (private, outside the dataset)")
+    if summary["n_cases"] == 0:
+        # Nothing usable is a failure, not a success with an empty dataset; summary.json lists why.
+        first = (
+            for_terminal(summary["skipped"][0], map_file) if summary["skipped"] else "no cases in the source"
+        )
+        typer.echo(
+            f"error: {src}: no case could be prepared ({summary['n_skipped']} skipped; first: {first})",
+            err=True,
+        )
+        raise typer.Exit(2)
 
 
 def info_cmd(root: Path = typer.Argument(..., help="A prepared dataset folder.")) -> None:

@@ -114,7 +114,10 @@ def _make_command(objective: str, doc: str) -> Any:
         num_nodes: int = typer.Option(1, help="Machines for multi-node training.", rich_help_panel=_HW),
         strategy: str = typer.Option("auto", help="auto | ddp | fsdp.", rich_help_panel=_HW),
         workers: int = typer.Option(
-            2, help="DataLoader worker processes (0: load in the main process).", rich_help_panel=_HW
+            0, help="DataLoader worker processes (0: load in the main process).", rich_help_panel=_HW
+        ),
+        threads: int = typer.Option(
+            0, help="CPU threads for torch (0: torch's default).", rich_help_panel=_HW
         ),
         ckpt_every: int = typer.Option(
             100, help="Write checkpoints/last.ckpt every N steps (and at the end).", rich_help_panel=_HW
@@ -167,9 +170,14 @@ def _make_command(objective: str, doc: str) -> Any:
             num_nodes=num_nodes,
             strategy=strategy,
             workers=workers,
+            threads=threads,
             ckpt_every=ckpt_every,
             log_every=log_every,
         )
+        if cfg.threads > 0:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
         run_dir = run_pretrain(cfg, resume=resume)
         from medfm.runs import read_json
 

@@ -73,43 +73,34 @@ def train(
 
 @seg_app.command("evaluate")
 def evaluate(
-    run: Path = typer.Argument(..., help="Run directory from `medfm segment train`."),
+    run: Path = typer.Argument(..., help="Run directory from `medfm segment train` (only read)."),
     data: Path = typer.Argument(..., help="Dataset with masks (as for train)."),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Folder for metrics.json and a model card with these results "
+        "(the run directory is never changed).",
+    ),
     split: str = typer.Option("test", help="Split to evaluate ('all' for every case)."),
     site: str = typer.Option(None, help="Only cases of this site."),
-    tolerance_mm: float = typer.Option(2.0, help="Surface Dice tolerance in mm."),
+    tolerance_mm: float = typer.Option(2.0, help="Surface Dice tolerance in mm (pixels for PNGs)."),
     keep_components: int = typer.Option(
         None, help="Post-process: keep this many largest connected components per class (2 for lungs)."
     ),
     fill_holes: bool = typer.Option(False, help="Post-process: fill holes enclosed by each class."),
 ) -> None:
-    """Dice, HD95 (mm) and surface Dice on a dataset; merged into the run's metrics.json."""
-    from medfm.runs import update_metrics
-    from medfm.tasks.segment.data import load_pairs
-    from medfm.tasks.segment.infer import evaluate_model
-    from medfm.tasks.segment.train import load_segmentation_run
+    """Dice, HD95 (mm, or px for images without pixel spacing) and surface Dice on a dataset."""
+    from medfm.tasks.segment.jobs import evaluate_run
 
-    model, conf = load_segmentation_run(run)
-    pairs = load_pairs(data, None if split == "all" else split, site, conf.get("img_size"))
-    res = evaluate_model(
-        model,
-        pairs,
-        conf["num_classes"],
-        roi_size=_roi(conf),
-        class_names=conf["class_names"],
-        tolerance_mm=tolerance_mm,
-        keep_components=keep_components,
-        fill_holes=fill_holes,
-    )
-    key = f"eval_{split}" + (f"_{site}" if site else "") + ("_pp" if keep_components or fill_holes else "")
-    update_metrics(run, **{key: res})
-    from medfm.tasks.segment.modelcard import refresh_seg_model_card
-
-    refresh_seg_model_card(run)
-    for name, m in res.items():
+    res = evaluate_run(run, data, split, site, tolerance_mm, keep_components, fill_holes, out)
+    for name, m in next(iter(res.values())).items():
         typer.echo(
-            f"{name}: dice {m['dice']:.4f}  hd95 {m['hd95_mm']:.2f} mm  surface dice {m['surface_dice']:.4f}"
+            f"{name}: dice {m['dice']:.4f}  hd95 {m['hd95_mm']:.2f} {m['hd95_unit']}  "
+            f"surface dice {m['surface_dice']:.4f}"
         )
+    if out is not None:
+        typer.echo(f"wrote {out / 'metrics.json'}")
 
 
 @seg_app.command("predict")
@@ -124,47 +115,14 @@ def predict(
     ),
     fill_holes: bool = typer.Option(False, help="Post-process: fill holes enclosed by each class."),
 ) -> None:
-    """Write predicted masks aligned with the inputs (PNG 2D / NIfTI 3D with the input affine) + overlays."""
-    import torch.nn.functional as F
+    """Write predicted masks aligned with the inputs (PNG 2D / NIfTI 3D with the input affine) + overlays.
 
-    from medfm.tasks.segment.data import load_pairs
-    from medfm.tasks.segment.infer import predict_pairs
-    from medfm.tasks.segment.io import write_mask_nifti, write_mask_png, write_overlay_png, write_report
-    from medfm.tasks.segment.metrics import segmentation_metrics
-    from medfm.tasks.segment.train import load_segmentation_run
+    Raw files are read and normalised exactly as the run's training images were (its recorded
+    preprocessing)."""
+    from medfm.tasks.segment.jobs import predict_run
 
-    model, conf = load_segmentation_run(run)
-    pairs = load_pairs(data, None if split == "all" else split, None, conf.get("img_size"))
-    preds = predict_pairs(model, pairs, _roi(conf), keep_components=keep_components, fill_holes=fill_holes)
-    rows, pngs = [], []
-    for i, (case, p) in enumerate(zip(pairs.case_ids, preds)):
-        cid = case.replace("/", "_")  # prepared case ids may look like paths
-        m = segmentation_metrics(p[None], pairs.native_masks[i][None], conf["num_classes"], pairs.spacing[i])
-        rows.append({"case": cid, "dice": m["mean"]["dice"], "hd95_mm": m["mean"]["hd95_mm"]})
-        if p.ndim == 3:
-            write_mask_nifti(p, out / f"{cid}_mask.nii.gz", pairs.affines[i] if pairs.affines else None)
-            continue
-        write_mask_png(p, out / f"{cid}_mask.png")
-        if overlays:
-            img = F.interpolate(pairs.images[i : i + 1], size=tuple(p.shape), mode="bilinear")[0]
-            pngs.append(
-                write_overlay_png(img, p, out / f"{cid}_overlay.png", reference=pairs.native_masks[i])
-            )
-    write_report(
-        out / "report.html",
-        f"Segmentation: {run.name}",
-        rows,
-        pngs,
-        {"run": str(run), "data": str(data), "split": split, "decoder": conf["decoder"]},
-    )
-    typer.echo(f"wrote {len(preds)} masks and report.html to {out}")
-
-
-def _roi(conf: dict) -> list[int] | None:
-    patch, size = conf.get("patch"), conf.get("img_size")
-    if conf.get("spatial_dims") == 2 and size and patch and list(patch) == [size, size]:
-        return None
-    return patch
+    n = predict_run(run, data, out, split, overlays, keep_components, fill_holes)
+    typer.echo(f"wrote {n} masks and report.html to {out}")
 
 
 def _int(v: str, name: str) -> int:
@@ -209,52 +167,22 @@ def prompt(
     split: str = typer.Option("test", help="Split of --data to evaluate ('all' for every case)."),
     site: str = typer.Option(None, help="Only cases of this site (with --data)."),
 ) -> None:
-    """Promptable segmentation: boxes / points on one image, or box-prompt Dice on a dataset."""
-    import torch
-    import torch.nn.functional as F
+    """Promptable segmentation: boxes / points on one image, or box-prompt Dice on a dataset.
 
-    from medfm.tasks.segment.data import load_pairs, read_array, to_unit
-    from medfm.tasks.segment.io import write_mask_png, write_overlay_png
-    from medfm.tasks.segment.prompts import evaluate_box_prompts
-    from medfm.tasks.segment.runs import load_promptable
+    The image is read and preprocessed as the run's training images were (PNG, DICOM, NIfTI, ...); box and
+    point coordinates are pixels of the input image."""
+    from medfm.tasks.segment.jobs import evaluate_prompts, prompt_image
 
-    net = load_promptable(model)
-    size = net.img_size
     if data is not None:
-        pairs = load_pairs(data, None if split == "all" else split, site, size)
-        res = evaluate_box_prompts(net, pairs.images, pairs.masks)
+        res = evaluate_prompts(model, data, split, site)
         typer.echo(f"box-prompt dice {res['dice']:.4f} over {res['n']} images")
         return
     if image is None or out is None or not (box or point):
         raise ConfigError("give IMAGE, --out and at least one --box or --point (or --data to evaluate)")
-    arr, _, _ = read_array(image)
-    img = torch.from_numpy(to_unit(arr))
-    h, w = img.shape[1:]
-    x = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)
-    sx, sy = size / w, size / h
-    boxes = (
-        torch.tensor([[float(v) * s for v, s in zip(_floats(b, 4, "--box"), (sx, sy, sx, sy))] for b in box])
-        if box
-        else None
-    )
-    pts = None
-    if point:
-        vals = [_floats(p, 3, "--point") for p in point]
-        xy = torch.tensor([[v[0] * sx, v[1] * sy] for v in vals])[None]
-        pts = (xy, torch.tensor([[int(v[2]) for v in vals]]))
-    with torch.no_grad():
-        emb = net.embed_image(x)
-        n = len(boxes) if boxes is not None else 1
-        logits, iou = net.decode(
-            emb.expand(n, -1, -1, -1),
-            points=None if pts is None else (pts[0].expand(n, -1, -1), pts[1].expand(n, -1)),
-            boxes=boxes,
-        )
-        best = logits[torch.arange(n), iou.argmax(1)]
-        mask = (F.interpolate(best[None], size=(h, w), mode="bilinear", align_corners=False)[0] > 0).any(0)
-    write_mask_png(mask.long(), out)
-    write_overlay_png(img, mask.long(), out.with_name(out.stem + "_overlay.png"))
-    typer.echo(f"wrote {out} ({int(mask.sum())} pixels)")
+    boxes = [_floats(b, 4, "--box") for b in box] if box else None
+    points = [_floats(p, 3, "--point") for p in point] if point else None
+    n = prompt_image(model, image, out, boxes, points)
+    typer.echo(f"wrote {out} ({n} pixels)")
 
 
 @seg_app.command("prompt-train")
@@ -276,46 +204,36 @@ def prompt_train(
     encoder_depth: int = typer.Option(None, help="Override the encoder depth (fresh encoders only)."),
 ) -> None:
     """Train a promptable (SAM-style) model with box / point prompts simulated from the masks."""
-    from medfm.models.seg.sam import build_promptable
-    from medfm.tasks.segment.data import load_pairs
-    from medfm.tasks.segment.prompts import train_promptable_steps
-    from medfm.tasks.segment.runs import save_run
-    from medfm.tasks.segment.train import make_encoder
+    from medfm.tasks.segment.jobs import PromptTrainConfig, train_promptable_run
 
-    pairs = load_pairs(data, split, None, img_size)
-    kw = {"depth": encoder_depth} if encoder_depth else {}
-    enc = make_encoder(encoder, 2, int(pairs.images.shape[1]), [img_size, img_size], **kw)
-    heads = 8 if prompt_dim % 16 == 0 else 2
-    net = build_promptable(
-        enc,
-        img_size,
-        prompt_dim=prompt_dim,
-        decoder_heads=heads,
-        decoder_mlp_dim=4 * prompt_dim,
-        iou_head_hidden_dim=prompt_dim,
-    )
-    hist = train_promptable_steps(
-        net,
-        pairs.images,
-        pairs.masks,
-        steps,
-        batch_size,
-        lr,
-        jitter,
-        correction_rounds,
+    cfg = PromptTrainConfig(
+        data=str(data),
+        encoder=encoder,
+        encoder_kwargs={"depth": encoder_depth} if encoder_depth else {},
+        img_size=img_size,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
         encoder_lr_scale=encoder_lr_scale,
-        progress=True,
+        prompt_dim=prompt_dim,
+        jitter=jitter,
+        correction_rounds=correction_rounds,
+        split=split,
     )
-    save_run(net, "segment_prompt", {"model": net.config, "final_loss": hist[-1] if hist else None}, out)
-    typer.echo(f"wrote {out}")
+    typer.echo(f"wrote {train_promptable_run(cfg, out)}")
 
 
 @seg_app.command("incontext")
 def incontext(
     data: Path = typer.Argument(..., help="Dataset with multi-label masks (e.g. `medfm data phantom`)."),
     out: Path = typer.Option(
-        ..., "--out", "-o", help="Run directory (written when training, read otherwise)."
+        ...,
+        "--out",
+        "-o",
+        help="With --train-labels: the run directory to write. Evaluating an existing "
+        "--run: the folder for its metrics.json (the run is never changed).",
     ),
+    run: Path = typer.Option(None, "--run", help="Evaluate this trained in-context run (no training)."),
     train_labels: str = typer.Option(None, help="Train episodically on these label ids, e.g. 1,2,5."),
     test_labels: str = typer.Option(None, help="Evaluate on these (held-out) label ids, e.g. 3,4."),
     k: str = typer.Option("1,5", help="Numbers of reference images to evaluate with."),
@@ -327,6 +245,11 @@ def incontext(
     batch_size: int = typer.Option(4, help="Episodes per step."),
     lr: float = typer.Option(1e-3, help="Learning rate."),
     encoder_depth: int = typer.Option(None, help="Override the encoder depth (fresh encoders only)."),
+    patch_size: int = typer.Option(None, help="Override the encoder patch size (fresh ViTs only)."),
+    embed_dim: int = typer.Option(None, help="Override the encoder width (fresh encoders only)."),
+    num_heads: int = typer.Option(
+        None, help="Override the encoder's attention heads (must divide the width)."
+    ),
     prior: str = typer.Option(
         "knn",
         help="Reference-driven prior: 'knn' (query positions attend to reference positions and read their "
@@ -338,65 +261,49 @@ def incontext(
 ) -> None:
     """In-context segmentation: train episodically (--train-labels) and/or evaluate on held-out labels with
     k references and no weight update (--test-labels; queries from split 'test', references from 'train')."""
-    from medfm.models.seg.incontext import IncontextSegmenter
-    from medfm.runs import update_metrics
-    from medfm.tasks.segment.data import load_pairs
-    from medfm.tasks.segment.incontext import evaluate_incontext, train_incontext
-    from medfm.tasks.segment.runs import load_incontext, save_run
-    from medfm.tasks.segment.train import make_encoder
+    from medfm.tasks.segment.jobs import IncontextConfig, evaluate_incontext_run, train_incontext_run
 
-    train = load_pairs(data, "train", None, img_size)
-    if train_labels:
-        labels = _ints(train_labels, "--train-labels")
-        kw = {"depth": encoder_depth} if encoder_depth else {}
-        enc = make_encoder(
-            encoder, train.images.ndim - 2, int(train.images.shape[1]), list(train.images.shape[2:]), **kw
+    if bool(train_labels) == bool(run):
+        raise ConfigError(
+            "give --train-labels (train into --out) or --run (evaluate it), not both or neither"
         )
-        if prior not in ("knn", "prototype"):
-            raise ConfigError(f"--prior must be 'knn' or 'prototype', got {prior!r}")
-        net = IncontextSegmenter(enc, dim=64, feature_size=16, prior=prior)
-        hist = train_incontext(
-            net,
-            train.images,
-            train.masks,
-            labels,
-            steps,
-            batch_size,
+    if train_labels:
+        overrides = {
+            "depth": encoder_depth,
+            "patch_size": patch_size,
+            "embed_dim": embed_dim,
+            "num_heads": num_heads,
+        }
+        cfg = IncontextConfig(
+            data=str(data),
+            train_labels=_ints(train_labels, "--train-labels"),
+            encoder=encoder,
+            encoder_kwargs={k_: v for k_, v in overrides.items() if v},
+            img_size=img_size,
+            prior=prior,
+            steps=steps,
+            batch_size=batch_size,
             lr=lr,
-            progress=True,
             task_augment=task_augment,
         )
-        save_run(
-            net,
-            "segment_incontext",
-            {
-                "encoder": enc.config,
-                "dim": 64,
-                "feature_size": 16,
-                "prior": prior,
-                "train_labels": labels,
-                "final_loss": hist[-1],
-            },
-            out,
-        )
-        typer.echo(f"wrote {out}")
-    else:
-        net, _ = load_incontext(out)
+        run = train_incontext_run(cfg, out)
+        typer.echo(f"wrote {run}")
     if test_labels:
-        test = load_pairs(data, "test", None, img_size)
-        res = {}
-        for kk in _ints(k, "--k"):
-            res[f"k{kk}"] = evaluate_incontext(
-                net,
-                test.images,
-                test.masks,
-                _ints(test_labels, "--test-labels"),
-                kk,
-                ref_images=train.images,
-                ref_masks=train.masks,
-            )
-            typer.echo(f"k={kk}: " + "  ".join(f"{n} {v:.4f}" for n, v in res[f"k{kk}"].items()))
-        update_metrics(out, incontext_eval=res)
+        res = evaluate_incontext_run(
+            run,
+            data,
+            _ints(test_labels, "--test-labels"),
+            _ints(k, "--k"),
+            out if train_labels is None else None,
+        )
+        for name, r in res.items():
+            typer.echo(f"k={name[1:]}: " + "  ".join(f"{n} {v:.4f}" for n, v in r.items()))
+        if train_labels:  # evaluated right after training: part of the new run's own record
+            from medfm.rundir import RunDir
+
+            RunDir(run, kind="incontext").write_metrics({"incontext_eval": res})
+        else:
+            typer.echo(f"wrote {out / 'metrics.json'}")
 
 
 def _floats(v: str, n: int, name: str) -> list[float]:

@@ -17,20 +17,8 @@ _OBJ = "Objectives"
 _OPT = "Optimisation"
 
 
-def _json_arg(value: str, name: str) -> dict[str, Any]:
-    if not value:
-        return {}
-    try:
-        v = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{name} must be JSON, e.g. '{{\"depth\": 4}}' ({e})") from None
-    if not isinstance(v, dict):
-        raise ConfigError(f"{name} must be a JSON object")
-    return v
-
-
 def _load(run: Path) -> Any:
-    from medfm.train.clip import load_clip
+    from medfm.models.clip import load_clip
 
     return load_clip(run)
 
@@ -54,19 +42,6 @@ def _mined_reports(
     if reports_split == split:
         raise ConfigError(f"--reports-split {reports_split} is the evaluated split; mine another, e.g. train")
     return _dataset(model, data, reports_split).texts
-
-
-def _small_encoder_defaults(encoder: str, patch_size: int | None, depth: int | None) -> dict[str, int]:
-    """Patch size 8 and depth 4 (a small scratch ViT for CPU budgets) where the encoder takes them; an option
-    given explicitly to an encoder without it is an error, not silently dropped."""
-    from medfm.models.registry import encoder_options
-
-    opts = encoder_options(encoder)
-    given = {k: v for k, v in (("patch_size", patch_size), ("depth", depth)) if v is not None}
-    wrong = sorted(set(given) - opts)
-    if wrong:
-        raise ConfigError(f"encoder '{encoder}' has no option(s) {', '.join(wrong)}; see `medfm models info`")
-    return {k: v for k, v in ({"patch_size": 8, "depth": 4} | given).items() if k in opts}
 
 
 def _images(ds: Any) -> Any:
@@ -189,53 +164,10 @@ def clip(
     DATA: a prepared dataset directory (`medfm data prepare`) or a CSV/Parquet manifest with image and report
     columns.
     """
-    from medfm.train.clip import ClipConfig, train_clip
+    options = dict(locals())  # the parsed options, named like ClipConfig's fields
+    from medfm.train.clip import train_from_options
 
-    kw = _json_arg(encoder_args, "--encoder-args")
-    if not init_from:
-        kw = _small_encoder_defaults(encoder, patch_size, depth) | kw
-    text_path = None
-    if text_tower not in ("minilm", "hf_local"):
-        text_path, text_tower = text_tower, "hf_local"
-    cfg = ClipConfig(
-        data=data,
-        out=out,
-        split=None if split == "all" else split,
-        encoder=encoder,
-        init_from=init_from or None,
-        init_clip=init_clip or None,
-        spatial_dims=spatial_dims,
-        in_chans=in_chans,
-        img_size=img_size,
-        encoder_kwargs=kw,
-        text_tower=text_tower,
-        text_path=text_path,
-        max_text_len=max_text_len,
-        text_pooling=text_pooling,
-        sentence_dropout=sentence_dropout,
-        lock_image=lock_image,
-        lock_text=lock_text,
-        proj_dim=proj_dim,
-        w_contrastive=w_contrastive,
-        w_itm=w_itm,
-        w_caption=w_caption,
-        max_report_len=max_report_len,
-        epochs=epochs,
-        max_steps=max_steps,
-        max_seconds=max_seconds,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        batch_size=batch_size,
-        grad_cache_chunk=grad_cache,
-        lr=lr,
-        text_lr=text_lr,
-        augment=augment,
-        seed=seed,
-        threads=threads,
-        device=device,
-    )
-    run = train_clip(cfg)
-    m = json.loads((run / "metrics.json").read_text())
+    run, m = train_from_options(options)
     typer.echo(
         f"wrote {run}  (steps {m['steps']}, final loss {m['final_loss']:.4f}, {m['pairs_per_s']} pairs/s)"
     )
@@ -371,19 +303,9 @@ def retrieve(
 
 
 def _read_image(path: Path, model: Any) -> Any:
-    import numpy as np
-    import torch
+    from medfm.tasks.vlm.data import model_input
 
-    from medfm.tasks.vlm.data import read_normalized, resize_image
-
-    if path.suffix.lower() == ".npy":
-        a = np.load(path, allow_pickle=False).astype(np.float32)
-        a = a[None] if a.ndim == model.cfg.spatial_dims else a
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    else:
-        a = read_normalized(path, model.cfg.in_chans)
-    return resize_image(torch.from_numpy(a), model.cfg.img_size)
+    return model_input(path, model)
 
 
 def report(

@@ -21,31 +21,92 @@ from medfm.errors import InputError
 # DICOM keywords removed by medfm's profile (a practical subset of PS3.15 Annex E, basic profile):
 # names, IDs, addresses, institutions, people, device serials, free-text comments, and (below) every
 # date/time/UID attribute by suffix.
-DICOM_IDENTIFIER_KEYWORDS = frozenset({
-    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientIDsSequence",
-    "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientBirthDate", "PatientBirthTime",
-    "PatientAddress", "PatientTelephoneNumbers", "PatientComments", "MedicalRecordLocator",
-    "AccessionNumber", "StudyID", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "OperatorsName",
-    "RequestingPhysician", "ScheduledPerformingPhysicianName", "StationName", "DeviceSerialNumber",
-    "ImageComments", "AdditionalPatientHistory", "RequestAttributesSequence", "PerformedProcedureStepID",
-    "ScheduledProcedureStepID", "RequestedProcedureID", "MilitaryRank", "BranchOfService", "EthnicGroup",
-    "Occupation", "CountryOfResidence", "RegionOfResidence", "PatientInsurancePlanCodeSequence",
-    "ResponsiblePerson", "ResponsibleOrganization", "PersonName", "ContentCreatorName",
-})
+DICOM_IDENTIFIER_KEYWORDS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "OtherPatientIDs",
+        "OtherPatientIDsSequence",
+        "OtherPatientNames",
+        "PatientBirthName",
+        "PatientMotherBirthName",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "PatientComments",
+        "MedicalRecordLocator",
+        "AccessionNumber",
+        "StudyID",
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+        "ReferringPhysicianName",
+        "ReferringPhysicianAddress",
+        "ReferringPhysicianTelephoneNumbers",
+        "PerformingPhysicianName",
+        "NameOfPhysiciansReadingStudy",
+        "PhysiciansOfRecord",
+        "OperatorsName",
+        "RequestingPhysician",
+        "ScheduledPerformingPhysicianName",
+        "StationName",
+        "DeviceSerialNumber",
+        "ImageComments",
+        "AdditionalPatientHistory",
+        "RequestAttributesSequence",
+        "PerformedProcedureStepID",
+        "ScheduledProcedureStepID",
+        "RequestedProcedureID",
+        "MilitaryRank",
+        "BranchOfService",
+        "EthnicGroup",
+        "Occupation",
+        "CountryOfResidence",
+        "RegionOfResidence",
+        "PatientInsurancePlanCodeSequence",
+        "ResponsiblePerson",
+        "ResponsibleOrganization",
+        "PersonName",
+        "ContentCreatorName",
+    }
+)
 
 # Plain (non-DICOM) meta keys that are identifiers in any table or dict.
-PLAIN_IDENTIFIER_KEYS = frozenset({
-    "patientname", "patientid", "name", "mrn", "birthdate", "dob", "dateofbirth", "accession",
-    "accessionnumber", "institution", "institutionname", "physician", "referringphysician", "address",
-    "phone", "email", "ssn", "studyid", "identifiers",
-})
+PLAIN_IDENTIFIER_KEYS = frozenset(
+    {
+        "patientname",
+        "patientid",
+        "name",
+        "mrn",
+        "birthdate",
+        "dob",
+        "dateofbirth",
+        "accession",
+        "accessionnumber",
+        "institution",
+        "institutionname",
+        "physician",
+        "referringphysician",
+        "address",
+        "phone",
+        "email",
+        "ssn",
+        "studyid",
+        "identifiers",
+    }
+)
 
 _SUFFIXES = ("date", "time", "datetime", "uid", "uids")
 # IDs that keep their linking role as salted pseudonyms when a salt is given (others are dropped).
-PSEUDONYMISED = {"patientid": "p_", "studyinstanceuid": "st_", "seriesinstanceuid": "se_",
-                 "accessionnumber": "a_", "sopinstanceuid": "i_"}
+PSEUDONYMISED = {
+    "patientid": "p_",
+    "studyinstanceuid": "st_",
+    "seriesinstanceuid": "se_",
+    "accessionnumber": "a_",
+    "sopinstanceuid": "i_",
+}
 
 SALT_FILE = ".medfm_salt"
 
@@ -64,8 +125,14 @@ def is_identifier_key(key: str) -> bool:
         return True
     if k.endswith(("classuid", "transfersyntaxuid")):  # standard UIDs naming a kind of object, not a person
         return False
-    return k.endswith(_SUFFIXES) and k not in {"frametime", "repetitiontime", "echotime", "inversiontime",
-                                               "exposuretime", "acquisitionduration"}
+    return k.endswith(_SUFFIXES) and k not in {
+        "frametime",
+        "repetitiontime",
+        "echotime",
+        "inversiontime",
+        "exposuretime",
+        "acquisitionduration",
+    }
 
 
 def hash_id(value: Any, salt: str, prefix: str = "p_") -> str:
@@ -97,8 +164,9 @@ def load_or_create_salt(directory: str | Path) -> str:
     return salt
 
 
-def deidentify_meta(meta: dict[str, Any], keep_identifiers: bool = False,
-                    salt: str | None = None) -> dict[str, Any]:
+def deidentify_meta(
+    meta: dict[str, Any], keep_identifiers: bool = False, salt: str | None = None
+) -> dict[str, Any]:
     """A copy of meta without identifiers (recursively, through nested dicts and lists).
 
     keep_identifiers=True: identifiers are moved under ``"identifiers"`` instead of dropped (for a local,

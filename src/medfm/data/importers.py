@@ -449,6 +449,18 @@ _DETECTORS: list[tuple[str, Callable[[Path], bool]]] = [
 ]
 
 
+def _absolute(path: str | Path) -> Path:
+    """``~``, ``./x``, ``x/`` -> an absolute path (symlinks kept: the user's name for the folder)."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def _abs_if_path(arg: str) -> str:
+    """An importer argument that names an existing file/folder, made absolute; names stay as given."""
+    if arg and Path(arg).expanduser().exists():
+        return str(_absolute(arg))
+    return arg
+
+
 def resolve_source(
     src: str | Path, label_cols: list[str] | None = None, modality: str | None = None, **opts: Any
 ) -> Manifest:
@@ -459,9 +471,11 @@ def resolve_source(
     s = str(src)
     name, sep, arg = s.partition(":")
     if sep and name in IMPORTERS and not (len(name) == 1 and Path(s).exists()):
-        m = IMPORTERS.create(name, arg=arg, modality=modality, **opts)
+        m = IMPORTERS.create(name, arg=_abs_if_path(arg), modality=modality, **opts)
     else:
-        p = Path(s).expanduser()
+        # Absolute from here on: readers join manifest-relative paths to the root, and a relative root
+        # would be applied twice (good/good/x.png).
+        p = _absolute(s)
         if not p.exists():
             raise InputError(
                 p,

@@ -31,6 +31,7 @@ or other than 0/1 for a binary/multilabel task, are an error naming the column a
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,9 @@ class Manifest:
     mask_label_names: dict[str, str] = field(default_factory=dict)  # label id -> name
     label_classes: dict[str, list[Any]] = field(default_factory=dict)
     source: str = ""
+    # Rows skipped while reading (empty image, duplicate case id): {"row", "case_id", "error"}.
+    bad_rows: list[dict[str, Any]] = field(default_factory=list)
+    from_file: bool = False  # a user's manifest file (its paths are confined to its folder by prepare)
 
     def __len__(self) -> int:
         return len(self.df)
@@ -164,13 +168,13 @@ def load_manifest(
     modality: str | None = None,
 ) -> Manifest:
     """Load and validate a manifest file (CSV/Parquet) plus its optional dataset.json."""
-    path = Path(path)
+    path = Path(os.path.abspath(Path(path).expanduser()))  # rows are relative to its folder
     df = read_table(path)
     info = read_dataset_json(path)
     labels = label_cols if label_cols else info.get("label_columns") or []
     if isinstance(labels, str):
         labels = [labels]
-    return from_dataframe(
+    m = from_dataframe(
         df,
         path.parent,
         label_columns=list(labels),
@@ -180,6 +184,8 @@ def load_manifest(
         label_classes=info.get("label_classes"),
         source=str(path),
     )
+    m.from_file = True
+    return m
 
 
 def _is_empty(v: Any) -> bool:
@@ -311,9 +317,15 @@ def from_dataframe(
         raise InputError(
             where, f"label column(s) {missing} not in manifest (columns: {', '.join(df.columns)})"
         )
-    empty_img = df.index[df["image"].map(_is_empty)]
-    if len(empty_img):
-        raise InputError(where, f"empty 'image' in rows {', '.join(str(i + 2) for i in empty_img[:5])}")
+    # Bad rows are skipped and listed, never fatal: one typo must not stop a batch job.
+    df["_row"] = np.arange(2, len(df) + 2)  # file line: header is line 1
+    bad_rows: list[dict[str, Any]] = []
+    empty_img = df["image"].map(_is_empty)
+    for r in df.loc[empty_img, "_row"]:
+        bad_rows.append(
+            {"row": int(r), "case_id": "", "error": f"{where}: row {r}: empty 'image' (row skipped)"}
+        )
+    df = df[~empty_img].reset_index(drop=True)
     for c in STANDARD_COLUMNS:
         if c not in df.columns:
             df[c] = np.nan if c == "age" else ""
@@ -339,12 +351,18 @@ def from_dataframe(
     # Same stem, different extension (scan.png + scan.dcm): generated IDs keep the extension instead.
     clash = ~given & df["case_id"].duplicated(keep=False)
     df.loc[clash, "case_id"] = [_default_case_id(root, img, keep_ext=True) for img in df.loc[clash, "image"]]
-    dup = df["case_id"][df["case_id"].duplicated()]
-    if len(dup):
-        raise InputError(
-            where,
-            f"duplicate case id(s): {', '.join(map(str, dup.unique()[:5]))} (give a unique case_id column)",
+    dup = df["case_id"].duplicated()
+    first_row = dict(zip(df["case_id"][~dup], df["_row"][~dup]))
+    for cid, r in zip(df.loc[dup, "case_id"], df.loc[dup, "_row"]):  # keep the first, list the rest
+        bad_rows.append(
+            {
+                "row": int(r),
+                "case_id": str(cid),
+                "error": f"{where}: row {r}: duplicate case id (first at row {first_row[cid]}; row skipped)",
+            }
         )
+    df = df[~dup].reset_index(drop=True)
+    df = df.drop(columns="_row")
     df["sex"] = [_norm_sex(v) for v in df["sex"]]
     df["age"] = pd.to_numeric(df["age"].replace("", np.nan), errors="coerce")
     splits = []
@@ -378,4 +396,5 @@ def from_dataframe(
         mask_label_names=names,
         label_classes=classes,
         source=where,
+        bad_rows=sorted(bad_rows, key=lambda b: b["row"]),
     )

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medfm.data import normalize as nz
+from medfm.data.identifiers import CaseIds, public_source, salt_dir
 from medfm.data.manifest import NPZ_REF, Manifest
+from medfm.data.preprocess import make_spec, modality_for, preprocess_sample
 from medfm.data.store import FORMAT_VERSION, MANIFEST_COLUMNS, save_npy_atomic, shard_name, write_json_atomic
 from medfm.errors import ConfigError, InputError, MedfmError
 
@@ -52,6 +53,7 @@ class PrepareConfig:
     keep_identifiers: bool = False
     salt_file: str | None = None
     workers: int = 0  # 0: decode in this process
+    allow_outside: list[str] = field(default_factory=list)  # roots a manifest may point into besides its own
     extra: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint_dict(self) -> dict[str, Any]:
@@ -155,39 +157,23 @@ def _one_line(e: BaseException, ref: str) -> str:
 def process_case(job: tuple[str, str, str]) -> dict[str, Any]:
     """Read, normalise and resize one case (image + optional mask); errors become one line, never raise."""
     ref, mask_ref, modality = job
-    s = _SETTINGS
+    spec = dict(_SETTINGS, modality=modality or _SETTINGS.get("modality"))
     current = ref
     try:
         sample = read_ref(ref)
         arr = np.asarray(sample.array)
-        dims = arr.ndim - 1
-        if dims not in (2, 3):
-            raise InputError(ref, f"unsupported array shape {arr.shape} (need (C, H, W) or (C, D, H, W))")
-        mod = modality or nz.guess_modality(arr, sample.meta, dims)
-        img = nz.normalize_intensity(arr, mod, window=tuple(s["window"]))
-        img = nz.to_channels(img, s["channels"])
-        mask = None
+        mask_sample = None
         if mask_ref:
             current = mask_ref
-            ms = read_ref(mask_ref)
-            m = np.asarray(ms.array)
-            m = m[0] if m.ndim == arr.ndim else m
-            if m.shape != arr.shape[1:]:
-                raise InputError(mask_ref, f"mask shape {m.shape} does not match image shape {arr.shape[1:]}")
-            mask = nz.mask_to_labels(m, s["mask_labels"])
+            mask_sample = read_ref(mask_ref)
+            mask_sample.path = mask_sample.path or mask_ref
             current = ref
-        if dims == 2:
-            img = nz.resize_2d(img, s["size"], s["resize_mode"])
-            if mask is not None:
-                mask = nz.resize_2d(mask, s["size"], s["resize_mode"], is_mask=True)
+        mod = modality_for(sample, spec)
+        if mask_sample is None:
+            stored, mask = preprocess_sample(sample, spec), None
         else:
-            spacing = tuple(float(x) for x in sample.spacing)
-            img = nz.crop_or_pad(nz.resample_3d(img, spacing, s["spacing"]), s["volume_shape"])
-            if mask is not None:
-                mask = nz.crop_or_pad(
-                    nz.resample_3d(mask, spacing, s["spacing"], is_mask=True), s["volume_shape"]
-                )
-        dtype = s["dtype"] if s["dtype"] != "auto" else ("uint8" if dims == 2 else "float16")
+            stored, mask = preprocess_sample(sample, spec, mask=mask_sample)
+        dims = arr.ndim - 1
         meta = sample.meta or {}
         notes = [f"{k}: {v}" for k, v in meta.items() if k.startswith("note")] + [
             str(w) for w in (meta.get("warnings") or [])
@@ -196,7 +182,7 @@ def process_case(job: tuple[str, str, str]) -> dict[str, Any]:
         return {
             "ok": True,
             "dims": dims,
-            "image": nz.to_storage(img, dtype),
+            "image": stored,
             "mask": mask,
             "orig_shape": json.dumps([int(x) for x in arr.shape]),
             "orig_spacing": json.dumps([round(float(x), 4) for x in sample.spacing]),
@@ -234,6 +220,29 @@ def load_salt(salt_file: str | Path | None) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(salt + "\n")
     return salt
+
+
+def _outside(m: Manifest, allow: list[str]) -> dict[str, str]:
+    """case_id -> reason, for manifest rows whose image/mask lies outside the manifest folder and `allow`."""
+    if not m.from_file:  # importers and folder scans build their own paths
+        return {}
+    roots = [os.path.normpath(os.path.abspath(m.root))]
+    roots += [os.path.normpath(os.path.abspath(os.path.expanduser(a))) for a in allow]
+    out = {}
+    for cid, img, mask in zip(m.df["case_id"], m.df["image"], m.df["mask"]):
+        for ref in (img, mask):
+            p = os.path.normpath(str(ref).partition(NPZ_REF)[0]) if ref else ""
+            if p and not any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+                out[str(cid)] = (
+                    f"{p}: outside the manifest's folder "
+                    "(refused; --allow-outside PATH allows files under PATH)"
+                )
+                break
+    return out
+
+
+def _salt(cfg: PrepareConfig) -> str:
+    return load_salt(cfg.salt_file)
 
 
 def _progress_enabled(progress: bool | None) -> bool:
@@ -309,8 +318,19 @@ def prepare(
     df = m.df.copy()
     if len(df) == 0:
         raise InputError(src, "source has no cases")
-    skipped = [{"case_id": c, "error": e} for c, e in m.missing_files()]
-    df = df[~df["case_id"].isin({s["case_id"] for s in skipped})].reset_index(drop=True)
+    salt = None if cfg.keep_identifiers else load_salt(cfg.salt_file)
+    ids = CaseIds(m.root, salt)
+    orig = {c: (i, img, msk) for i, (c, img, msk) in enumerate(zip(df["case_id"], df["image"], df["mask"]))}
+    df["case_id"] = [ids.case_id(c, img, msk) for c, img, msk in zip(df["case_id"], df["image"], df["mask"])]
+    missing = dict(m.missing_files())
+    missing.update(_outside(m, cfg.allow_outside))  # refused before anything opens the file
+    skipped = [
+        ids.skipped(pub, orig[c][0], missing[c], orig[c][1], orig[c][2])
+        for c, pub in zip(m.df["case_id"], df["case_id"])
+        if c in missing
+    ]
+    df = df[~m.df["case_id"].isin(set(missing)).to_numpy()].reset_index(drop=True)
+    skipped = [ids.bad_row(b) for b in m.bad_rows] + skipped
     df["split"] = make_splits(
         df,
         cfg.fractions,
@@ -320,10 +340,9 @@ def prepare(
     )
     leaks = leaking_groups(df)
     salt_tag = "keep"
-    if not cfg.keep_identifiers:
+    if salt is not None:
         from medfm.data.deid import hash_id
 
-        salt = load_salt(cfg.salt_file)
         salt_tag = hashlib.sha256(("tag" + salt).encode()).hexdigest()[:12]
         for col, prefix in (("patient_id", "p_"), ("study_id", "st_")):
             df[col] = [hash_id(v, salt, prefix) if v else "" for v in df[col]]
@@ -366,16 +385,17 @@ def prepare(
         raise ConfigError(f"{out} exists and is not empty; use another --out or --overwrite")
     out.mkdir(parents=True, exist_ok=True)
 
-    settings = {
-        "size": cfg.size,
-        "resize_mode": cfg.resize_mode,
-        "spacing": tuple(cfg.spacing),
-        "volume_shape": tuple(cfg.volume_shape),
-        "window": tuple(cfg.window),
-        "channels": cfg.channels,
-        "dtype": cfg.dtype,
-        "mask_labels": m.mask_labels,
-    }
+    settings = make_spec(
+        size=cfg.size,
+        resize_mode=cfg.resize_mode,
+        spacing=tuple(cfg.spacing),
+        volume_shape=tuple(cfg.volume_shape),
+        window=tuple(cfg.window),
+        channels=cfg.channels,
+        dtype=cfg.dtype,
+        modality=m.modality or None,
+        mask_labels=m.mask_labels,
+    )
     n_shards = (len(df) + cfg.shard_size - 1) // cfg.shard_size
     pool = (
         ProcessPoolExecutor(cfg.workers, initializer=_init_worker, initargs=(settings,))
@@ -417,7 +437,9 @@ def prepare(
                         f"{state['dims']}D (set by its first case)",
                     }
                 if not res["ok"]:
-                    shard_skipped.append({"case_id": str(row["case_id"]), "error": res["error"]})
+                    shard_skipped.append(
+                        ids.skipped(str(row["case_id"]), idx, res["error"], row["image"], row["mask"])
+                    )
                     continue
                 if state["dims"] is None:
                     state["dims"] = res["dims"]
@@ -439,7 +461,7 @@ def prepare(
                         "orig_shape": res["orig_shape"],
                         "orig_spacing": res["orig_spacing"],
                         "modality": res["modality"],
-                        "reader_notes": res["reader_notes"],
+                        "reader_notes": ids.text(res["reader_notes"], row["image"], row["mask"]),
                         "from_dicom": res["from_dicom"],
                     }
                 )
@@ -455,7 +477,7 @@ def prepare(
                 part[key] = [p[key] for p in prov]
             part["sex"] = [s or p["sex"] for s, p in zip(part["sex"], prov)]
             part["age"] = [a if a == a else p["age"] for a, p in zip(part["age"], prov)]  # a == a: not NaN
-            part["source"] = part["image"]
+            part["source"] = [ids.source(v) for v in part["image"]]
             if n:
                 (out / "parts").mkdir(exist_ok=True)
                 tmp = out / "parts" / f"{k:05d}.parquet.tmp"
@@ -473,7 +495,11 @@ def prepare(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
-    return _finalise(out, src, cfg, m, df, state, skipped, leaks, fp, time.perf_counter() - t0)
+    summary = _finalise(out, src, cfg, m, df, state, skipped, leaks, fp, time.perf_counter() - t0, settings)
+    map_file = ids.write_map(salt_dir(cfg.salt_file), fp, out)
+    if map_file is not None:  # in the returned dict only (for the user's terminal), never in summary.json
+        summary["case_map_file"] = str(map_file)
+    return summary
 
 
 def _finalise(
@@ -487,6 +513,7 @@ def _finalise(
     leaks: list[str],
     fp: str,
     seconds: float,
+    spec: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Join the per-shard tables into manifest.parquet, write summary.json, drop the resume files."""
     parts = sorted((out / "parts").glob("*.parquet")) if (out / "parts").is_dir() else []
@@ -497,13 +524,6 @@ def _finalise(
     )
     for k in sorted(state["done"], key=int):
         skipped = skipped + state["done"][k]["skipped"]
-    dicom = bool(man["from_dicom"].any()) if len(man) else False
-    if dicom and not cfg.keep_identifiers:
-        # Source paths of DICOM series can embed names/IDs in folder names: keep them relative only.
-        root = Path(m.root)
-        man["source"] = [
-            os.path.relpath(s, root) if s.startswith(str(root)) else Path(s).name for s in man["source"]
-        ]
     man = man.drop(columns=["image", "mask", "from_dicom"], errors="ignore")
     cols = (
         MANIFEST_COLUMNS
@@ -535,9 +555,11 @@ def _finalise(
         "patient_leaks": leaks,
         "identifiers": "kept"
         if cfg.keep_identifiers
-        else "patient/study IDs salted hashes (salt outside dataset)",
-        "source": str(src) if not str(src).startswith("/") else os.path.basename(str(src).rstrip("/")),
+        else "patient/study/case IDs and source paths are salted hashes (salt and case map outside dataset)",
+        "source": public_source(src, cfg.keep_identifiers, None if cfg.keep_identifiers else _salt(cfg)),
+        "case_map": None if cfg.keep_identifiers else f"case_map_{fp}.json",  # beside the salt, private
         "settings": cfg.fingerprint_dict(),
+        "preprocessing": spec,  # replayed on raw files at inference (medfm.data.preprocess.load_input)
         "fingerprint": fp,
         "seconds": round(seconds, 2),
         "cases_per_s": round(len(man) / seconds, 1) if seconds > 0 else None,

@@ -84,8 +84,9 @@ def read(path: str | Path, **opts: Any) -> Sample:
     sample = _guard(p, f"{fmt.upper()} file", READERS.create, FORMAT_READER[fmt], path=p, **opts)
     sample.meta.setdefault("format", fmt)
     if ext is not None and ext != fmt and {ext, fmt} != {"npz", "npy"}:
-        sample.meta["note_extension"] = (f"extension says {ext.upper()} but content is {fmt.upper()}; "
-                                         f"read as {fmt}")
+        sample.meta["note_extension"] = (
+            f"extension says {ext.upper()} but content is {fmt.upper()}; read as {fmt}"
+        )
     return sample
 
 
@@ -126,10 +127,24 @@ def _probe_series(folder: Path) -> dict[str, Any]:
     items, dz, _, _ = _order(items, root, meta)
     ds = items[0][1]
     ps = pixel_spacing(ds) or (1.0, 1.0)
-    return {"format": "dicom_series", "path": str(root), "series_in_folder": len(groups),
-            "shape": (1, len(items), int(ds.Rows), int(ds.Columns)), "spacing": (float(dz), *map(float, ps)),
-            "modality": str(ds.get("Modality", "") or ""), **meta}
+    return {
+        "format": "dicom_series",
+        "path": str(root),
+        "series_in_folder": len(groups),
+        "shape": (1, len(items), int(ds.Rows), int(ds.Columns)),
+        "spacing": (float(dz), *map(float, ps)),
+        "modality": str(ds.get("Modality", "") or ""),
+        **meta,
+    }
 
 
-__all__ = ["OPTIONS", "detect_format", "list_series", "probe", "read", "read_any", "read_medmnist_npz",
-           "read_series"]
+__all__ = [
+    "OPTIONS",
+    "detect_format",
+    "list_series",
+    "probe",
+    "read",
+    "read_any",
+    "read_medmnist_npz",
+    "read_series",
+]

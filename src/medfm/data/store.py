@@ -30,8 +30,22 @@ from medfm.errors import InputError
 
 FORMAT_VERSION = 1
 # Columns every manifest has (label columns and provenance columns come after these).
-MANIFEST_COLUMNS = ["case_id", "shard", "index", "split", "patient_id", "study_id", "site", "sex", "age",
-                    "report", "has_mask", "source", "orig_shape", "orig_spacing"]
+MANIFEST_COLUMNS = [
+    "case_id",
+    "shard",
+    "index",
+    "split",
+    "patient_id",
+    "study_id",
+    "site",
+    "sex",
+    "age",
+    "report",
+    "has_mask",
+    "source",
+    "orig_shape",
+    "orig_spacing",
+]
 
 
 def shard_name(i: int) -> str:
@@ -83,8 +97,12 @@ class PreparedDataset(Dataset):
     none); ``case_id``, ``patient_id``, ``site``, ``index`` (row in this dataset).
     """
 
-    def __init__(self, root: str | Path, split: str | list[str] | None = None,
-                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | list[str] | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.summary = read_summary(self.root)
         df = read_manifest(self.root)
@@ -123,15 +141,19 @@ class PreparedDataset(Dataset):
             def strings(col: str) -> list[str]:
                 if col not in df.columns:
                     return [""] * len(df)
-                return ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-                        for v in df[col]]
+                return [
+                    "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in df[col]
+                ]
 
             report = df["report"] if "report" in df.columns else [None] * len(df)
             self._cols = {
                 "shard": df["shard"].to_numpy(np.int64),
                 "index": df["index"].to_numpy(np.int64),
-                "has_mask": (df["has_mask"].fillna(False).to_numpy(bool) if "has_mask" in df.columns
-                             else np.zeros(len(df), bool)),
+                "has_mask": (
+                    df["has_mask"].fillna(False).to_numpy(bool)
+                    if "has_mask" in df.columns
+                    else np.zeros(len(df), bool)
+                ),
                 "text": [r if isinstance(r, str) else "" for r in report],
                 "case_id": strings("case_id"),
                 "patient_id": strings("patient_id"),

@@ -43,6 +43,21 @@ def mean_sd_table(results: pd.DataFrame, metrics: tuple[str, ...] = ("auroc", "a
     return pd.DataFrame([r[3] for r in rows])
 
 
+def threshold_text(setting: object, task: str, used: pd.Series | None = None) -> str:
+    """How accuracy / sensitivity / specificity were thresholded, in words (for the report)."""
+    if task == "multiclass":
+        return "argmax over classes (no threshold)"
+    if str(setting) == "youden":
+        how = "per label, " if task == "multilabel" else ""
+        text = f"chosen on val by Youden's J ({how}per run, then applied to test)"
+        vals = pd.to_numeric(used, errors="coerce").dropna() if used is not None else pd.Series(dtype=float)
+        if len(vals):
+            one = vals.nunique() == 1
+            text += f"; {vals.iloc[0]:.3f}" if one else f"; range {vals.min():.3f}–{vals.max():.3f}"
+        return text
+    return f"fixed {float(setting):g}"
+
+
 def _headline_runs(results: pd.DataFrame) -> pd.DataFrame:
     """Per method, the seed-0 run at the largest label budget (fractions preferred over shots)."""
     regime = "fraction" if (results["regime"] == "fraction").any() else "shots"
@@ -51,7 +66,8 @@ def _headline_runs(results: pd.DataFrame) -> pd.DataFrame:
     return top[top["seed"] == top["seed"].min()]
 
 
-def _examples(cfg: dict, preds: pd.DataFrame, task: str, names: list[str], n: int = 16):
+def _examples(cfg: dict, preds: pd.DataFrame, task: str, names: list[str], n: int = 16,
+              threshold: float = 0.5):
     """Thumbnails of test cases with true/pred/prob: half the most confident right, half wrong if any."""
     from medfm.data.store import PreparedDataset
 
@@ -63,7 +79,8 @@ def _examples(cfg: dict, preds: pd.DataFrame, task: str, names: list[str], n: in
     if task == "multilabel":
         return None
     if task == "binary":
-        pred, conf = (p >= 0.5).astype(int), np.where(p >= 0.5, p, 1 - p)
+        # the run's own threshold, so "right"/"wrong" agree with the accuracy the report states
+        pred, conf = (p >= threshold).astype(int), np.where(p >= threshold, p, 1 - p)
     else:
         pred, conf = p.argmax(1), p.max(1)
     right, wrong = np.flatnonzero(pred == y), np.flatnonzero(pred != y)
@@ -105,13 +122,18 @@ def build_adapt_report(adapt_dir: str | Path, out: str | Path | None = None, tit
                                                      for s in ("train", "val", "test")),
               "label budgets": ", ".join(dict.fromkeys(results["budget_label"].astype(str))),
               "seeds": int(results["seed"].nunique()),
-              "threshold": cfg.get("adapt", {}).get("threshold", "0.5")})
+              # runs from before the val-chosen default recorded "0.5" in config.json; absent means fixed 0.5
+              "threshold": threshold_text(cfg.get("adapt", {}).get("threshold", "0.5"), task,
+                                          results.get("threshold"))})
 
     r.add_heading("Label efficiency")
-    r.add_text("Test metric against the number of labelled training images; lines are the mean over seeds "
-               "and bands ± one standard deviation. The dashed grey line is the same architecture trained "
-               "from scratch on the same labels with the same step budget: pretraining pays off where the "
-               "solid lines lie above it.")
+    text = ("Test metric against the number of labelled training images; lines are the mean over seeds "
+            "and bands ± one standard deviation.")
+    if "scratch" in set(results["method"]):
+        # only describe the dashed baseline when it is actually drawn (scratch may have run separately)
+        text += (" The dashed grey line is the same architecture trained from scratch on the same labels "
+                 "with the same step budget: pretraining pays off where the solid lines lie above it.")
+    r.add_text(text)
     r.add_figure(plots.label_efficiency(results, "auroc", reference), caption="AUROC vs labelled images")
     if "accuracy" in results:
         r.add_figure(plots.label_efficiency(results, "balanced_accuracy"),
@@ -157,7 +179,8 @@ def build_adapt_report(adapt_dir: str | Path, out: str | Path | None = None, tit
 
     if len(head):
         best = head.sort_values("auroc", ascending=False).iloc[0]
-        fig = _examples(cfg, preds[preds["run_id"] == best["run_id"]], task, names)
+        thr = pd.to_numeric(pd.Series([best.get("threshold", 0.5)]), errors="coerce").fillna(0.5).iloc[0]
+        fig = _examples(cfg, preds[preds["run_id"] == best["run_id"]], task, names, threshold=float(thr))
         if fig is not None:
             r.add_heading(f"Example predictions ({best['method']}, {best['budget_label']})")
             r.add_text("Most confident correct (green) and incorrect (red) test cases; the number is the "
@@ -177,10 +200,15 @@ def build_adapt_report(adapt_dir: str | Path, out: str | Path | None = None, tit
     r.add_text(" ".join(f"{m}: {_METHOD_TEXT.get(m, m)}." for m in results["method"].unique()))
     r.add_note("Label subsets are drawn per seed at patient level, stratified by class; k-shot means k "
                "labelled images per class from distinct patients. The validation split (all of its labels) "
-               "is used for model selection (C of the linear probe, Youden threshold when chosen), so "
+               "is used for model selection (C of the linear probe, the decision threshold when chosen by "
+               "Youden's J), so "
                "low-label results are slightly optimistic relative to a strictly k-label protocol.")
     r.add_heading("All runs", level=3)
     keep = [c for c in ("run_id", "n_labels", "n_patients", "auroc", "accuracy", "balanced_accuracy", "f1",
-                        "sensitivity", "specificity", "ece", "time_s") if c in results]
-    r.add_table(results[keep], caption="results.csv (one row per method × budget × seed)")
+                        "sensitivity", "specificity", "threshold", "ece", "time_s") if c in results]
+    table = results[keep].copy()
+    if "n_patients" in table and table["n_patients"].isna().all():
+        # no patient ids in the data: label subsets were drawn per image, the patient count is unknown
+        table["n_patients"] = "unknown (no patient ids; sampling is per image)"
+    r.add_table(table, caption="results.csv (one row per method × budget × seed)")
     return r.save(Path(out) if out else root / "report.html")

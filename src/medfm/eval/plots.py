@@ -135,6 +135,17 @@ def embedding_map(xy: np.ndarray, labels: np.ndarray, sites: np.ndarray | None, 
     return fig
 
 
+def thumbnail_2d(img: np.ndarray) -> np.ndarray:
+    """A 2D view of one image: (H, W), (C, H, W) -> first channel; volumes (D, H, W) or (C, D, H, W)
+    -> the middle axial slice of the first channel, so 3D data can be shown wherever 2D is."""
+    if img.ndim == 4:
+        img = img[0]
+    if img.ndim == 3:
+        # a leading axis of 1 or 3 is a channel axis (2D); anything longer is depth (a volume)
+        img = img[0] if img.shape[0] in (1, 3) else img[img.shape[0] // 2]
+    return img
+
+
 def prediction_grid(images: np.ndarray, y_true: list[str], y_pred: list[str], probs: list[float],
                     ncols: int = 8):
     """Thumbnails with true / predicted label and probability; green when right, red when wrong."""
@@ -146,8 +157,7 @@ def prediction_grid(images: np.ndarray, y_true: list[str], y_pred: list[str], pr
     for i in range(n):
         ax = axes.ravel()[i]
         raw = np.asarray(images[i])
-        img = raw.astype(np.float32)
-        img = img[0] if img.ndim == 3 else img
+        img = thumbnail_2d(raw.astype(np.float32))
         # fixed grey scale for stored 8-bit images, so contrast is comparable across thumbnails
         vmin, vmax = (0, 255) if raw.dtype == np.uint8 else (None, None)
         ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax)

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from medfm.errors import ConfigError, InputError
 from medfm.models.base import Encoder
+from medfm.models.checkpoint import read_safetensors, read_torch_weights, state_dict_from
 from medfm.models.layers import adapt_input_channels, resize_pos_embed
 from medfm.models.registry import create_encoder
 
@@ -44,31 +44,9 @@ def save_encoder(enc: Encoder, path: str | Path) -> Path:
     return out
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, header metadata) of a safetensors file; InputError if it is not one."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
-    except Exception as e:  # safetensors raises several types for a truncated / foreign file
-        raise InputError(path, f"not a readable safetensors checkpoint ({type(e).__name__}: {e})") from None
-
-
 def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A .pth/.bin state dict, loaded without unpickling arbitrary objects."""
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(path, f"not a loadable weights-only torch checkpoint ({first[:200]})") from None
-    # Training checkpoints wrap the weights: {"state_dict": ...}, {"model": ...}, {"teacher": ...}.
-    for key in ("state_dict", "model", "teacher", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(path, "does not contain a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return state_dict_from(read_torch_weights(path), path)
 
 
 def _guess_grid(n: int, spatial_dims: int) -> tuple[int, ...]:

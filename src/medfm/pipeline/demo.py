@@ -1,20 +1,19 @@
 """The medfm demo: phantom data -> prepare -> MAE pretraining -> few-label adaptation -> HTML report.
 
-Each stage calls a public medfm command (the same ones a user types), so the demo doubles as an
-integration check of the whole toolkit. Stages whose outputs exist are skipped on a re-run (pretraining
-resumes from its checkpoint), so an interrupted demo continues where it stopped.
+Each stage calls the library function behind a public medfm command (with that command's defaults), so
+the demo doubles as an integration check of the whole toolkit. Stages whose outputs exist are skipped on a
+re-run (pretraining resumes from its checkpoint), so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from medfm.errors import ConfigError, MedfmError
+from medfm.errors import ConfigError, InputError, MedfmError
 
 
 @dataclass
@@ -60,7 +59,11 @@ class DemoConfig:
 
 
 def run_cli(args: list[str]) -> None:
-    """Run a `medfm` command in this process; usage errors become ConfigError (one line for the user)."""
+    """Run a `medfm` command in this process (usage errors become ConfigError).
+
+    Not used by the demo (it calls the library); kept only for pipeline/bench.py until that moves under
+    benchmarks/.
+    """
     import click
     from typer.main import get_command
 
@@ -76,18 +79,15 @@ def run_cli(args: list[str]) -> None:
         raise ConfigError(f"`medfm {' '.join(map(str, args[:2]))}`: {e.format_message()}") from None
 
 
-@contextmanager
-def _quiet_substeps():
-    """Sub-commands keep their own progress bars off; the demo shows one display per stage instead."""
-    old = os.environ.get("MEDFM_PROGRESS")
-    os.environ["MEDFM_PROGRESS"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MEDFM_PROGRESS", None)
-        else:
-            os.environ["MEDFM_PROGRESS"] = old
+def _prepare(src: str | Path, out: Path, size: int) -> Path:
+    """`medfm data prepare SRC --out OUT --size SIZE` as a library call (same defaults)."""
+    from medfm.data.prepare import PrepareConfig, prepare
+
+    summary = prepare(src, out, PrepareConfig(size=size), progress=False)
+    if summary["n_cases"] == 0:
+        first = summary["skipped"][0]["error"] if summary["skipped"] else "no cases in the source"
+        raise InputError(src, f"no case could be prepared ({summary['n_skipped']} skipped; first: {first})")
+    return out
 
 
 def stage_data(cfg: DemoConfig) -> Path:
@@ -102,31 +102,33 @@ def stage_data(cfg: DemoConfig) -> Path:
     if (prepared / "summary.json").is_file():
         return prepared
     if cfg.data:  # medmnist:NAME
-        with _quiet_substeps():
-            run_cli(["data", "prepare", cfg.data, "--out", prepared, "--size", cfg.img_size])
-        return prepared
+        return _prepare(cfg.data, prepared, cfg.img_size)
+    from medfm.data.phantom import write_phantom
+
     phantom = cfg.out / "phantom"
-    with _quiet_substeps():
-        if not (phantom / "manifest.csv").is_file():
-            run_cli(["data", "phantom", "--kind", "cxr", "--n", cfg.n_cases, "--size", cfg.phantom_size,
-                     "--out", phantom])
-        run_cli(["data", "prepare", phantom, "--out", prepared, "--size", cfg.img_size])
-    return prepared
+    if not (phantom / "manifest.csv").is_file():
+        write_phantom("cxr", cfg.n_cases, phantom, size=cfg.phantom_size)
+    return _prepare(phantom, prepared, cfg.img_size)
 
 
 def stage_pretrain(cfg: DemoConfig, data: Path) -> Path:
-    """MAE pretraining on the training split's images (labels unused)."""
+    """MAE pretraining on the training split's images (labels unused); resumes from its checkpoint."""
+    from medfm.train.config import PretrainConfig
+    from medfm.train.trainer import run_pretrain
+
     run = cfg.out / "pretrain"
     if (run / "model.safetensors").is_file() and (run / "metrics.json").is_file():
         return run
-    args = ["pretrain", "mae", data, "--encoder", cfg.encoder, "--img-size", cfg.img_size, "--patch-size",
-            cfg.patch_size, "--steps", cfg.pretrain_steps, "--batch-size", cfg.pretrain_batch, "--workers", 0,
-            "--out", run, "--ckpt-every", max(50, cfg.pretrain_steps)]
-    if cfg.encoder_args:
-        args += ["--encoder-args", cfg.encoder_args]
-    with _quiet_substeps():
-        run_cli(args)
-    return run
+    try:
+        enc_kw = json.loads(cfg.encoder_args) if cfg.encoder_args else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"encoder_args is not valid JSON: {e}") from None
+    pcfg = PretrainConfig(objective="mae", data=[str(data)], out=str(run), encoder=cfg.encoder,
+                          img_size=cfg.img_size, patch_size=cfg.patch_size, encoder_kwargs=enc_kw,
+                          steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch, workers=0,
+                          ckpt_every=max(50, cfg.pretrain_steps))
+    # the demo shows one display per stage; the trainer's own progress bar stays off
+    return run_pretrain(pcfg, progress=False)
 
 
 def stage_adapt(cfg: DemoConfig, run: Path, data: Path, progress=None):
@@ -155,7 +157,7 @@ def stage_report(cfg: DemoConfig, data: Path, minutes: float) -> Path:
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress=None) -> Path:
     """Run every stage and return the report path. ``progress``: optional rich Progress."""
-    from medfm.runs import write_json
+    from medfm.rundir import write_json
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_json(cfg.out / "demo_config.json", {k: str(v) for k, v in asdict(cfg).items()})

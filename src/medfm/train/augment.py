@@ -214,3 +214,91 @@ class MaskedModelingAugment:
         if img.ndim == 4:
             return random_crop(img, self.size, g).contiguous()
         return random_resized_crop(img, self.size, g, scale=self.crop_scale).contiguous()
+
+
+# ---- batch-wise augmentation of model inputs (CLIP training, supervised fine-tuning) ---------------------
+@dataclass(frozen=True)
+class BatchAugmentConfig:
+    """Label-preserving augmentation of a (B, C, *spatial) batch, one random transform per image.
+
+    Steps, in order, each off at its default: ``shift`` rolls the batch by up to that fraction of every axis;
+    ``scale`` (area) / ``ratio`` / ``rotate`` (degrees) / ``hflip`` make one random resized crop + rotation
+    (+ flip) per image as an affine resample (2D only; 3D batches skip it); ``contrast`` / ``brightness``
+    jitter by up to ± that amount. ``centre="half"`` jitters about 0.5 with absolute brightness and clamps to
+    [0, 1] (inputs in [0, 1]); ``"mean"`` jitters about each image's mean with brightness in units of the
+    batch's standard deviation (normalised inputs). No flips by default: anatomy is lateralised.
+    """
+
+    shift: float = 0.0
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    rotate: float = 0.0
+    hflip: bool = False
+    contrast: float = 0.0
+    brightness: float = 0.0
+    centre: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.centre not in ("mean", "half"):
+            raise ValueError(f"centre must be 'mean' or 'half', got {self.centre!r}")
+
+
+def _affine(x: torch.Tensor, g: torch.Generator, cfg: BatchAugmentConfig) -> torch.Tensor:
+    """Random resized crop + rotation (+ flip) of each 2D image, border-padded."""
+    b = x.shape[0]
+    lo, hi = cfg.scale or (1.0, 1.0)
+    area = lo + (hi - lo) * torch.rand(b, generator=g)
+    r_lo, r_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    ratio = torch.exp(r_lo + (r_hi - r_lo) * torch.rand(b, generator=g))
+    # output -> input coordinates: a crop of side sx, sy (fractions of the image) placed inside the image
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    tx = (torch.rand(b, generator=g) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(b, generator=g) * 2 - 1) * (1 - sy)
+    ang = (torch.rand(b, generator=g) * 2 - 1) * math.radians(cfg.rotate)
+    flip = torch.ones(b)
+    if cfg.hflip:
+        flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = sx * cos * flip
+    theta[:, 0, 1] = -sy * sin
+    theta[:, 1, 0] = sx * sin * flip
+    theta[:, 1, 1] = sy * cos
+    theta[:, 0, 2] = tx
+    theta[:, 1, 2] = ty
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator, cfg: BatchAugmentConfig | None) -> torch.Tensor:
+    """Apply ``cfg`` (None: nothing) to a (B, C, H, W) or (B, C, D, H, W) batch, drawing from ``g``."""
+    if cfg is None:
+        return x
+    b, nd = x.shape[0], x.ndim - 2
+    if cfg.shift > 0:
+        lim = [int(s * cfg.shift) for s in x.shape[2:]]
+        shift = [int(torch.randint(-m, m + 1, (1,), generator=g)) for m in lim]
+        x = torch.roll(x, shifts=shift, dims=tuple(range(2, 2 + nd)))
+    if nd == 2 and (cfg.scale is not None or cfg.rotate > 0 or cfg.hflip):
+        x = _affine(x, g, cfg)
+    if cfg.contrast > 0 or cfg.brightness > 0:
+        shape = (b, *([1] * (nd + 1)))
+        c = 1 + (torch.rand(shape, generator=g) - 0.5) * 2 * cfg.contrast
+        br = (torch.rand(shape, generator=g) - 0.5) * 2 * cfg.brightness
+        if cfg.centre == "half":
+            x = ((x - 0.5) * c.to(x) + 0.5 + br.to(x)).clamp(0, 1)
+        else:
+            mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+            x = (x - mean) * c.to(x) + mean + br.to(x) * x.std().clamp(min=1e-3)
+    return x
+
+
+# what CLIP training applies to each batch (inputs in [0, 1]): a small shift and contrast/brightness jitter
+CLIP_AUGMENT = BatchAugmentConfig(shift=1 / 16, contrast=0.1, brightness=0.05, centre="half")
+# fine-tuning presets: light crop/rotation/jitter; "flip" adds horizontal flips where laterality is free
+FINETUNE_PRESETS: dict[str, BatchAugmentConfig | None] = {
+    "none": None,
+    "light": BatchAugmentConfig(scale=(0.7, 1.0), rotate=10.0, contrast=0.1, brightness=0.1),
+    "flip": BatchAugmentConfig(scale=(0.7, 1.0), rotate=10.0, hflip=True, contrast=0.1, brightness=0.1),
+}

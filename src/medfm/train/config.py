@@ -50,6 +50,7 @@ class PretrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     workers: int = 0
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     # bookkeeping
     ckpt_every: int = 100
     log_every: int = 10
@@ -71,6 +72,8 @@ class PretrainConfig:
             raise ConfigError(f"--precision must be 32, bf16-mixed or 16-mixed, got '{self.precision}'")
         if self.ckpt_every < 1 or self.log_every < 1:
             raise ConfigError("--ckpt-every and --log-every must be positive")
+        if self.workers < 0 or self.threads < 0:
+            raise ConfigError(f"--workers and --threads must be >= 0, got {self.workers}, {self.threads}")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be positive, got {self.temperature}")
 

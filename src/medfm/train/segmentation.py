@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from monai.losses import DiceCELoss
 from torch import nn
 
@@ -74,10 +75,23 @@ class SegmentationModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class StepProgressBar(TQDMProgressBar):
+    """Progress in optimisation steps ("train 12/500").
+
+    Segmentation trains for ``max_steps`` over one long epoch; Lightning's default bar would print
+    "Epoch 0/-2" (it derives the epoch count from max_epochs=-1)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: object) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.set_description("train step")
+
+
 def make_trainer(max_steps: int, progress: bool = True, **kw) -> L.Trainer:
     """A quiet Lightning trainer: no logger/checkpoint files (the run directory is written by the task)."""
     return L.Trainer(
         max_steps=max_steps,
+        callbacks=[StepProgressBar()] if progress else None,
         accelerator="auto",
         devices=1,
         logger=False,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from datetime import datetime
@@ -19,8 +21,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from medfm.errors import ConfigError
-from medfm.runs import environment, read_json, write_json
+from medfm.errors import ConfigError, MedfmError
+from medfm.rundir import RunDir, read_json
 from medfm.train.callbacks import AtomicCheckpoint, LossHistory, RankReport, ResumeStream, read_history
 from medfm.train.config import RESUME_KEYS, PretrainConfig
 from medfm.train.datamodule import PooledImages, StreamSampler, make_loader
@@ -137,20 +139,42 @@ def _check_resume(run_dir: Path, cfg: PretrainConfig) -> None:
         )
 
 
+def _distinct(manifest: Any, col: str) -> list[str]:
+    """Distinct non-empty values of a manifest column (prepare stores a missing id as "")."""
+    if col not in manifest.columns:
+        return []
+    return sorted({str(v) for v in manifest[col] if isinstance(v, str) and v and v != "nan"})
+
+
 def _data_summary(data: PooledImages) -> list[dict[str, Any]]:
     out = []
     for p in data.parts:
-        pids = p.manifest["patient_id"] if "patient_id" in p.manifest.columns else None
+        pids = _distinct(p.manifest, "patient_id")
         out.append(
             {
                 "path": str(p.root.resolve()),
                 "split": p.manifest["split"].iloc[0] if len(p) else None,
                 "images": len(p),
-                "patients": int(pids.nunique()) if pids is not None else None,
+                # None = no patient ids at all: the card says "unknown", never "1" (issue 16)
+                "patients": len(pids) or None,
+                "sites": _distinct(p.manifest, "site"),
                 "format_version": p.summary.get("format_version"),
             }
         )
     return out
+
+
+def _preprocessing(data: PooledImages) -> dict[str, Any] | None:
+    """What prepare did to the training images, for inference on raw files to replay (first store's)."""
+    try:
+        from medfm.data.preprocess import preprocessing_of
+    except ImportError:  # older tree without the replay module: keep the store's recorded settings
+        return data.parts[0].summary.get("settings") if data.parts else None
+    specs = [preprocessing_of(p.root) for p in data.parts]
+    if any(s != specs[0] for s in specs[1:]):
+        warnings.warn("the pooled datasets were prepared differently; recording the first one's "
+                      "preprocessing", stacklevel=2)
+    return specs[0] if specs else None
 
 
 def _quiet_lightning() -> None:
@@ -162,6 +186,54 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # We resume the data stream ourselves (StreamSampler + ResumeStream): Lightning's caveat does not apply.
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+
+
+class StoppedBySignal(MedfmError):
+    """Training was stopped by SIGTERM / Ctrl-C after checkpointing; rerunning the command resumes."""
+
+
+class _StopOnSignal(L.Callback):
+    """SIGTERM or Ctrl-C: finish the current step, save the checkpoint, stop.
+
+    Lightning's own SIGTERM handling raises SystemExit(None) mid-loop (exit status 0, no checkpoint), and
+    without it a stop request waited for the end of the run's single epoch (issue 16, item 12); so this
+    callback takes the signals over once training starts.
+    """
+
+    def __init__(self, ckpt: AtomicCheckpoint) -> None:
+        self.ckpt = ckpt
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old = signal.signal(sig, self._handle)
+            self._old.setdefault(sig, old)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.install()  # again: Lightning put its own SIGTERM handler in place when fit started
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step
+        self.signum = signum
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        local = self.signum is not None or bool(getattr(trainer, "received_sigterm", False))
+        # every rank must agree (the checkpoint is a collective)
+        if trainer.strategy.reduce_boolean_decision(local, all=False):
+            self.signum = self.signum or signal.SIGTERM
+            self.ckpt.save(trainer)
+            trainer.should_stop = True
 
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None = None) -> Path:
@@ -193,7 +265,10 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None
     ckpt = AtomicCheckpoint(ckpt_dir, cfg.ckpt_every)
     placeholder = StreamSampler(len(train_ds), cfg.steps * cfg.batch_size, cfg.seed)
     resume_cb = ResumeStream(placeholder, cfg.batch_size)
-    trainer = build_trainer(cfg, run_dir, [ckpt, history, resume_cb, RankReport(run_dir / "logs")], progress)
+    stop = _StopOnSignal(ckpt)
+    trainer = build_trainer(
+        cfg, run_dir, [ckpt, history, resume_cb, RankReport(run_dir / "logs"), stop], progress
+    )
     # Rank and world size are known once the Trainer exists; give this rank its slice of the stream.
     sampler = StreamSampler(
         len(train_ds), cfg.steps * cfg.batch_size, cfg.seed, trainer.global_rank, trainer.world_size
@@ -207,30 +282,39 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None
         pin_memory=torch.cuda.is_available() and cfg.accelerator != "cpu",
     )
 
+    run = RunDir(run_dir, kind="encoder")
     config = {
-        "kind": "pretrain",
         "pretrain": cfg.to_dict(),
         "encoder": dict(encoder.config),
         "data": _data_summary(data),
-        "environment": environment(),
+        "preprocessing": _preprocessing(data),
         "n_params": {
             "encoder": sum(p.numel() for p in encoder.parameters()),
             "total": sum(p.numel() for p in objective.parameters()),
         },
     }
     if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config)
+        run.write_config(config)
 
     resumed_from = None
     if last.is_file() and resume:
         resumed_from = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
-    trainer.fit(
-        objective,
-        train_dataloaders=loader,
-        ckpt_path=str(last) if resumed_from is not None else None,
-        weights_only=True,
-    )
+    stop.install()
+    try:
+        trainer.fit(
+            objective,
+            train_dataloaders=loader,
+            ckpt_path=str(last) if resumed_from is not None else None,
+            weights_only=True,
+        )
+    finally:
+        stop.uninstall()
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        raise StoppedBySignal(
+            f"{run_dir}: stopped by {name} at step {trainer.global_step}/{cfg.steps}; checkpoint saved "
+            "(run the same command again to resume)"
+        )
 
     if trainer.is_global_zero:
         finish_run(
@@ -257,8 +341,8 @@ def finish_run(
     wall: float,
 ) -> None:
     """Encoder weights, figures, metrics.json, loss curve and model card (rank 0 only)."""
+    from medfm.modelcard.plots import plot_loss_curve
     from medfm.models.io import save_encoder
-    from medfm.train.modelcard import plot_loss_curve, write_model_card
 
     encoder = objective.encoder.float().cpu().eval()
     save_encoder(encoder, run_dir)
@@ -277,7 +361,8 @@ def finish_run(
         "resumed_from_step": resumed_from,
         "images_seen": int(trainer.global_step) * objective.cfg.batch_size * trainer.world_size,
     }
-    write_json(run_dir / "metrics.json", metrics)
+    run = RunDir(run_dir, kind="encoder")
+    run.write_metrics(metrics, merge=False)
     plot_loss_curve(
         run_dir / "logs" / "train.csv",
         run_dir / "loss_curve.png",
@@ -287,4 +372,4 @@ def finish_run(
         objective.save_figures(run_dir, dataset)
     except Exception as e:  # a figure must never lose a finished training run
         warnings.warn(f"could not save figures: {e}", stacklevel=1)
-    write_model_card(run_dir, config, metrics, config["data"])
+    run.write_card()

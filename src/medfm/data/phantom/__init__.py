@@ -19,5 +19,16 @@ from medfm.data.phantom.montage import montage
 from medfm.data.phantom.reports import extract_labels
 from medfm.data.phantom.sites import Site, make_sites
 
-__all__ = ["FINDINGS", "Case", "Site", "dataset_info", "extract_labels", "generate_ct_case",
-           "generate_cxr_case", "make_case", "make_sites", "montage", "write_phantom"]
+__all__ = [
+    "FINDINGS",
+    "Case",
+    "Site",
+    "dataset_info",
+    "extract_labels",
+    "generate_ct_case",
+    "generate_cxr_case",
+    "make_case",
+    "make_sites",
+    "montage",
+    "write_phantom",
+]

@@ -24,7 +24,7 @@ FINDING_LABELS = {i + 1: n for i, n in enumerate(FINDINGS)}
 FOV_MM = 400.0  # canonical [-1, 1] spans 400 mm at zoom 1
 # Paint order of finding masks: big first, small last, so each finding keeps its pixels.
 _PAINT_ORDER = ("cardiomegaly", "consolidation", "effusion", "pneumothorax", "nodule")
-_EFF_HEIGHT = {"small": 0.08, "moderate": 0.2, "large": 0.34}   # fraction of lung height
+_EFF_HEIGHT = {"small": 0.08, "moderate": 0.2, "large": 0.34}  # fraction of lung height
 _PTX_WIDTH = {"small": 0.05, "moderate": 0.085, "large": 0.13}  # canonical rim width
 
 
@@ -33,7 +33,7 @@ class Frame:
     """Canonical <-> pixel mapping for one image."""
 
     size: int
-    scale: float    # pixels per canonical unit
+    scale: float  # pixels per canonical unit
     cx: float
     cy: float
     cos: float
@@ -46,7 +46,7 @@ class Frame:
         return list(zip(u.tolist(), v.tolist()))
 
     def grid(self) -> tuple[np.ndarray, np.ndarray]:
-        v, u = np.mgrid[0:self.size, 0:self.size].astype(np.float32)
+        v, u = np.mgrid[0 : self.size, 0 : self.size].astype(np.float32)
         u = (u + 0.5 - self.cx) / self.scale
         v = (v + 0.5 - self.cy) / self.scale
         return u * self.cos + v * self.sin, -u * self.sin + v * self.cos
@@ -58,8 +58,9 @@ def _poly(fr: Frame, pts: np.ndarray) -> np.ndarray:
     return np.asarray(im, dtype=bool)
 
 
-def _lines(fr: Frame, curves: list[np.ndarray], width: float, values: list[float] | None = None
-           ) -> np.ndarray:
+def _lines(
+    fr: Frame, curves: list[np.ndarray], width: float, values: list[float] | None = None
+) -> np.ndarray:
     im = Image.new("F", (fr.size, fr.size), 0.0)
     d = ImageDraw.Draw(im)
     w = max(1, int(round(width * fr.scale)))
@@ -83,7 +84,7 @@ def lung_outline(side: int, W: float, dome: float, cp: float, apex: float = -0.8
     """Polygon of one lung (side=-1 right lung on image left, +1 left lung) in canonical coordinates."""
     xc, rx, ry = 0.27, 0.95 * W - 0.27, cp - apex
     th = np.linspace(0.0, np.pi / 2, 24)
-    lateral = np.stack([xc + rx * np.cos(th), cp - ry * np.sin(th)], 1)           # costophrenic -> apex
+    lateral = np.stack([xc + rx * np.cos(th), cp - ry * np.sin(th)], 1)  # costophrenic -> apex
     top = np.array([[0.19, apex + 0.02], [0.14, apex + 0.12]])
     med_x = 0.115 if side < 0 else 0.105
     medial = np.array([[med_x, -0.5], [med_x - 0.01, -0.1], [med_x + 0.01, 0.2], [med_x + 0.02, dome + 0.06]])
@@ -101,7 +102,7 @@ def lateral_x(W: float, y: float, cp: float, apex: float = -0.80) -> float:
     """|x| of the lateral lung wall at height y (canonical)."""
     xc, rx, ry = 0.27, 0.95 * W - 0.27, cp - apex
     s = np.clip((cp - y) / ry, 0.0, 1.0)
-    return float(xc + rx * np.sqrt(1 - s ** 2))
+    return float(xc + rx * np.sqrt(1 - s**2))
 
 
 @lru_cache(maxsize=8)
@@ -127,28 +128,37 @@ def _markers(size: int, site: Site) -> np.ndarray:
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def render_cxr(rec: dict[str, Any], site: Site, size: int, r: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+def render_cxr(
+    rec: dict[str, Any], site: Site, size: int, r: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Render one radiograph. Returns (display image float32 in [0,1], organ label map, finding label map,
     measurements)."""
     S = size
     tilt = float(r.uniform(-2.5, 2.5)) * np.pi / 180
     jitter = r.uniform(-0.015, 0.015, 2)
     scale = 0.5 * S * site.zoom
-    fr = Frame(S, scale, S * (0.5 + site.offset[0] + jitter[0]), S * (0.5 + site.offset[1] + jitter[1]),
-               float(np.cos(tilt)), float(np.sin(tilt)))
+    fr = Frame(
+        S,
+        scale,
+        S * (0.5 + site.offset[0] + jitter[0]),
+        S * (0.5 + site.offset[1] + jitter[1]),
+        float(np.cos(tilt)),
+        float(np.sin(tilt)),
+    )
     X, Y = fr.grid()
     body_s = float(rec["_body"])
-    W = 0.80 * body_s                         # thorax half-width (lateral lung wall at its widest)
-    insp = float(r.uniform(-0.04, 0.04))      # depth of inspiration moves the domes
+    W = 0.80 * body_s  # thorax half-width (lateral lung wall at its widest)
+    insp = float(r.uniform(-0.04, 0.04))  # depth of inspiration moves the domes
     dome_r, cp_r = 0.33 + insp, 0.52 + insp
     dome_l, cp_l = dome_r + 0.05, cp_r + 0.04
 
     # --- organs -----------------------------------------------------------------------------------------
-    lung_poly = {"right": _poly(fr, lung_outline(-1, W, dome_r, cp_r)),
-                 "left": _poly(fr, lung_outline(+1, W, dome_l, cp_l))}
+    lung_poly = {
+        "right": _poly(fr, lung_outline(-1, W, dome_r, cp_r)),
+        "left": _poly(fr, lung_outline(+1, W, dome_l, cp_l)),
+    }
     thorax_w = 2 * 0.95 * W
-    hw = rec["ctr"] * thorax_w / 2            # heart half-width so that the CTR matches the record
+    hw = rec["ctr"] * thorax_w / 2  # heart half-width so that the CTR matches the record
     # Tilted ellipse (long axis towards the apex, down and to the patient's left) sized so that its
     # horizontal half-extent is hw; it sits on the diaphragm, so its bottom is cut by the domes.
     th, ratio = np.deg2rad(32), 1.3
@@ -161,8 +171,18 @@ def render_cxr(rec: dict[str, Any], site: Site, size: int, r: np.random.Generato
     heart_t = _ellipse(Xr, Yr, 0.0, 0.0, ha, hb)
     heart = (heart_t > 0) & (Y < max(cp_l, cp_r) - 0.02)
     # Upper mediastinum: aortic knob and pulmonary trunk bulge into the left lung above the heart.
-    med_pts = np.array([[-0.125, -0.75], [0.115, -0.75], [0.16, -0.42], [0.19, -0.36], [0.16, -0.24],
-                        [0.20, -0.12], [0.24, hcy], [-0.12, hcy]])
+    med_pts = np.array(
+        [
+            [-0.125, -0.75],
+            [0.115, -0.75],
+            [0.16, -0.42],
+            [0.19, -0.36],
+            [0.16, -0.24],
+            [0.20, -0.12],
+            [0.24, hcy],
+            [-0.12, hcy],
+        ]
+    )
     medi = _poly(fr, med_pts) | heart
     lung = {k: v & ~medi for k, v in lung_poly.items()}
     spine_col = np.clip(1 - (X / 0.075) ** 2, 0, None) ** 0.5 * (Y > -1.2) * (Y < 0.75)
@@ -175,8 +195,19 @@ def render_cxr(rec: dict[str, Any], site: Site, size: int, r: np.random.Generato
 
     # --- attenuation map ----------------------------------------------------------------------------------
     Wb = W * 1.2
-    body_pts = np.array([[-0.2, -1.4], [0.2, -1.4], [0.22, -0.92], [0.55, -0.86], [Wb - 0.05, -0.8],
-                         [Wb + 0.15, -0.66], [Wb + 0.18, -0.3], [Wb + 0.05, 0.4], [Wb - 0.02, 1.4]])
+    body_pts = np.array(
+        [
+            [-0.2, -1.4],
+            [0.2, -1.4],
+            [0.22, -0.92],
+            [0.55, -0.86],
+            [Wb - 0.05, -0.8],
+            [Wb + 0.15, -0.66],
+            [Wb + 0.18, -0.3],
+            [Wb + 0.05, 0.4],
+            [Wb - 0.02, 1.4],
+        ]
+    )
     body_pts = np.concatenate([body_pts, body_pts[::-1] * [-1, 1]])
     body = ndi.gaussian_filter(_poly(fr, body_pts).astype(np.float32), 0.006 * S)
     A = 0.55 + 0.45 * np.sqrt(np.clip(1 - (X / (Wb + 0.25)) ** 2, 0, None))
@@ -236,7 +267,7 @@ def render_cxr(rec: dict[str, Any], site: Site, size: int, r: np.random.Generato
             h = _EFF_HEIGHT[rec["effusion_size"]] * (cp - apex)
             lateral = np.clip((X * sx - 0.1) / (0.95 * W - 0.1), 0, 1)
             # Meniscus: the fluid climbs higher at the lateral wall.
-            top = cp - (cp - dome + h) * (0.35 + 0.65 * lateral ** 1.2)
+            top = cp - (cp - dome + h) * (0.35 + 0.65 * lateral**1.2)
             fluid |= lung_poly[side] & (Y > top)
         fluid &= ~heart
         soft = ndi.gaussian_filter(fluid.astype(np.float32), 0.006 * S + 0.3)
@@ -292,8 +323,9 @@ def _vessels(fr: Frame, r: np.random.Generator, W: float, X: np.ndarray, Y: np.n
     return v * np.clip(1.1 - hd / 0.75, 0, 1)
 
 
-def _bones(fr: Frame, r: np.random.Generator, W: float, X: np.ndarray, Y: np.ndarray, cp: float
-           ) -> np.ndarray:
+def _bones(
+    fr: Frame, r: np.random.Generator, W: float, X: np.ndarray, Y: np.ndarray, cp: float
+) -> np.ndarray:
     S = fr.size
     # Spine: vertebral bodies with darker disc spaces, pedicles as bright ovals.
     period = 0.085
@@ -311,7 +343,7 @@ def _bones(fr: Frame, r: np.random.Generator, W: float, X: np.ndarray, Y: np.nda
             reach = lateral_x(W, y0 + 0.1, cp) + 0.03 - 0.07
             t = np.linspace(0, 1, 14)
             x = 0.07 + t * reach
-            y = y0 - 0.07 * np.sin(np.pi * t * 0.75) + 0.20 * t ** 3
+            y = y0 - 0.07 * np.sin(np.pi * t * 0.75) + 0.20 * t**3
             post.append(np.stack([sx * x, y], 1))
             ta = np.linspace(0, 1, 10)
             xa = x[-1] - ta * (x[-1] - 0.32)
@@ -353,8 +385,16 @@ def _row_point(mask: np.ndarray, fr: Frame, y: float, side: str, fx: float) -> t
     return u * fr.cos + v * fr.sin, -u * fr.sin + v * fr.cos
 
 
-def _nodule(rec: dict[str, Any], lung: dict[str, np.ndarray], X: np.ndarray, Y: np.ndarray, fr: Frame,
-            apex: float, dome_r: float, dome_l: float) -> tuple[np.ndarray, np.ndarray]:
+def _nodule(
+    rec: dict[str, Any],
+    lung: dict[str, np.ndarray],
+    X: np.ndarray,
+    Y: np.ndarray,
+    fr: Frame,
+    apex: float,
+    dome_r: float,
+    dome_l: float,
+) -> tuple[np.ndarray, np.ndarray]:
     side = rec["nodule_side"]
     fx, fy = rec["_nodule_pos"]
     y = _zone_y(rec["nodule_zone"], fy, apex, dome_r if side == "right" else dome_l)
@@ -368,9 +408,18 @@ def _nodule(rec: dict[str, Any], lung: dict[str, np.ndarray], X: np.ndarray, Y: 
     return mask, prof
 
 
-def _consolidation(rec: dict[str, Any], lung: dict[str, np.ndarray], dist: dict[str, np.ndarray],
-                   r: np.random.Generator, X: np.ndarray, Y: np.ndarray, scale: float, apex: float,
-                   dome_r: float, dome_l: float) -> tuple[np.ndarray, np.ndarray]:
+def _consolidation(
+    rec: dict[str, Any],
+    lung: dict[str, np.ndarray],
+    dist: dict[str, np.ndarray],
+    r: np.random.Generator,
+    X: np.ndarray,
+    Y: np.ndarray,
+    scale: float,
+    apex: float,
+    dome_r: float,
+    dome_l: float,
+) -> tuple[np.ndarray, np.ndarray]:
     side, zone = rec["consolidation_side"], rec["consolidation_zone"]
     dome = dome_r if side == "right" else dome_l
     y_lo, y_hi = _zone_y(zone, 0.0, apex, dome), _zone_y(zone, 1.0, apex, dome)

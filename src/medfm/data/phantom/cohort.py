@@ -76,7 +76,7 @@ class Patient:
     sex: str
     age0: int
     site: Site
-    body: float          # thorax width scale (sex, age, habitus)
+    body: float  # thorax width scale (sex, age, habitus)
     studies: list[dict[str, Any]] = field(default_factory=list)  # per-study findings (see _trajectory)
 
 
@@ -94,7 +94,7 @@ def make_patient(seed: int, number: int, n_studies: int, sites: list[Site]) -> P
     ctr0 = float(r.uniform(0.39, 0.47) + 0.02 * a)
 
     p_nod = _p(0.10 + 0.30 * a, site, "nodule")
-    p_card = _p(0.06 + 0.45 * a ** 1.5, site, "cardiomegaly")
+    p_card = _p(0.06 + 0.45 * a**1.5, site, "cardiomegaly")
     p_ptx = _p(0.26 + (0.08 if sex == "M" else 0.0) - 0.14 * a, site, "pneumothorax")
     p_cons = _p(0.24, site, "consolidation")
 
@@ -116,8 +116,12 @@ def make_patient(seed: int, number: int, n_studies: int, sites: list[Site]) -> P
         f["nodule"] = int(nod and k >= nod_onset)
         if f["nodule"]:
             f["nodule_size_mm"] = round(min(30.0, nod_size * nod_growth ** (k - nod_onset)), 1)
-            f.update(nodule_side=nod_side, nodule_zone=nod_zone, nodule_lobe=lobe_of(nod_side, nod_zone),
-                     nodule_pos=nod_pos)
+            f.update(
+                nodule_side=nod_side,
+                nodule_zone=nod_zone,
+                nodule_lobe=lobe_of(nod_side, nod_zone),
+                nodule_pos=nod_pos,
+            )
         f["cardiomegaly"] = int(card)
         f["ctr"] = round(min(0.7, (card_ctr if card else ctr0) + 0.005 * k), 3)
         # Acute findings: persist with some probability, else appear afresh.
@@ -130,8 +134,17 @@ def make_patient(seed: int, number: int, n_studies: int, sites: list[Site]) -> P
                 f["effusion_side"] = str(r.choice(["right", "left", "bilateral"], p=[0.4, 0.35, 0.25]))
                 f["effusion_size"] = str(r.choice(["small", "moderate", "large"], p=[0.5, 0.35, 0.15]))
         if prev and prev["consolidation"] and r.random() < 0.4:
-            f.update({k2: prev[k2] for k2 in ("consolidation", "consolidation_side", "consolidation_zone",
-                                              "consolidation_lobe")})
+            f.update(
+                {
+                    k2: prev[k2]
+                    for k2 in (
+                        "consolidation",
+                        "consolidation_side",
+                        "consolidation_zone",
+                        "consolidation_lobe",
+                    )
+                }
+            )
         else:
             f["consolidation"] = int(r.random() < p_cons)
             if f["consolidation"]:
@@ -179,21 +192,31 @@ def plan_case(kind: str, index: int, seed: int, sites: list[Site]) -> dict[str, 
     pat = make_patient(seed, number, n_studies, sites)
     f = pat.studies[k]
     rec: dict[str, Any] = {
-        "case_id": case_id(kind, index), "patient_id": pat.patient_id,
-        "study_id": f"{pat.patient_id}-{k + 1}", "study_number": k + 1, "site": pat.site.name,
-        "sex": pat.sex, "age": f["age"], "split": split_of(number),
+        "case_id": case_id(kind, index),
+        "patient_id": pat.patient_id,
+        "study_id": f"{pat.patient_id}-{k + 1}",
+        "study_number": k + 1,
+        "site": pat.site.name,
+        "sex": pat.sex,
+        "age": f["age"],
+        "split": split_of(number),
         "view": pat.site.view if kind == "cxr" else "axial",
     }
     for name in FINDINGS:
         rec[name] = int(f[name])
     rec.update(
-        nodule_size_mm=f.get("nodule_size_mm", 0.0), nodule_side=f.get("nodule_side", ""),
-        nodule_zone=f.get("nodule_zone", ""), nodule_lobe=f.get("nodule_lobe", ""),
-        effusion_side=f.get("effusion_side", ""), effusion_size=f.get("effusion_size", ""),
+        nodule_size_mm=f.get("nodule_size_mm", 0.0),
+        nodule_side=f.get("nodule_side", ""),
+        nodule_zone=f.get("nodule_zone", ""),
+        nodule_lobe=f.get("nodule_lobe", ""),
+        effusion_side=f.get("effusion_side", ""),
+        effusion_size=f.get("effusion_size", ""),
         consolidation_side=f.get("consolidation_side", ""),
         consolidation_zone=f.get("consolidation_zone", ""),
-        consolidation_lobe=f.get("consolidation_lobe", ""), pneumothorax_side=f.get("pneumothorax_side", ""),
-        pneumothorax_size=f.get("pneumothorax_size", ""), ctr=f["ctr"],
+        consolidation_lobe=f.get("consolidation_lobe", ""),
+        pneumothorax_side=f.get("pneumothorax_side", ""),
+        pneumothorax_size=f.get("pneumothorax_size", ""),
+        ctr=f["ctr"],
     )
     rec["_body"] = pat.body
     rec["_nodule_pos"] = f.get("nodule_pos", (0.5, 0.5))

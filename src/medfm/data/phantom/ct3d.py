@@ -38,16 +38,17 @@ def _tube(Z: np.ndarray, Y: np.ndarray, X: np.ndarray, pts: np.ndarray, radius: 
     """Voxels within `radius` mm of a densely sampled polyline (points (K, 3) as z, y, x)."""
     out = np.zeros(np.broadcast_shapes(Z.shape, Y.shape, X.shape), bool)
     for z, y, x in pts:
-        out |= (Z - z) ** 2 + (Y - y) ** 2 + (X - x) ** 2 <= radius ** 2
+        out |= (Z - z) ** 2 + (Y - y) ** 2 + (X - x) ** 2 <= radius**2
     return out
 
 
-def render_ct(rec: dict[str, Any], site: Site, size: int, r: np.random.Generator
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+def render_ct(
+    rec: dict[str, Any], site: Site, size: int, r: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Render one CT volume: (int16 HU (D, H, W), organ label map, finding label map, measurements)."""
     sz, sy, sx = ct_spacing(site, size)
     n = size
-    c = (np.arange(n, dtype=np.float32) - n / 2 + 0.5)
+    c = np.arange(n, dtype=np.float32) - n / 2 + 0.5
     Z, Y, X = np.meshgrid(c * sz, c * sy, c * sx, indexing="ij", sparse=True)  # mm from the volume centre
     shift = r.uniform(-8, 8, 3)  # patient positioning
     Z, Y, X = Z - shift[0], Y - shift[1] + 10.0, X - shift[2]
@@ -59,8 +60,8 @@ def render_ct(rec: dict[str, Any], site: Site, size: int, r: np.random.Generator
     body = np.broadcast_to(body_q <= 1.0, shape)
     fat_q = (X / (a - 14)) ** 2 + (Y / (b - 12)) ** 2
     hu = np.full(shape, -1000.0, np.float32)
-    hu[body] = -100.0                                   # subcutaneous fat
-    hu[np.broadcast_to(fat_q <= 1.0, shape)] = 45.0     # muscle / soft tissue
+    hu[body] = -100.0  # subcutaneous fat
+    hu[np.broadcast_to(fat_q <= 1.0, shape)] = 45.0  # muscle / soft tissue
 
     # Lungs: half-ellipsoids either side of the mediastinum, cut below by the diaphragm domes.
     lx, ly, lz = 0.92 * (a - 20) / 2, 0.9 * (b - 18), 118.0 * s
@@ -184,7 +185,7 @@ def render_ct(rec: dict[str, Any], site: Site, size: int, r: np.random.Generator
         j = int(np.argmin(((pos - target) ** 2).sum(1)))
         pz, py, px = pos[j]
         rr = max(rad, 0.6 * min(sx, sy, sz))
-        nod = ((Z - pz) ** 2 + (Y - py) ** 2 + (X - px) ** 2) <= rr ** 2
+        nod = ((Z - pz) ** 2 + (Y - py) ** 2 + (X - px) ** 2) <= rr**2
         hu[nod] = 35.0
         fm["nodule"] = nod
     if rec["cardiomegaly"]:

@@ -25,20 +25,47 @@ from medfm.runs import write_json
 
 KINDS = ("cxr", "ct3d")
 MASK_SETS = ("organs", "findings", "all")
-EXTRA_COLUMNS = ["nodule_size_mm", "nodule_side", "nodule_zone", "nodule_lobe", "effusion_side",
-                 "effusion_size", "consolidation_side", "consolidation_zone", "consolidation_lobe",
-                 "pneumothorax_side",
-                 "pneumothorax_size", "ctr", "spacing_mm", "view", "study_number"]
-MANIFEST_COLUMNS = ["case_id", "image", "mask", "mask_organs", "mask_findings", "report", "patient_id",
-                    "study_id", "site", "sex", "age", "split", *FINDINGS, *EXTRA_COLUMNS]
+EXTRA_COLUMNS = [
+    "nodule_size_mm",
+    "nodule_side",
+    "nodule_zone",
+    "nodule_lobe",
+    "effusion_side",
+    "effusion_size",
+    "consolidation_side",
+    "consolidation_zone",
+    "consolidation_lobe",
+    "pneumothorax_side",
+    "pneumothorax_size",
+    "ctr",
+    "spacing_mm",
+    "view",
+    "study_number",
+]
+MANIFEST_COLUMNS = [
+    "case_id",
+    "image",
+    "mask",
+    "mask_organs",
+    "mask_findings",
+    "report",
+    "patient_id",
+    "study_id",
+    "site",
+    "sex",
+    "age",
+    "split",
+    *FINDINGS,
+    *EXTRA_COLUMNS,
+]
 
 
 @dataclass
 class Case:
     """One generated case: image at the site's native depth, label maps and the manifest record."""
 
-    image: np.ndarray     # (H, W) uint8/uint16 for cxr; (D, H, W) int16 HU for ct3d
-    organs: np.ndarray    # label map, ids in ORGAN_LABELS
+    image: np.ndarray  # (H, W) uint8/uint16 for cxr; (D, H, W) int16 HU for ct3d
+    organs: np.ndarray  # label map, ids in ORGAN_LABELS
     findings: np.ndarray  # label map, ids in FINDING_LABELS
     record: dict[str, Any]
     spacing: tuple[float, ...]
@@ -76,8 +103,9 @@ def _public(rec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if not k.startswith("_")}
 
 
-def make_case(kind: str, index: int, seed: int = 0, size: int | None = None, sites: int | list[Site] = 3
-              ) -> Case:
+def make_case(
+    kind: str, index: int, seed: int = 0, size: int | None = None, sites: int | list[Site] = 3
+) -> Case:
     """Plan, render and describe case `index` of the phantom set `seed`."""
     size = size or (256 if kind == "cxr" else 64)
     _check(kind, size, "organs")
@@ -89,7 +117,7 @@ def make_case(kind: str, index: int, seed: int = 0, size: int | None = None, sit
     if kind == "cxr":
         disp, organs, findings, meas = anatomy2d.render_cxr(rec, site, size, r)
         if site.bit_depth > 8:
-            image = np.round(disp * (2 ** site.bit_depth - 1)).astype(np.uint16)
+            image = np.round(disp * (2**site.bit_depth - 1)).astype(np.uint16)
         else:
             image = np.round(disp * 255).astype(np.uint8)
         spacing: tuple[float, ...] = (meas["spacing_mm"], meas["spacing_mm"])
@@ -105,23 +133,31 @@ def make_case(kind: str, index: int, seed: int = 0, size: int | None = None, sit
 def to_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
-    return np.round(image.astype(np.float32) / max(1, int(image.max() > 255) * 4095 or 255) * 255
-                    ).clip(0, 255).astype(np.uint8)
+    return (
+        np.round(image.astype(np.float32) / max(1, int(image.max() > 255) * 4095 or 255) * 255)
+        .clip(0, 255)
+        .astype(np.uint8)
+    )
 
 
-def generate_cxr_case(index: int, seed: int = 0, size: int = 256, sites: int = 3, mask_set: str = "organs"
-                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def generate_cxr_case(
+    index: int, seed: int = 0, size: int = 256, sites: int = 3, mask_set: str = "organs"
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One chest radiograph in memory: (uint8 image (H, W), uint8 label map (H, W), record with report and
     labels). 12-bit sites are scaled to 8 bits here; `make_case` keeps the native depth."""
     _check("cxr", size, mask_set)
     c = make_case("cxr", index, seed, size, sites)
-    img = (np.round(c.image.astype(np.float32) / 4095 * 255).astype(np.uint8)
-           if c.image.dtype == np.uint16 else c.image)
+    img = (
+        np.round(c.image.astype(np.float32) / 4095 * 255).astype(np.uint8)
+        if c.image.dtype == np.uint16
+        else c.image
+    )
     return img, _mask(c, "cxr", mask_set), c.record
 
 
-def generate_ct_case(index: int, seed: int = 0, size: int = 64, sites: int = 3, mask_set: str = "organs"
-                     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def generate_ct_case(
+    index: int, seed: int = 0, size: int = 64, sites: int = 3, mask_set: str = "organs"
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One CT volume in memory: (int16 HU (D, H, W) with D the slice axis, uint8 label map, record)."""
     _check("ct3d", size, mask_set)
     c = make_case("ct3d", index, seed, size, sites)
@@ -164,8 +200,11 @@ def _save_nifti(path: Path, a: np.ndarray, spacing: tuple[float, ...]) -> None:
 
 def _paths(kind: str, cid: str, mask_set: str) -> dict[str, str]:
     ext = ".png" if kind == "cxr" else ".nii.gz"
-    p = {"image": f"images/{cid}{ext}", "mask_organs": f"masks/{cid}_organs{ext}",
-         "mask_findings": f"masks/{cid}_findings{ext}"}
+    p = {
+        "image": f"images/{cid}{ext}",
+        "mask_organs": f"masks/{cid}_organs{ext}",
+        "mask_findings": f"masks/{cid}_findings{ext}",
+    }
     p["mask"] = f"masks/{cid}_all{ext}" if mask_set == "all" else p[f"mask_{mask_set}"]
     return p
 
@@ -198,8 +237,9 @@ def _progress(it: Iterator[Any], total: int, desc: str) -> Iterator[Any]:
     return iter(tqdm(it, total=total, desc=desc, unit="case"))
 
 
-def _manifest_rows(kind: str, n: int, seed: int, size: int, sites: list[Site], mask_set: str
-                   ) -> Iterator[dict[str, Any]]:
+def _manifest_rows(
+    kind: str, n: int, seed: int, size: int, sites: list[Site], mask_set: str
+) -> Iterator[dict[str, Any]]:
     """Records without pixels: planning and the report need no rendering, so resuming is cheap."""
     for i in range(n):
         rec = plan_case(kind, i, seed, sites)
@@ -214,8 +254,16 @@ def _manifest_rows(kind: str, n: int, seed: int, size: int, sites: list[Site], m
         yield _public(rec)
 
 
-def write_phantom(kind: str, n: int, out: str | Path, seed: int = 0, size: int | None = None, sites: int = 3,
-                  mask_set: str = "organs", workers: int = 1) -> Path:
+def write_phantom(
+    kind: str,
+    n: int,
+    out: str | Path,
+    seed: int = 0,
+    size: int | None = None,
+    sites: int = 3,
+    mask_set: str = "organs",
+    workers: int = 1,
+) -> Path:
     """Write a labelled phantom set to `out` (images/, masks/, manifest.csv, dataset.json) and return `out`.
 
     Streams case by case (never holds all images), skips cases whose files exist (resume), and rewrites the
@@ -238,8 +286,9 @@ def write_phantom(kind: str, n: int, out: str | Path, seed: int = 0, size: int |
             pass
     else:
         with ProcessPoolExecutor(max_workers=workers) as ex:
-            for _ in _progress(ex.map(_write_case, jobs, chunksize=max(1, min(32, n // (4 * workers)))), n,
-                               f"phantom {kind}"):
+            for _ in _progress(
+                ex.map(_write_case, jobs, chunksize=max(1, min(32, n // (4 * workers)))), n, f"phantom {kind}"
+            ):
                 pass
     tmp = root / "manifest.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -266,15 +315,18 @@ def dataset_info(kind: str, n: int, seed: int, size: int, sites: list[Site], mas
         "mask_files": {
             "mask": f"label map of the '{mask_set}' set, ids in mask_labels (column `mask`)",
             "mask_organs": {"column": "mask_organs", "labels": {str(k): v for k, v in organs.items()}},
-            "mask_findings": {"column": "mask_findings",
-                              "labels": {str(k): v for k, v in anatomy2d.FINDING_LABELS.items()},
-                              "note": "one id per pixel; overlaps painted big-to-small so every labelled "
-                                      "finding keeps pixels"},
+            "mask_findings": {
+                "column": "mask_findings",
+                "labels": {str(k): v for k, v in anatomy2d.FINDING_LABELS.items()},
+                "note": "one id per pixel; overlaps painted big-to-small so every labelled "
+                "finding keeps pixels",
+            },
         },
-        "image_format": "PNG, 8-bit grey (12-bit sites: 0..4095 in 16-bit PNG)" if kind == "cxr"
+        "image_format": "PNG, 8-bit grey (12-bit sites: 0..4095 in 16-bit PNG)"
+        if kind == "cxr"
         else "NIfTI int16 HU, voxel axes (x, y, z), diagonal affine in mm",
         "report_negation": "sentence-level: a sentence with a finding mention and a negation cue is negative "
-                           "(see medfm.data.phantom.reports.extract_labels)",
+        "(see medfm.data.phantom.reports.extract_labels)",
         "seed": seed,
         "n": n,
         "size": size,

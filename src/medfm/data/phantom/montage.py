@@ -10,8 +10,13 @@ import pandas as pd
 from medfm.data.phantom.cohort import FINDINGS
 from medfm.errors import InputError
 
-_SHORT = {"nodule": "nod", "effusion": "eff", "consolidation": "cons", "cardiomegaly": "cmeg",
-          "pneumothorax": "ptx"}
+_SHORT = {
+    "nodule": "nod",
+    "effusion": "eff",
+    "consolidation": "cons",
+    "cardiomegaly": "cmeg",
+    "pneumothorax": "ptx",
+}
 
 
 def _load_png(path: Path) -> np.ndarray:
@@ -35,10 +40,10 @@ def _ct_views(img_path: Path, mask_path: Path | None) -> np.ndarray:
         per = (m > 0).sum(axis=(1, 2))
         if per.max() > 0:
             z = int(np.argmax(per))
-    ax = v[z][::-1, ::-1]                 # anterior up, patient right on the image left
+    ax = v[z][::-1, ::-1]  # anterior up, patient right on the image left
     co = ndi.zoom(v[:, v.shape[1] // 2 + 4][::-1, ::-1].astype(np.float32), (sz / sx, 1.0), order=1)
     h = ax.shape[0]  # physical aspect, then crop/pad to the axial height
-    co = co[max(0, (co.shape[0] - h) // 2):][:h]
+    co = co[max(0, (co.shape[0] - h) // 2) :][:h]
     co = np.pad(co, ((0, h - co.shape[0]), (0, 0)), constant_values=-1000.0)
     win = lambda a: np.clip((a + 1000.0) / 1400.0, 0, 1)  # noqa: E731  window [-1000, 400] HU
     return np.concatenate([win(ax), win(co)], 1)

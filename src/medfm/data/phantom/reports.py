@@ -21,7 +21,7 @@ MENTIONS: dict[str, str] = {
     "effusion": r"effusion|pleural fluid|meniscus|blunting",
     "consolidation": r"consolidat|airspace (opacit|disease)|patchy opacit|infiltrate",
     "cardiomegaly": r"cardiomegaly|enlarged (cardiac|heart)|(heart|cardiac silhouette) is enlarged|"
-                    r"cardiac enlargement",
+    r"cardiac enlargement",
     "pneumothorax": r"pneumothora|pleural line",
 }
 NEGATION = r"\b(no|without|not|resolved|negative for|free of)\b"
@@ -42,53 +42,75 @@ def _positive(r: np.random.Generator, name: str, rec: dict[str, Any], kind: str)
     if name == "nodule":
         size, side, z = rec["nodule_size_mm"], rec["nodule_side"], rec["nodule_zone"]
         where = f"{side} {z} {zone}" if kind == "cxr" else rec["nodule_lobe"]
-        return _pick(r, [
-            f"There is a {size:.0f} mm nodule in the {where}.",
-            f"A {size:.0f} mm well-circumscribed pulmonary nodule projects over the {where}.",
-            f"Rounded opacity in the {where} measuring {size:.0f} mm, consistent with a nodule.",
-            f"{size:.0f} mm nodular opacity in the {where}.",
-        ])
+        return _pick(
+            r,
+            [
+                f"There is a {size:.0f} mm nodule in the {where}.",
+                f"A {size:.0f} mm well-circumscribed pulmonary nodule projects over the {where}.",
+                f"Rounded opacity in the {where} measuring {size:.0f} mm, consistent with a nodule.",
+                f"{size:.0f} mm nodular opacity in the {where}.",
+            ],
+        )
     if name == "effusion":
         side, size = rec["effusion_side"], rec["effusion_size"]
         s = _side(r, side)
         if kind == "ct":
-            return _pick(r, [f"{size.capitalize()} {s} dependent pleural effusion.",
-                             f"There is a {size} {s} pleural effusion layering posteriorly."])
-        return _pick(r, [
-            f"{size.capitalize()} {s} pleural effusion.",
-            f"There is a {size} {s} pleural effusion with a meniscus at the costophrenic angle.",
-            f"Blunting of the {s} costophrenic angle with a meniscus, in keeping with a {size} effusion.",
-            f"{size.capitalize()} {s} pleural fluid collection.",
-        ])
+            return _pick(
+                r,
+                [
+                    f"{size.capitalize()} {s} dependent pleural effusion.",
+                    f"There is a {size} {s} pleural effusion layering posteriorly.",
+                ],
+            )
+        return _pick(
+            r,
+            [
+                f"{size.capitalize()} {s} pleural effusion.",
+                f"There is a {size} {s} pleural effusion with a meniscus at the costophrenic angle.",
+                f"Blunting of the {s} costophrenic angle with a meniscus, in keeping with a {size} effusion.",
+                f"{size.capitalize()} {s} pleural fluid collection.",
+            ],
+        )
     if name == "consolidation":
         side, z, lobe = rec["consolidation_side"], rec["consolidation_zone"], rec["consolidation_lobe"]
         where = f"{side} {z} {zone}" if kind == "cxr" else lobe
-        return _pick(r, [
-            f"Patchy consolidation in the {where}.",
-            f"There is airspace opacity in the {where}, compatible with consolidation.",
-            f"Focal airspace consolidation is seen in the {where}.",
-            f"Patchy opacity in the {where} consistent with airspace disease.",
-        ])
+        return _pick(
+            r,
+            [
+                f"Patchy consolidation in the {where}.",
+                f"There is airspace opacity in the {where}, compatible with consolidation.",
+                f"Focal airspace consolidation is seen in the {where}.",
+                f"Patchy opacity in the {where} consistent with airspace disease.",
+            ],
+        )
     if name == "cardiomegaly":
         ctr = rec["ctr"]
-        return _pick(r, [
-            f"Cardiomegaly with a cardiothoracic ratio of {ctr:.2f}.",
-            "The heart is enlarged.",
-            f"Enlarged cardiac silhouette (cardiothoracic ratio {ctr:.2f}).",
-            "There is cardiac enlargement.",
-        ])
+        return _pick(
+            r,
+            [
+                f"Cardiomegaly with a cardiothoracic ratio of {ctr:.2f}.",
+                "The heart is enlarged.",
+                f"Enlarged cardiac silhouette (cardiothoracic ratio {ctr:.2f}).",
+                "There is cardiac enlargement.",
+            ],
+        )
     if name == "pneumothorax":
         side, size = rec["pneumothorax_side"], rec["pneumothorax_size"]
         s = _side(r, side)
         if kind == "ct":
-            return _pick(r, [f"{size.capitalize()} {s} pneumothorax anteriorly.",
-                             f"There is a {size} {s} pneumothorax."])
-        return _pick(r, [
-            f"{size.capitalize()} {s} apical pneumothorax.",
-            f"There is a {size} {s} pneumothorax with a visible pleural line and a lucent periphery "
-            "devoid of lung markings.",
-            f"Visceral pleural line in the {s} hemithorax, consistent with a {size} pneumothorax.",
-        ])
+            return _pick(
+                r,
+                [f"{size.capitalize()} {s} pneumothorax anteriorly.", f"There is a {size} {s} pneumothorax."],
+            )
+        return _pick(
+            r,
+            [
+                f"{size.capitalize()} {s} apical pneumothorax.",
+                f"There is a {size} {s} pneumothorax with a visible pleural line and a lucent periphery "
+                "devoid of lung markings.",
+                f"Visceral pleural line in the {s} hemithorax, consistent with a {size} pneumothorax.",
+            ],
+        )
     raise KeyError(name)
 
 
@@ -96,8 +118,11 @@ _NEGATIVE = {
     "nodule": ["No pulmonary nodule.", "No suspicious pulmonary nodule is seen.", "No nodules or masses."],
     "effusion": ["No pleural effusion.", "There is no pleural effusion.", "No evidence of pleural effusion."],
     "consolidation": ["No focal consolidation.", "There is no consolidation.", "No airspace consolidation."],
-    "cardiomegaly": ["Heart size is normal.", "The cardiac silhouette is within normal limits.",
-                     "Normal heart size."],
+    "cardiomegaly": [
+        "Heart size is normal.",
+        "The cardiac silhouette is within normal limits.",
+        "Normal heart size.",
+    ],
     "pneumothorax": ["No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."],
 }
 _RESOLVED = {
@@ -106,8 +131,10 @@ _RESOLVED = {
     "pneumothorax": "The previously seen pneumothorax has resolved.",
 }
 _IMPRESSION_NAMES = {
-    "nodule": ["pulmonary nodule", "nodule"], "effusion": ["pleural effusion", "effusion"],
-    "consolidation": ["consolidation", "airspace consolidation"], "cardiomegaly": ["cardiomegaly"],
+    "nodule": ["pulmonary nodule", "nodule"],
+    "effusion": ["pleural effusion", "effusion"],
+    "consolidation": ["consolidation", "airspace consolidation"],
+    "cardiomegaly": ["cardiomegaly"],
     "pneumothorax": ["pneumothorax"],
 }
 
@@ -122,8 +149,9 @@ def make_report(rec: dict[str, Any], r: np.random.Generator, kind: str = "cxr") 
     if kind == "ct":
         sentences.append(_pick(r, ["CT of the chest without contrast.", "Axial CT images of the thorax."]))
     if prior is not None:
-        sentences.append(_pick(r, ["Comparison is made with the prior study.",
-                                   "Compared with the prior exam."]))
+        sentences.append(
+            _pick(r, ["Comparison is made with the prior study.", "Compared with the prior exam."])
+        )
     for n in order:
         s = _positive(r, n, rec, kind)
         if n == "nodule" and rec.get("_prior_nodule_mm"):
@@ -148,8 +176,14 @@ def make_report(rec: dict[str, Any], r: np.random.Generator, kind: str = "cxr") 
         sentences.append(_pick(r, ["No acute osseous abnormality.", "The visualised bones are intact."]))
 
     if not present:
-        impression = _pick(r, ["No acute cardiopulmonary abnormality.", "Normal chest radiograph."
-                               if kind == "cxr" else "Normal CT of the chest.", "No acute disease."])
+        impression = _pick(
+            r,
+            [
+                "No acute cardiopulmonary abnormality.",
+                "Normal chest radiograph." if kind == "cxr" else "Normal CT of the chest.",
+                "No acute disease.",
+            ],
+        )
     else:
         parts = []
         for n in present:
@@ -157,8 +191,9 @@ def make_report(rec: dict[str, Any], r: np.random.Generator, kind: str = "cxr") 
             side = rec.get(f"{n}_side", "")
             parts.append(f"{side.capitalize()} {name}." if side else f"{name.capitalize()}.")
         if rec["nodule"]:
-            parts.append(_pick(r, ["Recommend CT follow-up of the nodule.",
-                                   "Follow-up of the nodule advised."]))
+            parts.append(
+                _pick(r, ["Recommend CT follow-up of the nodule.", "Follow-up of the nodule advised."])
+            )
         impression = " ".join(f"{i + 1}. {p}" for i, p in enumerate(parts))
     return "FINDINGS: " + " ".join(sentences) + "\nIMPRESSION: " + impression
 

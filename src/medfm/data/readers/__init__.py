@@ -79,7 +79,15 @@ def _probe_npz(path: Any, **opts: Any) -> dict[str, Any]:
 
 
 # content format (from medfm.data.readers.common.sniff) -> reader name
-FORMAT_READER = {"png": "image", "jpeg": "image", "tiff": "image", "bmp": "image", "dicom": "dicom",
-                 "nifti": "nifti", "npz": "npz", "npy": "npz"}
+FORMAT_READER = {
+    "png": "image",
+    "jpeg": "image",
+    "tiff": "image",
+    "bmp": "image",
+    "dicom": "dicom",
+    "nifti": "nifti",
+    "npz": "npz",
+    "npy": "npz",
+}
 
 __all__ = ["FORMAT_READER", "PROBES", "READERS"]

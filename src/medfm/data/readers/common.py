@@ -19,9 +19,19 @@ NAN_POLICIES = ("error", "zero")
 
 # extension -> format, used only when the content does not say (and to note mismatches)
 EXTENSION_FORMATS = {
-    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".bmp": "bmp",
-    ".dcm": "dicom", ".dicom": "dicom", ".ima": "dicom", ".nii": "nifti", ".nii.gz": "nifti",
-    ".npz": "npz", ".npy": "npy",
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".bmp": "bmp",
+    ".dcm": "dicom",
+    ".dicom": "dicom",
+    ".ima": "dicom",
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".npz": "npz",
+    ".npy": "npy",
 }
 
 
@@ -52,8 +62,11 @@ def check_voxels(path: str | Path, shape: tuple[int, ...], max_voxels: int | Non
     limit = DEFAULT_MAX_VOXELS if max_voxels is None else int(max_voxels)
     n = int(np.prod(np.asarray(dims, dtype=np.float64)))
     if n > limit:
-        raise InputError(path, f"header declares {' x '.join(map(str, dims))} = {n} voxels, over the limit "
-                               f"{limit} (possible decompression bomb; raise max_voxels= if genuine)")
+        raise InputError(
+            path,
+            f"header declares {' x '.join(map(str, dims))} = {n} voxels, over the limit "
+            f"{limit} (possible decompression bomb; raise max_voxels= if genuine)",
+        )
 
 
 def check_nan_policy(nan_policy: str) -> None:
@@ -61,8 +74,9 @@ def check_nan_policy(nan_policy: str) -> None:
         raise ConfigError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
 
 
-def apply_nan_policy(path: str | Path, array: np.ndarray, nan_policy: str,
-                     meta: dict[str, Any]) -> np.ndarray:
+def apply_nan_policy(
+    path: str | Path, array: np.ndarray, nan_policy: str, meta: dict[str, Any]
+) -> np.ndarray:
     """Non-finite voxels are an error by default; nan_policy="zero" replaces them and counts them in meta."""
     check_nan_policy(nan_policy)
     if not np.issubdtype(array.dtype, np.floating):
@@ -73,8 +87,11 @@ def apply_nan_policy(path: str | Path, array: np.ndarray, nan_policy: str,
         return array
     if nan_policy == "error":
         n_nan = int(np.isnan(array).sum())
-        raise InputError(path, f"contains {n_nan} NaN and {n_bad - n_nan} Inf voxels "
-                               "(pass nan_policy='zero' to replace them by 0)")
+        raise InputError(
+            path,
+            f"contains {n_nan} NaN and {n_bad - n_nan} Inf voxels "
+            "(pass nan_policy='zero' to replace them by 0)",
+        )
     array = np.where(bad, np.zeros((), dtype=array.dtype), array)
     meta["nonfinite_replaced"] = n_bad
     return array

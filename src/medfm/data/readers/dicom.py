@@ -109,9 +109,14 @@ def safe_meta(ds: Any) -> dict[str, Any]:
         "transfer_syntax": getattr(ts, "name", str(ts)),
         "sop_class": getattr(sop, "name", "") if sop else "",
     }
-    for key, kw in (("manufacturer", "Manufacturer"), ("manufacturer_model", "ManufacturerModelName"),
-                    ("body_part", "BodyPartExamined"), ("view_position", "ViewPosition"),
-                    ("laterality", "ImageLaterality"), ("patient_sex", "PatientSex")):
+    for key, kw in (
+        ("manufacturer", "Manufacturer"),
+        ("manufacturer_model", "ManufacturerModelName"),
+        ("body_part", "BodyPartExamined"),
+        ("view_position", "ViewPosition"),
+        ("laterality", "ImageLaterality"),
+        ("patient_sex", "PatientSex"),
+    ):
         v = ds.get(kw)
         if v not in (None, ""):
             meta[key] = str(v)
@@ -144,8 +149,12 @@ def _check_length(ds: Any, path: Path) -> None:
     if ts.is_compressed or "PixelData" not in ds:
         return
     bits = int(ds.get("BitsAllocated", 8) or 8)
-    n = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
-         * int(ds.get("SamplesPerPixel", 1) or 1))
+    n = (
+        int(ds.Rows)
+        * int(ds.Columns)
+        * int(ds.get("NumberOfFrames", 1) or 1)
+        * int(ds.get("SamplesPerPixel", 1) or 1)
+    )
     expected = (n * bits + 7) // 8
     if ds.get("PhotometricInterpretation", "") in ("YBR_FULL_422",):
         expected = expected * 2 // 3
@@ -166,8 +175,10 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
             raise InputError(path, f"cannot decode transfer syntax '{ts.name}' ({ts}): {hint}") from None
         if not dec.is_available:
             missing = "; ".join(dec.missing_dependencies) or "a codec plugin"
-            raise InputError(path, f"cannot decode transfer syntax '{ts.name}' ({ts}): missing codec, "
-                                   f"install one of: {missing}")
+            raise InputError(
+                path,
+                f"cannot decode transfer syntax '{ts.name}' ({ts}): missing codec, install one of: {missing}",
+            )
     else:
         _check_length(ds, path)
     try:
@@ -282,8 +293,13 @@ def _axcodes(row: np.ndarray, col: np.ndarray, normal: np.ndarray) -> str:
     return "".join(aff2axcodes(ras))
 
 
-def ras_affine(row: np.ndarray, col: np.ndarray, normal: np.ndarray, origin: np.ndarray,
-               spacing_dhw: tuple[float, float, float]) -> np.ndarray:
+def ras_affine(
+    row: np.ndarray,
+    col: np.ndarray,
+    normal: np.ndarray,
+    origin: np.ndarray,
+    spacing_dhw: tuple[float, float, float],
+) -> np.ndarray:
     """4x4 affine from voxel (x=W, y=H, z=D) indices to RAS millimetres."""
     dz, dy, dx = spacing_dhw
     lps = np.eye(4)
@@ -313,12 +329,24 @@ def probe_dicom(path: str | Path) -> dict[str, Any]:
     ps = pixel_spacing(ds) or (1.0, 1.0)
     shape = (c, f, meta["rows"], meta["cols"]) if f > 1 else (c, meta["rows"], meta["cols"])
     spacing = ps if f == 1 else (float((_floats(find(ds, "SpacingBetweenSlices")) or [1.0])[0]), *ps)
-    return {"format": "dicom", "shape": shape, "spacing": spacing, "modality": meta["modality"],
-            "photometric": meta["photometric"], "transfer_syntax": meta["transfer_syntax"]}
+    return {
+        "format": "dicom",
+        "shape": shape,
+        "spacing": spacing,
+        "modality": meta["modality"],
+        "photometric": meta["photometric"],
+        "transfer_syntax": meta["transfer_syntax"],
+    }
 
 
-def read_dicom(path: str | Path, window: bool = False, keep_identifiers: bool = False,
-               max_voxels: int | None = None, nan_policy: str = "error", **_: Any) -> Sample:
+def read_dicom(
+    path: str | Path,
+    window: bool = False,
+    keep_identifiers: bool = False,
+    max_voxels: int | None = None,
+    nan_policy: str = "error",
+    **_: Any,
+) -> Sample:
     """One DICOM file: (C, H, W) for a single frame, (C, D=frames, H, W) for multi-frame."""
     p = check_file(path)
     ds = dcmread(p)
@@ -366,5 +394,6 @@ def read_dicom(path: str | Path, window: bool = False, keep_identifiers: bool = 
     arr = apply_nan_policy(p, arr, nan_policy, meta)
     if keep_identifiers:
         meta["identifiers"] = dicom_identifiers(ds)
-    return Sample(array=arr, spacing=tuple(float(s) for s in spacing), orientation=orientation, meta=meta,
-                  path=str(p))
+    return Sample(
+        array=arr, spacing=tuple(float(s) for s in spacing), orientation=orientation, meta=meta, path=str(p)
+    )

@@ -76,24 +76,36 @@ def list_series(folder: str | Path, recursive: bool = False) -> list[dict[str, A
     out = []
     for uid, items in groups.items():
         ds = items[0][1]
-        out.append({"series_uid": uid, "files": len(items), "modality": str(ds.get("Modality", "") or ""),
-                    "description": str(ds.get("SeriesDescription", "") or ""),
-                    "rows": int(ds.get("Rows", 0) or 0), "cols": int(ds.get("Columns", 0) or 0)})
+        out.append(
+            {
+                "series_uid": uid,
+                "files": len(items),
+                "modality": str(ds.get("Modality", "") or ""),
+                "description": str(ds.get("SeriesDescription", "") or ""),
+                "rows": int(ds.get("Rows", 0) or 0),
+                "cols": int(ds.get("Columns", 0) or 0),
+            }
+        )
     return sorted(out, key=lambda d: -d["files"])
 
 
-def _order(items: list[tuple[Path, Any]], root: Path, meta: dict[str, Any]
-           ) -> tuple[list[tuple[Path, Any]], float, np.ndarray | None, np.ndarray | None]:
+def _order(
+    items: list[tuple[Path, Any]], root: Path, meta: dict[str, Any]
+) -> tuple[list[tuple[Path, Any]], float, np.ndarray | None, np.ndarray | None]:
     """Sorted slices, slice spacing, direction cosines (3, 3) rows=(row, col, normal), first position."""
     iops = [_floats(find(ds, "ImageOrientationPatient")) for _, ds in items]
     ipps = [_floats(find(ds, "ImagePositionPatient")) for _, ds in items]
     if all(o and len(o) == 6 for o in iops) and all(p and len(p) == 3 for p in ipps):
         ref = np.array(iops[0])
-        bad = [f.name for (f, _), o in zip(items, iops, strict=True)
-               if np.abs(np.array(o) - ref).max() > _ORIENT_TOL]
+        bad = [
+            f.name
+            for (f, _), o in zip(items, iops, strict=True)
+            if np.abs(np.array(o) - ref).max() > _ORIENT_TOL
+        ]
         if bad:
-            raise InputError(root, f"series mixes slice orientations (e.g. {bad[0]}); "
-                                   "cannot stack into a volume")
+            raise InputError(
+                root, f"series mixes slice orientations (e.g. {bad[0]}); cannot stack into a volume"
+            )
         row, col = ref[:3], ref[3:]
         normal = np.cross(row, col)
         d = np.array(ipps) @ normal
@@ -107,7 +119,8 @@ def _order(items: list[tuple[Path, Any]], root: Path, meta: dict[str, Any]
             meta["duplicate_slices"] = len(items) - len(keep)
             dup = [items[i][0].name for i in range(len(items)) if i not in set(keep)]
             meta.setdefault("warnings", []).append(
-                f"{len(dup)} slice(s) at an already used position were dropped (e.g. {dup[0]})")
+                f"{len(dup)} slice(s) at an already used position were dropped (e.g. {dup[0]})"
+            )
         items, d = [items[i] for i in keep], d[keep]
         first = np.array(ipps[keep[0]])
         if len(items) < 2:
@@ -121,10 +134,12 @@ def _order(items: list[tuple[Path, Any]], root: Path, meta: dict[str, Any]
             meta["missing_slices"] = missing
             meta.setdefault("warnings", []).append(
                 f"{missing} slice(s) missing: gaps in positions up to {diffs.max():.3g} mm "
-                f"vs spacing {dz:.3g} mm")
+                f"vs spacing {dz:.3g} mm"
+            )
         elif np.abs(diffs - dz).max() > 0.01 * dz + 1e-3:
             meta.setdefault("warnings", []).append(
-                f"irregular slice spacing {diffs.min():.4g}..{diffs.max():.4g} mm (median {dz:.4g} used)")
+                f"irregular slice spacing {diffs.min():.4g}..{diffs.max():.4g} mm (median {dz:.4g} used)"
+            )
         return items, dz, np.stack([row, col, normal]), first
     # no geometry: order by InstanceNumber; spacing from the header as the only hint
     meta.setdefault("warnings", []).append("no ImagePositionPatient/Orientation: ordered by InstanceNumber")
@@ -137,9 +152,17 @@ def _order(items: list[tuple[Path, Any]], root: Path, meta: dict[str, Any]
     return items, float(sb[0]) if sb and sb[0] > 0 else 1.0, None, None
 
 
-def read_series(folder: str | Path, series_uid: str | None = None, window: bool = False,
-                keep_identifiers: bool = False, max_voxels: int | None = None, nan_policy: str = "error",
-                recursive: bool = False, canonical: bool = False, **_: Any) -> Sample:
+def read_series(
+    folder: str | Path,
+    series_uid: str | None = None,
+    window: bool = False,
+    keep_identifiers: bool = False,
+    max_voxels: int | None = None,
+    nan_policy: str = "error",
+    recursive: bool = False,
+    canonical: bool = False,
+    **_: Any,
+) -> Sample:
     """All slices of one series in a folder as (1, D, H, W); orientation is the (W, H, D) axis code.
 
     series_uid: which series when the folder holds several (default: the one with most files).
@@ -149,8 +172,11 @@ def read_series(folder: str | Path, series_uid: str | None = None, window: bool 
     meta: dict[str, Any] = {}
     if series_uid is not None:
         if series_uid not in groups:
-            raise InputError(root, f"no series with the given series_uid; the folder holds {len(groups)} "
-                                   "series (see medfm.data.read.list_series)")
+            raise InputError(
+                root,
+                f"no series with the given series_uid; the folder holds {len(groups)} "
+                "series (see medfm.data.read.list_series)",
+            )
         items = groups[series_uid]
     else:
         sizes = sorted((len(v) for v in groups.values()), reverse=True)
@@ -158,7 +184,8 @@ def read_series(folder: str | Path, series_uid: str | None = None, window: bool 
         if len(groups) > 1:
             meta.setdefault("warnings", []).append(
                 f"folder holds {len(groups)} series ({', '.join(map(str, sizes))} files); read the largest, "
-                "pass series_uid= to choose")
+                "pass series_uid= to choose"
+            )
             meta["series_in_folder"] = len(groups)
     items, dz, dirs, first = _order(items, root, meta)
     ds0 = items[0][1]
@@ -168,8 +195,9 @@ def read_series(folder: str | Path, series_uid: str | None = None, window: bool 
     slices, infos = [], []
     for f, hdr in items:
         if (int(hdr.get("Rows", 0)), int(hdr.get("Columns", 0))) != (rows, cols):
-            raise InputError(f, f"slice size {hdr.get('Rows')}x{hdr.get('Columns')} differs from the series' "
-                                f"{rows}x{cols}")
+            raise InputError(
+                f, f"slice size {hdr.get('Rows')}x{hdr.get('Columns')} differs from the series' {rows}x{cols}"
+            )
         ds = dcmread(f)
         _check_pixels_present(ds, f)
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:

@@ -42,8 +42,9 @@ def _open(path: Path, max_voxels: int | None) -> Image.Image:
             else:
                 im = Image.open(path)
     except Image.DecompressionBombError as e:
-        raise InputError(path, f"declared image size is absurd (possible decompression bomb): "
-                               f"{exc_text(e)}") from None
+        raise InputError(
+            path, f"declared image size is absurd (possible decompression bomb): {exc_text(e)}"
+        ) from None
     except UnidentifiedImageError:
         raise InputError(path, "not a readable image: Pillow cannot identify the content") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -60,8 +61,13 @@ def probe_image(path: str | Path, max_voxels: int | None = None) -> dict[str, An
     w, h = im.size
     colour = im.mode in ("RGB", "RGBA", "CMYK", "YCbCr") or (im.mode == "P" and not _palette_is_grey(im))
     c = 3 if colour else 1
-    return {"format": (im.format or "image").lower(), "shape": (c, h, w), "spacing": (1.0, 1.0),
-            "mode": im.mode, "bit_depth": 16 if im.mode.startswith("I;16") or im.mode == "I" else 8}
+    return {
+        "format": (im.format or "image").lower(),
+        "shape": (c, h, w),
+        "spacing": (1.0, 1.0),
+        "mode": im.mode,
+        "bit_depth": 16 if im.mode.startswith("I;16") or im.mode == "I" else 8,
+    }
 
 
 def _palette_is_grey(im: Image.Image) -> bool:
@@ -70,8 +76,14 @@ def _palette_is_grey(im: Image.Image) -> bool:
     return bool(len(rgb)) and bool(np.all(rgb[:, 0] == rgb[:, 1]) and np.all(rgb[:, 1] == rgb[:, 2]))
 
 
-def read_image(path: str | Path, grey: bool = False, palette_index: bool = False,
-               max_voxels: int | None = None, nan_policy: str = "error", **_: Any) -> Sample:
+def read_image(
+    path: str | Path,
+    grey: bool = False,
+    palette_index: bool = False,
+    max_voxels: int | None = None,
+    nan_policy: str = "error",
+    **_: Any,
+) -> Sample:
     """Read a 2D picture as (C, H, W): C=1 grey or C=3 RGB; alpha dropped; uint8 / uint16 kept.
 
     grey: convert colour to one luminance channel. palette_index: for palette ("P") images, return the

@@ -51,13 +51,21 @@ def probe_nifti(path: str | Path) -> dict[str, Any]:
     zooms = [float(z) for z in img.header.get_zooms()]
     c = shape[3] if len(shape) > 3 else 1
     spatial = (shape + (1, 1, 1))[:3]
-    return {"format": "nifti", "shape": (c, spatial[2], spatial[1], spatial[0]),
-            "spacing": (zooms[2] if len(zooms) > 2 else 1.0, zooms[1], zooms[0]),
-            "dtype": str(img.get_data_dtype())}
+    return {
+        "format": "nifti",
+        "shape": (c, spatial[2], spatial[1], spatial[0]),
+        "spacing": (zooms[2] if len(zooms) > 2 else 1.0, zooms[1], zooms[0]),
+        "dtype": str(img.get_data_dtype()),
+    }
 
 
-def read_nifti(path: str | Path, canonical: bool = True, max_voxels: int | None = None,
-               nan_policy: str = "error", **_: Any) -> Sample:
+def read_nifti(
+    path: str | Path,
+    canonical: bool = True,
+    max_voxels: int | None = None,
+    nan_policy: str = "error",
+    **_: Any,
+) -> Sample:
     """Read a NIfTI volume as (C, D, H, W) with spacing (sz, sy, sx) mm and orientation "RAS"."""
     import nibabel as nib
 
@@ -71,8 +79,11 @@ def read_nifti(path: str | Path, canonical: bool = True, max_voxels: int | None 
         img = nib.Nifti1Image(np.asanyarray(img.dataobj).reshape(*shape[:3], -1), img.affine, img.header)
     elif len(shape) == 2:
         img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., None], img.affine, img.header)
-    meta: dict[str, Any] = {"format": "nifti", "orig_shape": list(shape),
-                            "orig_orientation": "".join(nib.aff2axcodes(img.affine))}
+    meta: dict[str, Any] = {
+        "format": "nifti",
+        "orig_shape": list(shape),
+        "orig_orientation": "".join(nib.aff2axcodes(img.affine)),
+    }
     if canonical:
         img = nib.as_closest_canonical(img)
     try:

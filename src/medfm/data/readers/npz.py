@@ -31,8 +31,11 @@ def npz_headers(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]
                     continue
                 with zf.open(name) as f:
                     version = np.lib.format.read_magic(f)
-                    reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                              else np.lib.format.read_array_header_2_0)
+                    reader = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape, _, dtype = reader(f)
                 out[name[:-4]] = (tuple(int(s) for s in shape), np.dtype(dtype))
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
@@ -48,8 +51,9 @@ def _load_key(p: Path, key: str) -> np.ndarray:
             return z[key]
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
-            raise InputError(p, f"array '{key}' holds Python objects; refusing to unpickle untrusted "
-                                "data") from None
+            raise InputError(
+                p, f"array '{key}' holds Python objects; refusing to unpickle untrusted data"
+            ) from None
         raise InputError(p, f"corrupt array '{key}' ({exc_text(e)})") from None
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise InputError(p, f"truncated or corrupt array '{key}' ({exc_text(e)})") from None
@@ -70,8 +74,12 @@ def _medmnist_channel_first(images: np.ndarray) -> np.ndarray:
     raise ValueError(f"unexpected MedMNIST image array shape {images.shape}")
 
 
-def read_medmnist_npz(path: str | Path, splits: tuple[str, ...] = SPLITS, channel_first: bool = True,
-                      max_voxels: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_medmnist_npz(
+    path: str | Path,
+    splits: tuple[str, ...] = SPLITS,
+    channel_first: bool = True,
+    max_voxels: int | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """MedMNIST archive -> {split: (images, labels)}.
 
     images: channel-first (N, C, H, W) for 2D sets (C=1 grey, 3 RGB) or (N, 1, D, H, W) for the 3D sets;
@@ -82,8 +90,11 @@ def read_medmnist_npz(path: str | Path, splits: tuple[str, ...] = SPLITS, channe
     p = check_file(path)
     heads = npz_headers(p)
     if not is_medmnist(heads):
-        raise InputError(p, f"not a MedMNIST archive: expected keys like train_images/train_labels, found "
-                            f"{sorted(heads)[:6]}")
+        raise InputError(
+            p,
+            f"not a MedMNIST archive: expected keys like train_images/train_labels, found "
+            f"{sorted(heads)[:6]}",
+        )
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in splits:
         ik, lk = f"{split}_images", f"{split}_labels"
@@ -93,8 +104,9 @@ def read_medmnist_npz(path: str | Path, splits: tuple[str, ...] = SPLITS, channe
             raise InputError(p, f"has '{ik}' but no '{lk}'")
         ishape, lshape = heads[ik][0], heads[lk][0]
         if len(ishape) not in (3, 4):
-            raise InputError(p, f"'{ik}' has shape {ishape}; expected (N, H, W), (N, H, W, 3) or "
-                                "(N, D, H, W)")
+            raise InputError(
+                p, f"'{ik}' has shape {ishape}; expected (N, H, W), (N, H, W, 3) or (N, D, H, W)"
+            )
         if ishape[0] != lshape[0]:
             raise InputError(p, f"'{ik}' has {ishape[0]} images but '{lk}' has {lshape[0]} labels")
         check_voxels(p, ishape[1:], max_voxels)
@@ -140,22 +152,34 @@ def probe_npz(path: str | Path) -> dict[str, Any]:
         if f.read(6) == b"\x93NUMPY":
             f.seek(0)
             version = np.lib.format.read_magic(f)
-            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                      else np.lib.format.read_array_header_2_0)
+            reader = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = reader(f)
             return {"format": "npy", "shape": tuple(int(s) for s in shape), "dtype": str(np.dtype(dtype))}
     heads = npz_headers(p)
     if is_medmnist(heads):
-        return {"format": "medmnist_npz", "splits": {s: heads[f"{s}_images"][0][0] for s in SPLITS
-                                                     if f"{s}_images" in heads},
-                "image_shape": heads[next(k for k in heads if k.endswith("_images"))][0][1:]}
+        return {
+            "format": "medmnist_npz",
+            "splits": {s: heads[f"{s}_images"][0][0] for s in SPLITS if f"{s}_images" in heads},
+            "image_shape": heads[next(k for k in heads if k.endswith("_images"))][0][1:],
+        }
     key = next((k for k in _IMAGE_KEYS if k in heads), next(iter(heads)))
     return {"format": "npz", "key": key, "shape": heads[key][0], "dtype": str(heads[key][1])}
 
 
-def read_npz(path: str | Path, key: str | None = None, layout: str = "auto", split: str | None = None,
-             index: int | None = None, max_voxels: int | None = None, nan_policy: str = "error",
-             **_: Any) -> Sample:
+def read_npz(
+    path: str | Path,
+    key: str | None = None,
+    layout: str = "auto",
+    split: str | None = None,
+    index: int | None = None,
+    max_voxels: int | None = None,
+    nan_policy: str = "error",
+    **_: Any,
+) -> Sample:
     """One image from an .npz (key ``image``/``arr_0``/...; optional ``spacing``) or an .npy file.
 
     A MedMNIST archive needs ``split=`` and ``index=`` (one image of it); use read_medmnist_npz for all.
@@ -171,30 +195,38 @@ def read_npz(path: str | Path, key: str | None = None, layout: str = "auto", spl
         try:
             arr = np.load(p, allow_pickle=False, mmap_mode="r")
         except ValueError as e:
-            raise InputError(p, f"cannot load .npy without unpickling, or it is corrupt "
-                                f"({exc_text(e)})") from None
+            raise InputError(
+                p, f"cannot load .npy without unpickling, or it is corrupt ({exc_text(e)})"
+            ) from None
         check_voxels(p, arr.shape, max_voxels)
         arr = np.array(arr)
     else:
         heads = npz_headers(p)
         if is_medmnist(heads):
             if split is None or index is None:
-                raise InputError(p, "is a MedMNIST archive: pass split= and index= for one image, or use "
-                                    "read_medmnist_npz for the whole dataset")
+                raise InputError(
+                    p,
+                    "is a MedMNIST archive: pass split= and index= for one image, or use "
+                    "read_medmnist_npz for the whole dataset",
+                )
             images, labels = read_medmnist_npz(p, splits=(split,), max_voxels=max_voxels)[split]
             if not 0 <= index < len(images):
                 raise InputError(p, f"index {index} out of range for split '{split}' ({len(images)} images)")
             lab = labels[index].tolist()
-            return Sample(array=np.ascontiguousarray(images[index]), spacing=(1.0,) * (images.ndim - 2),
-                          meta={"format": "medmnist_npz", "split": split, "index": index, "label": lab},
-                          path=str(p))
+            return Sample(
+                array=np.ascontiguousarray(images[index]),
+                spacing=(1.0,) * (images.ndim - 2),
+                meta={"format": "medmnist_npz", "split": split, "index": index, "label": lab},
+                path=str(p),
+            )
         if key is None:
             key = next((k for k in _IMAGE_KEYS if k in heads), None)
             if key is None:
                 cands = [k for k in heads if k != "spacing"]
                 if len(cands) != 1:
-                    raise InputError(p, f"cannot tell which array is the image among {sorted(heads)}; "
-                                        "pass key=")
+                    raise InputError(
+                        p, f"cannot tell which array is the image among {sorted(heads)}; pass key="
+                    )
                 key = cands[0]
         elif key not in heads:
             raise InputError(p, f"no array named '{key}' (has {sorted(heads)})")

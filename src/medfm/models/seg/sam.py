@@ -560,24 +560,9 @@ def build_promptable(encoder: Encoder, img_size: int, **kw: Any) -> PromptableSe
 # ---------------------------------------------------------------------------------------------------------
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or .pth/.pt file (weights_only: never unpickles arbitrary objects)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "no such checkpoint file")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from medfm.models.checkpoint import read_weights
 
-            return load_file(str(p))
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(
-            p, f"cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from None
-    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-        sd = sd["model"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise InputError(p, "checkpoint is not a flat state dict of tensors")
-    return sd
+    return read_weights(path)
 
 
 def sam_config_from_state(

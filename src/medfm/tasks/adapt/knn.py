@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
-from medfm.tasks.adapt.registry import ADAPTERS, feature_method
+from medfm.tasks.adapt.registry import ADAPTERS, feature_method, seed_independent
 
 
 def knn_predict(x_tr: np.ndarray, y_tr: np.ndarray, x: np.ndarray, task: str, n_out: int,
@@ -29,6 +29,7 @@ def knn_predict(x_tr: np.ndarray, y_tr: np.ndarray, x: np.ndarray, task: str, n_
 
 @ADAPTERS.register("knn", help="k-nearest neighbours on frozen features (cosine, distance-weighted)")
 @feature_method
+@seed_independent
 def knn(ctx, train_idx: np.ndarray, seed: int) -> dict:
     f, y = ctx.features, ctx.labels["train"][train_idx]
     k = ctx.cfg.knn_k

@@ -12,7 +12,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
 from medfm.eval.metrics import classification_metrics
-from medfm.tasks.adapt.registry import ADAPTERS, feature_method
+from medfm.tasks.adapt.registry import ADAPTERS, feature_method, seed_independent
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -76,6 +76,8 @@ def fit_linear_probe(x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_va
 
 @ADAPTERS.register("linear", help="logistic regression on standardised frozen features (C chosen on val)")
 @feature_method
+# lbfgs (the default solver) ignores random_state: the fit is a function of the data alone
+@seed_independent
 def linear(ctx, train_idx: np.ndarray, seed: int) -> dict:
     f = ctx.features
     predict, c = fit_linear_probe(f["train"][train_idx], ctx.labels["train"][train_idx], f["val"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medfm.tasks.adapt.registry import ADAPTERS, feature_method
+from medfm.tasks.adapt.registry import ADAPTERS, feature_method, seed_independent
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -50,6 +50,7 @@ def _log_loss(y: np.ndarray, p: np.ndarray, task: str) -> float:
 
 @ADAPTERS.register("prototype", help="nearest class prototype (mean of L2-normalised features), cosine")
 @feature_method
+@seed_independent
 def prototype(ctx, train_idx: np.ndarray, seed: int) -> dict:
     """The softmax temperature only changes calibration (not the ranking), so it is picked on val by log-loss;
     ``cfg.proto_temperature`` > 0 fixes it instead."""

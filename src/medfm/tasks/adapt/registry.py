@@ -15,3 +15,10 @@ def feature_method(fn):
     """Mark a method that works on frozen, cached features (no encoder forward passes of its own)."""
     fn.uses_features = True
     return fn
+
+
+def seed_independent(fn):
+    """Mark a method whose result depends only on its labelled subset, never on the seed; with all labels
+    (one subset for every seed) the runner runs it once instead of repeating identical numbers."""
+    fn.seed_independent = True
+    return fn

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from medfm.eval.metrics import classification_metrics, infer_task, youden_thresh
 from medfm.runs import environment, write_json
 from medfm.tasks.adapt import finetune, knn, linear, lora, lpft, prototype, scratch  # noqa: F401  (registers)
 from medfm.tasks.adapt.features import cached_features, encoder_fingerprint
+from medfm.tasks.adapt.partial import experiment_key, load_done, save_done
 from medfm.tasks.adapt.protocol import Budget, sample_labelled
 from medfm.tasks.adapt.registry import ADAPTERS
 
@@ -59,7 +60,9 @@ class AdaptConfig:
     eval_every: int = 0  # steps between val evaluations; 0: once per epoch
     patience: int = 15  # val evaluations without improvement before stopping
     lora_r: int = 8
-    threshold: str = "0.5"  # a number, or "youden" (chosen on val, applied to test)
+    # "youden": chosen on val by Youden's J, applied to test (binary; per label for multi-label), because a
+    # fixed 0.5 collapses to "all positive" when the training labels are imbalanced; or a fixed number
+    threshold: str = "youden"
     splits: tuple[str, str, str] = ("train", "val", "test")
     save_adapters: bool = True
     feature_batch_size: int = 64
@@ -73,8 +76,8 @@ class AdaptConfig:
                 float(self.threshold)
             except ValueError as e:
                 raise ConfigError(f"--threshold must be a number or 'youden', got {self.threshold!r}") from e
-        if self.seeds < 1:
-            raise ConfigError("--seeds must be >= 1")
+        if self.seeds < 1 or self.first_seed < 0:
+            raise ConfigError("--seeds must be >= 1 and --first-seed >= 0")
         from medfm.tasks.adapt.finetune import AUGMENT_PRESETS
 
         if self.augment != "auto" and self.augment not in AUGMENT_PRESETS:
@@ -192,6 +195,53 @@ def _pred_frame(run: dict, ds: PreparedDataset, y: np.ndarray, p: np.ndarray, ta
     return df
 
 
+def _n_patients(ids: np.ndarray) -> int | float:
+    """Distinct patients among ``ids``; NaN ("unknown") when the data has no patient ids, because then
+    sampling is per image and a count of 1 would be wrong."""
+    known = [str(p) for p in ids if str(p) not in ("", "nan", "None")]
+    return len(set(known)) if known else math.nan
+
+
+def planned_runs(cfg: AdaptConfig) -> list[tuple[Budget, int, str]]:
+    """(budget, seed, method) of every run. With all labels (fraction 1.0) the label subset is the same for
+    every seed, so a method whose result does not depend on the seed runs once (with the first seed)."""
+    seed_ids = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    out = []
+    for b in cfg.budgets:
+        for s in seed_ids:
+            for m in cfg.methods:
+                if s != seed_ids[0] and b.regime == "fraction" and b.value >= 1.0 \
+                        and getattr(ADAPTERS.get(m), "seed_independent", False):
+                    continue
+                out.append((b, s, m))
+    return out
+
+
+def _one_run(base: AdaptContext, test_ds: PreparedDataset, out: Path, budget: Budget, seed: int,
+             method: str, run_id: str) -> tuple[dict, pd.DataFrame]:
+    """Train/evaluate one (method, budget, seed): its result row and its test predictions."""
+    cfg, task, names, labels, patients = base.cfg, base.task, base.label_names, base.labels, base.patients
+    idx = sample_labelled(labels["train"], patients["train"], budget, seed)
+    ctx = replace(base, adapter_dir=(out / "adapters" / run_id) if cfg.save_adapters else None)
+    t0 = time.perf_counter()
+    res = ADAPTERS.get(method)(ctx, idx, seed)
+    elapsed = time.perf_counter() - t0
+    thr = _threshold(cfg, task, labels["val"], res["val"])
+    met = classification_metrics(labels["test"], res["test"], task, thr, names)
+    val_met = classification_metrics(labels["val"], res["val"], task, thr, names)
+    run = {"run_id": run_id, "method": method, "regime": budget.regime, "budget": float(budget.value),
+           "seed": seed}
+    row = {**run, "budget_label": budget.label, "n_labels": int(len(idx)),
+           "n_patients": _n_patients(patients["train"][idx]),
+           **{k: met.get(k, math.nan) for k in METRIC_KEYS},
+           "val_auroc": val_met["auroc"],
+           "threshold": json.dumps(thr) if isinstance(thr, list) else thr,
+           **{k: v for k, v in met.items() if k.startswith("auroc/")},
+           "time_s": round(elapsed, 3),  # feature extraction (once) is in config.json
+           "info": json.dumps(res.get("info", {}), default=str)}
+    return row, _pred_frame(run, test_ds, labels["test"], res["test"], task, names)
+
+
 def run_adapt(encoder: nn.Module, data_dir: str | Path, out_dir: str | Path, cfg: AdaptConfig,
               source: str = "", progress=None) -> pd.DataFrame:
     """Run every method × budget × seed; write the tidy results table and predictions; return the table.
@@ -226,36 +276,23 @@ def run_adapt(encoder: nn.Module, data_dir: str | Path, out_dir: str | Path, cfg
              site=np.asarray(sites, dtype=str),
              case_id=np.asarray(test_m["case_id"].astype(str).tolist(), dtype=str))
 
-    seed_ids = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
-    runs = [(b, s, m) for b in cfg.budgets for s in seed_ids for m in cfg.methods]
+    runs = planned_runs(cfg)
     t_runs = progress.add_task("adaptation runs", total=len(runs)) if progress else None
+    cfg_dict = {**asdict(cfg), "budgets": [asdict(b) for b in cfg.budgets]}
+    key = experiment_key(cfg_dict, fp, data_dir, {s: int(len(d)) for s, d in ds.items()})
+    base = AdaptContext(encoder, task, n_out, names, images, labels, patients, features, cfg,
+                        modality=ds["train"].summary.get("modality"))
     rows, preds = [], []
     for budget, seed, method in runs:
-        idx = sample_labelled(labels["train"], patients["train"], budget, seed)
         run_id = f"{method}-{budget.regime}{budget.value:g}-seed{seed}"
-        ctx = AdaptContext(encoder, task, n_out, names, images, labels, patients, features, cfg,
-                           adapter_dir=(out / "adapters" / run_id) if cfg.save_adapters else None,
-                           modality=ds["train"].summary.get("modality"))
-        if progress:
-            progress.update(t_runs, description=f"adapt {run_id}")
-        t0 = time.perf_counter()
-        res = ADAPTERS.get(method)(ctx, idx, seed)
-        elapsed = time.perf_counter() - t0
-        thr = _threshold(cfg, task, labels["val"], res["val"])
-        met = classification_metrics(labels["test"], res["test"], task, thr, names)
-        val_met = classification_metrics(labels["val"], res["val"], task, thr, names)
-        run = {"run_id": run_id, "method": method, "regime": budget.regime, "budget": float(budget.value),
-               "seed": seed}
-        row = {**run, "budget_label": budget.label, "n_labels": int(len(idx)),
-               "n_patients": int(len(np.unique(patients["train"][idx]))),
-               **{k: met.get(k, math.nan) for k in METRIC_KEYS},
-               "val_auroc": val_met["auroc"],
-               "threshold": json.dumps(thr) if isinstance(thr, list) else thr,
-               **{k: v for k, v in met.items() if k.startswith("auroc/")},
-               "time_s": round(elapsed, 3),  # feature extraction (once) is in config.json
-               "info": json.dumps(res.get("info", {}), default=str)}
-        rows.append(row)
-        preds.append(_pred_frame(run, ds["test"], labels["test"], res["test"], task, names))
+        done = load_done(out / "partial", run_id, key)
+        if done is None:  # not finished by an earlier, interrupted job with the same settings
+            if progress:
+                progress.update(t_runs, description=f"adapt {run_id}")
+            done = _one_run(base, ds["test"], out, budget, seed, method, run_id)
+            save_done(out / "partial", run_id, key, *done)
+        rows.append(done[0])
+        preds.append(done[1])
         if progress:
             progress.advance(t_runs)
     results = pd.DataFrame(rows)
@@ -267,7 +304,7 @@ def run_adapt(encoder: nn.Module, data_dir: str | Path, out_dir: str | Path, cfg
         "kind": "adapt", "source": source, "data": str(Path(data_dir).resolve()), "task": task,
         "label_names": names, "n_out": n_out, "encoder": getattr(encoder, "config", {}),
         "encoder_fingerprint": fp, "feature_time_s": round(feat_time, 3),
-        "adapt": {**asdict(cfg), "budgets": [asdict(b) for b in cfg.budgets]},
+        "adapt": cfg_dict, "experiment_key": key,
         "n": {s: int(len(d)) for s, d in ds.items()}, "environment": environment()})
     return results
 

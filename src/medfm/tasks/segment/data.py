@@ -28,6 +28,8 @@ class SegPairs:
     case_ids: list[str]
     sources: list[str] = field(default_factory=list)
     affines: list[Any] = field(default_factory=list)  # NIfTI affines (None for 2D pictures)
+    spacing_known: list[bool] = field(default_factory=list)  # False: spacing is 1 per pixel (PNG, store)
+    spec: dict[str, Any] | None = None  # the preprocessing the images went through (run configs record it)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -41,52 +43,52 @@ class SegPairs:
             [self.case_ids[i] for i in idx],
             [self.sources[i] for i in idx] if self.sources else [],
             [self.affines[i] for i in idx] if self.affines else [],
+            [self.spacing_known[i] for i in idx] if self.spacing_known else [],
+            self.spec,
         )
 
 
-def read_array(path: Path, is_mask: bool = False) -> tuple[np.ndarray, tuple[float, ...], Any]:
-    """(array channel-first for images / plain for masks, spacing, affine or None) of a PNG/JPEG/NIfTI/NPY."""
-    if not path.is_file():
-        raise InputError(path, "no such file")
-    name = path.name.lower()
-    try:
-        if name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
+def csv_spec(size: int | None) -> dict[str, Any]:
+    """Preprocessing of image/mask manifests (no prepared store): prepare's defaults with a plain resize to
+    the training size, so predictions map back onto each input's own grid by resizing."""
+    from medfm.data.preprocess import make_spec
 
-            img = nib.load(str(path))
-            arr = np.asarray(img.dataobj)
-            if arr.ndim == 4:
-                arr = arr[..., 0]
-            # nibabel gives (x, y, z); medfm arrays are (D, H, W) = (z, y, x).
-            arr = np.ascontiguousarray(arr.transpose(2, 1, 0))
-            sx, sy, sz = (float(v) for v in img.header.get_zooms()[:3])
-            return (arr if is_mask else arr[None]), (sz, sy, sx), img.affine
-        if name.endswith(".npy"):
-            arr = np.load(path, allow_pickle=False)
-            return (
-                (arr if is_mask or arr.ndim == 4 else arr[None]),
-                (1.0,) * (arr.ndim - (0 if is_mask else 0)),
-                None,
-            )
-        from PIL import Image
-
-        with Image.open(path) as im:
-            # 16-bit PNGs (12-bit detectors) keep their range; colour/palette pictures become grey.
-            arr = np.asarray(im) if im.mode in ("I;16", "I;16B", "I", "F") else np.asarray(im.convert("L"))
-        return (arr if is_mask else arr[None]), (1.0, 1.0), None
-    except InputError:
-        raise
-    except Exception as e:  # unreadable / truncated file: one line naming it
-        raise InputError(path, f"cannot read ({type(e).__name__}: {e})") from None
+    return make_spec(size=int(size or 224), resize_mode="stretch")
 
 
-def to_unit(arr: np.ndarray) -> np.ndarray:
-    """Scale intensities to [0, 1] (uint8 by /255, others by robust min-max)."""
-    a = arr.astype(np.float32)
-    if arr.dtype == np.uint8:
-        return a / 255.0
-    lo, hi = np.percentile(a, [0.5, 99.5])
-    return np.clip((a - lo) / max(float(hi - lo), 1e-6), 0, 1).astype(np.float32)
+def read_image(
+    ref: str | Path, spec: dict[str, Any]
+) -> tuple[torch.Tensor, tuple[float, ...], bool, Any, Any]:
+    """(image tensor, spacing, spacing known, affine or None, Sample) of a raw file, through medfm's readers.
+
+    2D images are exactly what ``medfm.data.preprocess.load_input(ref, spec)`` returns (what prepare would
+    store). Volumes are normalised the same way but keep their own grid: dense 3D models run a sliding
+    window and write masks aligned with the input's affine."""
+    from medfm.data import normalize as nz
+    from medfm.data.prepare import read_ref
+    from medfm.data.preprocess import load_input, modality_for
+
+    sample = read_ref(str(ref))
+    arr = np.asarray(sample.array)
+    known = bool(sample.meta.get("spacing_known", sample.meta.get("format") in ("dicom", "nifti")))
+    affine = np.asarray(sample.meta["affine"]) if "affine" in sample.meta else None
+    if arr.ndim == 3:
+        return load_input(ref, spec), tuple(sample.spacing), known, affine, sample
+    img = nz.normalize_intensity(arr, modality_for(sample, spec), window=tuple(spec["window"]))
+    img = nz.to_channels(img, int(spec["channels"])).astype(np.float32)
+    return torch.from_numpy(img), tuple(sample.spacing), known, affine, sample
+
+
+def read_mask(ref: str | Path, spec: dict[str, Any] | None = None) -> torch.Tensor:
+    """A mask file as an int64 label map (0/255 pictures -> 0/1), read through medfm's readers."""
+    from medfm.data import normalize as nz
+    from medfm.data.prepare import read_ref
+
+    m = np.asarray(read_ref(str(ref)).array)
+    m = m[0] if m.shape[0] == 1 else m
+    if m.ndim not in (2, 3):
+        raise InputError(ref, f"a mask must be one label map, got shape {m.shape}")
+    return torch.from_numpy(nz.mask_to_labels(m, (spec or {}).get("mask_labels")).astype(np.int64))
 
 
 def mask_labels(mask: np.ndarray) -> np.ndarray:
@@ -113,8 +115,12 @@ def load_pairs(
     site: str | None = None,
     size: int | None = None,
     limit: int | None = None,
+    spec: dict[str, Any] | None = None,
 ) -> SegPairs:
-    """Image/mask pairs of a prepared dataset directory or a CSV manifest file/folder."""
+    """Image/mask pairs of a prepared dataset directory or a CSV manifest file/folder.
+
+    Raw files of a manifest are preprocessed with ``spec`` (a run's recorded ``config["preprocessing"]``;
+    default ``csv_spec(size)``), so inference sees what training saw."""
     root = Path(root)
     if (root / "summary.json").is_file():
         return _from_prepared(root, split, site, size, limit)
@@ -135,23 +141,37 @@ def load_pairs(
         df = df.iloc[:limit]
     if len(df) == 0:
         raise InputError(csv, f"no cases with split={split!r} site={site!r}")
-    imgs, masks, native, spacing, ids, srcs, affs = [], [], [], [], [], [], []
+    spec = spec or csv_spec(size)
+    imgs, masks, native, spacing, known, ids, srcs, affs = [], [], [], [], [], [], [], []
     for _, row in df.iterrows():
         ip, mp = csv.parent / str(row["image"]), csv.parent / str(row["mask"])
-        arr, sp, aff = read_array(ip)
-        marr, _, _ = read_array(mp, is_mask=True)
-        if marr.shape != arr.shape[1:]:
-            raise InputError(mp, f"mask shape {marr.shape} differs from image shape {arr.shape[1:]}")
-        m = torch.from_numpy(mask_labels(marr))
-        img, mr = resize_pair(torch.from_numpy(to_unit(arr)), m, size)
-        imgs.append(img)
+        img, sp, kn, aff, _ = read_image(ip, spec)
+        m = read_mask(mp, spec)
+        if img.ndim == 3 and spec["resize_mode"] != "stretch":
+            # letterboxed / cropped like the run's prepared store: evaluate on that grid
+            from medfm.data import normalize as nz
+
+            m = torch.from_numpy(
+                nz.resize_2d(m.numpy().astype(np.uint8), int(spec["size"]), spec["resize_mode"], is_mask=True)
+            ).long()
+        elif tuple(m.shape) != tuple(img.shape[1:]) and img.ndim == 4:
+            raise InputError(
+                mp, f"mask shape {tuple(m.shape)} differs from image shape {tuple(img.shape[1:])}"
+            )
+        img_r, mr = resize_pair(img, m, size)
+        if img.ndim == 3 and tuple(mr.shape) != tuple(img_r.shape[1:]):
+            mr = F.interpolate(m[None, None].float(), size=tuple(img_r.shape[1:]), mode="nearest")[
+                0, 0
+            ].long()
+        imgs.append(img_r)
         masks.append(mr)
         native.append(m)
         spacing.append(sp)
+        known.append(kn)
         ids.append(Path(str(row["image"])).name.split(".")[0])
         srcs.append(str(ip))
         affs.append(aff)
-    return SegPairs(torch.stack(imgs), torch.stack(masks), native, spacing, ids, srcs, affs)
+    return SegPairs(torch.stack(imgs), torch.stack(masks), native, spacing, ids, srcs, affs, known, spec)
 
 
 def _from_prepared(
@@ -179,7 +199,19 @@ def _from_prepared(
         native.append(item["mask"])
         spacing.append((1.0,) * (item["image"].ndim - 1))
         ids.append(item["case_id"])
-    return SegPairs(torch.stack(imgs), torch.stack(masks), native, spacing, ids, [], [None] * len(rows))
+    from medfm.data.preprocess import preprocessing_of
+
+    return SegPairs(
+        torch.stack(imgs),
+        torch.stack(masks),
+        native,
+        spacing,
+        ids,
+        [],
+        [None] * len(rows),
+        [False] * len(rows),
+        preprocessing_of(root),
+    )
 
 
 class CropDataset(Dataset):

@@ -58,10 +58,14 @@ def overlay(
     labels: torch.Tensor | np.ndarray,
     reference: torch.Tensor | np.ndarray | None = None,
 ) -> np.ndarray:
-    """(H, W, 3) uint8: the grey image with each label's contour in its colour (reference contours white)."""
-    img = np.asarray(image, dtype=np.float32)
-    img = img[0] if img.ndim == 3 else img
-    rgb = np.repeat((np.clip(img, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    """(H, W, 3) uint8: the image (RGB kept in colour, grey otherwise) with each label's contour in its
+    colour (reference contours white). ``image`` is (H, W) or channel-first (C, H, W) in [0, 1]."""
+    img = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+    if img.ndim == 3 and img.shape[0] == 3:
+        rgb = np.ascontiguousarray((img.transpose(1, 2, 0) * 255).astype(np.uint8))
+    else:
+        img = img[0] if img.ndim == 3 else img
+        rgb = np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=-1)
     lab = np.asarray(labels)
     if reference is not None:
         ref = np.asarray(reference) > 0

@@ -9,11 +9,14 @@ and outside it are the prompt, and the component is the target.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+
+from medfm.errors import InputError
 
 
 def components(mask: torch.Tensor, min_size: int = 4) -> list[torch.Tensor]:
@@ -192,12 +195,106 @@ def train_promptable_steps(
 
 
 @torch.no_grad()
+def segment_with_prompts(
+    model,
+    image: torch.Tensor,
+    boxes: torch.Tensor | None = None,
+    points: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """(H, W) binary mask of a (C, H, W) image at the model's input size for box / point prompts.
+
+    boxes (n, 4) x0, y0, x1, y1 and points ((k, 2) x, y; (k,) labels) are in that image's pixels; every box
+    is one object (the points, if any, apply to each). Per object the candidate with the highest predicted
+    IoU is kept; its logits are resized to ``out_size`` (default: the model's grid) and thresholded at 0; the
+    objects' masks are united."""
+    if boxes is None and points is None:
+        raise ValueError("give boxes and/or points")
+    n = len(boxes) if boxes is not None else 1
+    emb = model.embed_image(image[None]).expand(n, -1, -1, -1)
+    pts = None if points is None else (points[0][None].expand(n, -1, -1), points[1][None].expand(n, -1))
+    logits, iou = model.decode(emb, points=pts, boxes=boxes)
+    best = logits[torch.arange(n), iou.argmax(1)]
+    if out_size is not None and tuple(out_size) != tuple(best.shape[-2:]):
+        best = F.interpolate(best[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
+    return (best > 0).any(0)
+
+
 def segment_with_boxes(model, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """(C, H, W) image and (n, 4) boxes -> (H, W) binary union of the best-scoring mask per box."""
-    emb = model.embed_image(image[None]).expand(len(boxes), -1, -1, -1)
-    logits, iou = model.decode(emb, boxes=boxes)
-    best = logits[torch.arange(len(boxes)), iou.argmax(1)] > 0
-    return best.any(0)
+    return segment_with_prompts(model, image, boxes=boxes)
+
+
+def _placement(h: int, w: int, size: int, mode: str) -> tuple[float, float, int, int, int, int]:
+    """Where prepare's 2D resize puts an (h, w) image in its size x size square: (scale y, scale x,
+    offset y, offset x, placed height, placed width); offsets are negative for a centre crop."""
+    from medfm.data.normalize import _fit_shape
+
+    nh, nw = _fit_shape(h, w, size, mode)
+    return (
+        nh / h,
+        nw / w,
+        (size - nh) // 2 if nh <= size else -((nh - size) // 2),
+        ((size - nw) // 2 if nw <= size else -((nw - size) // 2)),
+        nh,
+        nw,
+    )
+
+
+def _to_native(t: torch.Tensor, h: int, w: int, place: tuple, nearest: bool) -> torch.Tensor:
+    """(C, S, S) on prepare's square grid -> (C, h, w) on the input's own grid (undo pad / crop, resize)."""
+    _, _, oy, ox, nh, nw = place
+    size = t.shape[-1]
+    canvas = torch.zeros((t.shape[0], nh, nw), dtype=t.dtype)
+    ys, xs = slice(max(oy, 0), max(oy, 0) + min(nh, size)), slice(max(ox, 0), max(ox, 0) + min(nw, size))
+    cy, cx = slice(max(-oy, 0), max(-oy, 0) + min(nh, size)), slice(max(-ox, 0), max(-ox, 0) + min(nw, size))
+    canvas[:, cy, cx] = t[:, ys, xs]
+    mode = "nearest" if nearest else "bilinear"
+    kw = {} if nearest else {"align_corners": False}
+    return F.interpolate(canvas[None].float(), size=(h, w), mode=mode, **kw)[0].to(t.dtype)
+
+
+def prompt_file(
+    model,
+    path: str | Path,
+    spec: dict,
+    boxes: list[list[float]] | None = None,
+    points: list[list[float]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (H, W), image (C, H, W)) on the raw file's own grid for prompts in the file's pixels.
+
+    The file is read and preprocessed exactly as ``medfm.data.preprocess.load_input(path, spec)`` does (what
+    prepare stores for it), then resized to the model's input size; prompts are mapped through the same
+    resize / letterbox, and the mask back onto the input's grid."""
+    from medfm.data.prepare import read_ref
+    from medfm.data.preprocess import preprocess_sample, to_tensor
+
+    sample = read_ref(str(Path(path).expanduser()))
+    if sample.array.ndim != 3:
+        raise InputError(path, f"promptable segmentation needs a 2D image, got shape {sample.array.shape}")
+    img = to_tensor(preprocess_sample(sample, spec))
+    h, w = sample.array.shape[1:]
+    stored, size = int(img.shape[-1]), int(model.img_size)
+    place = _placement(h, w, stored, spec["resize_mode"])
+    py, px, oy, ox = place[:4]
+    f = size / stored
+    x = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+    def fx(v: float) -> float:
+        return (v * px + ox) * f
+
+    def fy(v: float) -> float:
+        return (v * py + oy) * f
+
+    bx = torch.tensor([[fx(b[0]), fy(b[1]), fx(b[2]), fy(b[3])] for b in boxes]) if boxes else None
+    pts = None
+    if points:
+        pts = (
+            torch.tensor([[fx(p[0]), fy(p[1])] for p in points]),
+            torch.tensor([int(p[2]) for p in points]),
+        )
+    mask = segment_with_prompts(model, x, bx, pts, out_size=(stored, stored))
+    return _to_native(mask[None], h, w, place, nearest=True)[0], _to_native(img, h, w, place, nearest=False)
 
 
 @torch.no_grad()

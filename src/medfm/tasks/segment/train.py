@@ -2,7 +2,7 @@
 
 Run directory: ``config.json`` (enough to rebuild), ``seg_model.safetensors`` (encoder + decoder),
 ``model.safetensors`` (the encoder alone, so ``medfm.load_encoder`` works on it too), ``metrics.json``,
-``README.md`` (model card; `medfm segment evaluate` rewrites it with the new metrics).
+``README.md`` (model card, medfm.modelcard); evaluations are written elsewhere (``segment evaluate -o``).
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from medfm.errors import ConfigError, InputError
 from medfm.models.seg.registry import BaselineModel, SegmentationModel, build_segmentation_model, monai_unet
-from medfm.runs import environment, update_metrics, write_json
+from medfm.rundir import RunDir
 from medfm.tasks.segment.data import CropDataset, SegPairs, load_pairs
-
-SEG_WEIGHTS = "seg_model.safetensors"
+from medfm.tasks.segment.runs import WEIGHTS as SEG_WEIGHTS  # noqa: F401  (name kept for old imports)
+from medfm.tasks.segment.runs import load_segmentation_run, save_run  # noqa: F401
 
 
 @dataclass
@@ -133,8 +132,8 @@ def train_segmentation(cfg: SegTrainConfig, out: str | Path, pairs: SegPairs | N
     seconds = fit(model, pairs, patch, cfg)
     enc = getattr(model, "encoder", None)
     conf = {
-        "task": "segment",
         "train": asdict(cfg),
+        "preprocessing": pairs.spec,
         "num_classes": num_classes,
         "spatial_dims": spatial_dims,
         "in_chans": in_chans,
@@ -145,13 +144,17 @@ def train_segmentation(cfg: SegTrainConfig, out: str | Path, pairs: SegPairs | N
         "encoder": enc.config if enc is not None else None,
         "class_names": cfg.class_names or dataset_class_names(cfg.data, num_classes),
         "n_train": len(pairs),
-        "environment": environment(),
+        "data": {
+            "path": cfg.data,
+            "split": cfg.train_split,
+            "images": len(pairs),
+            "sites": [cfg.site] if cfg.site else None,
+        },
     }
-    save_segmentation_run(model, conf, out)
-    metrics = update_metrics(out, train_seconds=round(seconds, 1), n_train=len(pairs))
-    from medfm.tasks.segment.modelcard import write_seg_model_card
-
-    write_seg_model_card(out, conf, metrics)
+    save_run(model, "segmenter", conf, out)
+    run = RunDir(out, kind="segmenter")
+    run.write_metrics({"train_seconds": round(seconds, 1), "n_train": len(pairs)})
+    run.write_card()
     return out
 
 
@@ -169,48 +172,3 @@ def dataset_class_names(data: str, num_classes: int) -> list[str]:
                 names = {}
             break
     return [str(names.get(str(k), f"class_{k}")) for k in range(1, num_classes)]
-
-
-def save_segmentation_run(model: torch.nn.Module, conf: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", conf)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(
-        sd, str(out / SEG_WEIGHTS), metadata={"medfm_segment": json.dumps({"decoder": conf["decoder"]})}
-    )
-    enc = getattr(model, "encoder", None)
-    if enc is not None and getattr(enc, "config", {}).get("name"):
-        from medfm.models.io import save_encoder
-
-        save_encoder(enc, out)
-
-
-def load_segmentation_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model of a `medfm segment train` run directory and load its weights."""
-    run_dir = Path(run_dir)
-    cfg_path, w_path = run_dir / "config.json", run_dir / SEG_WEIGHTS
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise InputError(run_dir, f"not a segmentation run directory (needs config.json and {SEG_WEIGHTS})")
-    conf = json.loads(cfg_path.read_text())
-    if conf.get("task") != "segment":
-        raise InputError(cfg_path, f"run is a '{conf.get('task')}' run, not a segmentation run")
-    if conf["decoder"] == "monai_unet":
-        model: torch.nn.Module = monai_unet(
-            conf["spatial_dims"], conf["in_chans"], conf["num_classes"], channels=unet_channels(conf["patch"])
-        )
-    else:
-        from medfm.models.registry import create_encoder
-
-        enc = create_encoder(**conf["encoder"])
-        model = build_segmentation_model(enc, conf["num_classes"], conf["decoder"], conf["feature_size"])
-    try:
-        sd = load_file(str(w_path))
-    except Exception as e:
-        raise InputError(w_path, f"not a readable safetensors checkpoint ({type(e).__name__})") from None
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise InputError(
-            w_path, f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    model.eval()
-    return model, conf

@@ -43,6 +43,39 @@ def read_normalized(path: str | Path, in_chans: int = 1) -> np.ndarray:
         raise InputError(path, str(e)) from None
 
 
+def fit_channels(img: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Grey -> RGB tower or the reverse: the channel mean, repeated ``in_chans`` times."""
+    if img.shape[0] == in_chans:
+        return img
+    return img.mean(0, keepdim=True).expand(in_chans, *img.shape[1:]).contiguous()
+
+
+def input_spec(preprocessing: dict[str, Any] | None, img_size: Any, in_chans: int) -> dict[str, Any]:
+    """The preprocessing a run's raw inputs replay: the one recorded from its training store, else (old
+    runs, runs trained on a manifest) the prepared-store defaults at the run's image size."""
+    from medfm.data.preprocess import make_spec
+
+    if preprocessing:
+        return preprocessing
+    size = img_size[-1] if isinstance(img_size, (tuple, list)) else img_size
+    return make_spec(size=int(size), channels=int(in_chans))
+
+
+def read_input(path: str | Path, spec: dict[str, Any], img_size: Any, in_chans: int) -> torch.Tensor:
+    """A raw image file as the model sees it: `medfm.data.preprocess.load_input` (what prepare stores),
+    then the same resize / channel fit ImageTextDataset applies to a prepared case."""
+    from medfm.data.preprocess import load_input
+
+    return fit_channels(resize_image(load_input(path, spec), img_size), in_chans)
+
+
+def model_input(path: str | Path, model: Any) -> torch.Tensor:
+    """A raw image file prepared for a CLIP ``model`` with the preprocessing its run recorded."""
+    cfg = model.cfg
+    spec = input_spec(getattr(model, "preprocessing", None), cfg.img_size, cfg.in_chans)
+    return read_input(path, spec, cfg.img_size, cfg.in_chans)
+
+
 class ImageTextDataset(Dataset):
     """Image-report pairs with optional multi-hot labels; see the module docstring for the item layout."""
 
@@ -137,9 +170,7 @@ class ImageTextDataset(Dataset):
             img = resize_image(img, self.img_size)
         else:
             img = self._read(i)
-        if img.shape[0] != self.in_chans:  # grey -> RGB tower or the reverse
-            img = img.mean(0, keepdim=True).expand(self.in_chans, *img.shape[1:]).contiguous()
-        return img
+        return fit_channels(img, self.in_chans)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {
@@ -180,6 +211,7 @@ def write_toy_pairs(out: str | Path, n: int = 32, size: int = 32, seed: int = 0)
     """
     import pandas as pd
 
+    from medfm.data.preprocess import make_spec
     from medfm.data.store import FORMAT_VERSION, save_npy_atomic, shard_name, write_json_atomic
 
     out = Path(out)
@@ -225,6 +257,8 @@ def write_toy_pairs(out: str | Path, n: int = 32, size: int = 32, seed: int = 0)
             "task": "multilabel",
             "label_columns": list(TOY_FINDINGS),
             "image_shape": [1, size, size],
+            # what `prepare` would record for 8-bit pictures of this size (replayed on raw inference inputs)
+            "preprocessing": make_spec(size=size, resize_mode="stretch", channels=1),
         },
     )
     return out

@@ -52,7 +52,7 @@ def retrieval_metrics(
     for k, v in recall_at_k(sim.t(), eye, ks).items():
         out[f"t2i_R@{k}"] = v
     if texts is not None:
-        from medfm.train.clip import same_text
+        from medfm.train.clip_losses import same_text
 
         same = same_text(list(texts))
         for k, v in recall_at_k(sim, same, ks).items():

@@ -1,0 +1,41 @@
+"""Model card section of pretrained encoders (``medfm pretrain``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medfm.modelcard.common import SECTIONS, fmt
+
+
+@SECTIONS.register("encoder")
+def section(config: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """Encoder architecture, objective, training settings and result."""
+    enc = config.get("encoder") or {}
+    cfg = config.get("pretrain") or {}
+    obj = cfg.get("objective", "?")
+    enc_args = ", ".join(f"{k}={fmt(v)}" for k, v in enc.items() if k != "name")
+    if obj == "mae":
+        detail = (f"mask ratio {cfg.get('mask_ratio')}, decoder {cfg.get('decoder_dim')}x"
+                  f"{cfg.get('decoder_depth')}, norm-pix {cfg.get('norm_pix')}")
+    else:
+        detail = (f"positives = {cfg.get('positives')}, temperature {cfg.get('temperature')}, projection "
+                  f"{cfg.get('proj_hidden')}->{cfg.get('proj_dim')}")
+    crops = " crops" if cfg.get("spatial_dims") == 3 else ""
+    return f"""Self-supervised pretraining with `medfm pretrain {obj}`. No labels were used.
+
+## Encoder
+`{enc.get("name", "?")}` ({enc_args})
+
+## Objective
+{obj}: {detail}. Input {cfg.get("spatial_dims")}D, {cfg.get("img_size")} px{crops}.
+
+## Training
+{metrics.get("steps")} steps, batch {cfg.get("batch_size")} x {metrics.get("world_size", 1)} device(s),
+AdamW lr {cfg.get("lr")} (warmup + cosine), weight decay {cfg.get("weight_decay")}, precision
+{cfg.get("precision")}, seed {cfg.get("seed")}.
+Final loss **{fmt(metrics.get("final_loss"))}**; {fmt(metrics.get("images_per_s"))} images/s;
+wall time {fmt(metrics.get("wall_time_s"))} s.
+
+The encoder alone also loads with `medfm.load_encoder(run)` (its config travels in the safetensors header);
+`encoder(images)` gives (B, {enc.get("embed_dim", "D")}) pooled embeddings.
+"""
