@@ -250,18 +250,20 @@ def test_trained_methods_handle_multiclass_and_multilabel(tmp_path, task):
 
 
 def test_augment_preserves_shape_and_flips_only_when_asked():
-    from medfm.tasks.adapt.finetune import AugmentConfig, augment, augment_for
+    from medfm.tasks.adapt.finetune import augment, augment_for
+    from medfm.train.augment import FINETUNE_PRESETS
+    from medfm.train.augment import BatchAugmentConfig as AugmentConfig
 
     x = torch.zeros(64, 1, 16, 16)
     x[:, :, :, :4] = 1.0  # a bright band on the left edge
     g = torch.Generator().manual_seed(0)
-    still = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), rotate=0.0, jitter=0.0)
+    still = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), rotate=0.0)
     no_flip = augment(x, g, AugmentConfig(**still, hflip=False))
     torch.testing.assert_close(no_flip, x)  # identity affine: nothing moves
     flipped = augment(x, g, AugmentConfig(**still, hflip=True))
     right_bright = flipped[:, 0, :, -4:].mean((1, 2)) > 0.9
     assert 10 < int(right_bright.sum()) < 54  # about half the batch mirrored
-    crops = augment(x, g, AugmentConfig())
+    crops = augment(x, g, FINETUNE_PRESETS["light"])
     assert crops.shape == x.shape and not torch.allclose(crops, x)
     assert augment_for("auto", "us").hflip and not augment_for("auto", "cxr").hflip
     assert augment_for("none", "us") is None

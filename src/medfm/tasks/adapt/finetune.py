@@ -11,7 +11,6 @@ import copy
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from medfm.tasks.adapt.features import to_model_input
 from medfm.tasks.adapt.registry import ADAPTERS
+from medfm.train.augment import FINETUNE_PRESETS, BatchAugmentConfig, augment_batch
 
 
 class Classifier(nn.Module):
@@ -58,26 +58,12 @@ def logits_to_prob(logits: torch.Tensor, task: str) -> np.ndarray:
     return torch.softmax(logits, dim=1).numpy()
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Light, label-preserving augmentation, applied batch-wise on the model input.
-
-    Random resized crop (area ``scale``, aspect ``ratio``), rotation ±``rotate`` degrees, optional horizontal
-    flip, brightness/contrast jitter ±``jitter``. Flips stay off for chest X-rays: left/right carries anatomy.
-    """
-
-    scale: tuple[float, float] = (0.7, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    rotate: float = 10.0
-    hflip: bool = False
-    jitter: float = 0.1
-
-
-AUGMENT_PRESETS = {"none": None, "light": AugmentConfig(), "flip": AugmentConfig(hflip=True)}
+# the presets live in the one augmentation module (train/augment.py), shared with CLIP training
+AUGMENT_PRESETS = FINETUNE_PRESETS
 _FLIP_OK = {"us", "ultrasound", "derm", "dermatology", "pathology", "histology"}
 
 
-def augment_for(name: str, modality: str | None) -> AugmentConfig | None:
+def augment_for(name: str, modality: str | None) -> BatchAugmentConfig | None:
     """Resolve ``"auto"`` by modality (flips for ultrasound/dermatology/pathology, not for X-ray/CT/MR)."""
     if name == "auto":
         return AUGMENT_PRESETS["flip" if str(modality or "").lower() in _FLIP_OK else "light"]
@@ -85,40 +71,9 @@ def augment_for(name: str, modality: str | None) -> AugmentConfig | None:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator,
-            cfg: AugmentConfig | None = AugmentConfig()) -> torch.Tensor:
+            cfg: BatchAugmentConfig | None = FINETUNE_PRESETS["light"]) -> torch.Tensor:
     """Apply ``cfg`` to a (B, C, H, W) batch with one random affine per image (2D only; 3D passes through)."""
-    if cfg is None or x.ndim != 4:
-        return x
-    b = x.shape[0]
-    lo, hi = cfg.scale
-    area = lo + (hi - lo) * torch.rand(b, generator=gen)
-    r_lo, r_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
-    ratio = torch.exp(r_lo + (r_hi - r_lo) * torch.rand(b, generator=gen))
-    # output -> input coordinates: a crop of side s_x, s_y (fractions of the image) placed inside the image
-    sx = torch.sqrt(area * ratio).clamp(max=1.0)
-    sy = torch.sqrt(area / ratio).clamp(max=1.0)
-    tx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - sx)
-    ty = (torch.rand(b, generator=gen) * 2 - 1) * (1 - sy)
-    ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotate)
-    flip = torch.ones(b)
-    if cfg.hflip:
-        flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = sx * cos * flip
-    theta[:, 0, 1] = -sy * sin
-    theta[:, 1, 0] = sx * sin * flip
-    theta[:, 1, 1] = sy * cos
-    theta[:, 0, 2] = tx
-    theta[:, 1, 2] = ty
-    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    if cfg.jitter > 0:
-        contrast = 1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 2 * cfg.jitter
-        bright = (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 2 * cfg.jitter
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * contrast.to(x) + mean + bright.to(x) * x.std().clamp(min=1e-3)
-    return x
+    return augment_batch(x, gen, cfg) if x.ndim == 4 else x
 
 
 def layer_decay_groups(model: nn.Module, base_lr: float, decay: float, head_lr: float,
@@ -182,7 +137,7 @@ def train_classifier(model: nn.Module, param_groups: Iterable[dict], images: np.
                      task: str, steps: int, batch_size: int, seed: int, weight_decay: float = 0.05,
                      ref_encoder: nn.Module | None = None, use_augment: bool = True,
                      on_step: Callable[[int, float], None] | None = None,
-                     aug: AugmentConfig | None = AugmentConfig(), smoothing: float = 0.0,
+                     aug: BatchAugmentConfig | None = FINETUNE_PRESETS["light"], smoothing: float = 0.0,
                      val: tuple[np.ndarray, np.ndarray] | None = None, eval_every: int = 0,
                      patience: int = 0, min_steps: int = 0) -> dict:
     """AdamW, linear warm-up (10 %) then cosine decay over ``steps`` batches (epoch-wise shuffling).
