@@ -24,7 +24,11 @@ import pandas as pd
 import torch
 
 from medfm.paths import shared_data_dir
-from medfm.pipeline import bench
+
+try:  # run as a script: benchmarks/ is on sys.path
+    import label_efficiency as bench
+except ImportError:  # pragma: no cover - imported as benchmarks.<name> from the repo root
+    from benchmarks import label_efficiency as bench
 
 ENCODER_ARGS = '{"depth": 4, "embed_dim": 128, "num_heads": 4}'
 

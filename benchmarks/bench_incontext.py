@@ -19,7 +19,7 @@ import torch
 from medfm.models.registry import create_encoder
 from medfm.models.seg.incontext import IncontextSegmenter
 from medfm.paths import shared_data_dir
-from medfm.runs import environment, write_json
+from medfm.rundir import environment, write_json
 from medfm.tasks.segment.data import load_pairs
 from medfm.tasks.segment.incontext import evaluate_incontext, train_incontext
 

@@ -111,7 +111,9 @@ def main() -> None:
         raise SystemExit(f"several methods in {args.run}: pass --method")
     data = Path(args.data)
     manifest = pd.read_parquet(data / "manifest.parquet")
-    px = int(json.loads((data / "summary.json").read_text())["image_shape"][-1])
+    from medfm.data.summary import load_summary
+
+    px = int(load_summary(data).image_shape[-1])
     res = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     auroc = by_size(pred, manifest)
     res[args.key] = {"label": args.label or args.key, "image_px": px, "mm_per_px": round(FOV_MM / px, 3),

@@ -14,7 +14,7 @@ from pathlib import Path
 os.environ.setdefault("MEDFM_PROGRESS", "0")
 
 from medfm.data.phantom import make_case, write_phantom  # noqa: E402
-from medfm.runs import environment, write_json  # noqa: E402
+from medfm.rundir import environment, write_json  # noqa: E402
 
 
 def _ms_per_case(fn, n: int) -> float:

@@ -70,7 +70,9 @@ def run_prepare(src: Path, out: Path, size: int, shard_size: int, workers: int, 
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed: {err.strip()[-500:]}")
     seconds = time.perf_counter() - t0
-    summary = json.loads((out / "summary.json").read_text())
+    from medfm.data.summary import load_summary
+
+    summary = load_summary(out).to_dict()
     return {"peak_rss_mb_total": round(peak / 2**20, 1), "peak_rss_mb_main": round(peak_main / 2**20, 1),
             "seconds": round(seconds, 1), "cases": summary["n_cases"], "skipped": summary["n_skipped"],
             "cases_per_s": round(summary["n_cases"] / seconds, 1), "output": out_text.strip()}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medfm.paths import shared_data_dir
-from medfm.runs import environment, write_json
+from medfm.rundir import environment, write_json
 from medfm.tasks.segment.data import SegPairs, csv_spec, load_pairs, read_image, read_mask
 from medfm.tasks.segment.infer import evaluate_model
 from medfm.tasks.segment.train import SegTrainConfig, build_model, fit

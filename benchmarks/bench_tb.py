@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-from medfm.pipeline import bench
+try:  # run as a script: benchmarks/ is on sys.path
+    import label_efficiency as bench
+except ImportError:  # pragma: no cover - imported as benchmarks.<name> from the repo root
+    from benchmarks import label_efficiency as bench
 
 try:  # run as a script from the repo root: benchmarks/ is not a package
     from bench_breastmnist import adapt_overrides, add_common_args, describe_encoder, pool_and_pretrain

@@ -131,8 +131,11 @@ def make_bad_corpus(directory: str | Path) -> dict[str, Path]:
 
     Files that must raise InputError: zero_byte_png, truncated_png, truncated_dicom, dicom_no_pixels,
     text_as_png, nan_nifti, inf_nifti, truncated_nifti, bomb_png, bomb_nifti, not_image_txt, not_image_csv,
-    pickle_npz, dicom_undecodable.
-    Files that must read fine (content wins, a note is recorded): jpeg_as_dcm, png_as_jpg.
+    pickle_npz, dicom_undecodable, nifti_zero_affine, nifti_singular_affine, npy_pickle, npz_truncated,
+    medmnist_archive, npz_ambiguous, npz_strings, npy_5d, nan_npz, gzip_not_nifti, pdf_as_dcm, garbage_dcm,
+    dicom_zero_rows, bomb_dicom, truncated_jpeg, folder_as_file.
+    Files that must read fine (content wins, a note is recorded): jpeg_as_dcm, png_as_jpg,
+    dicom_negative_spacing, dicom_zero_spacing (spacing falls back to 1.0 with a note saying why).
     Inputs for dataset preparation: mismatch_image + mismatch_mask (32x32 image, 16x16 mask), good_image,
     good_mask, manifest_missing_file (CSV listing an absent image), manifest_duplicate_ids (CSV with a
     repeated case_id), manifest_bad (both problems). Manifest columns: case_id,image,mask,label,patient_id,
@@ -201,6 +204,7 @@ def make_bad_corpus(directory: str | Path) -> dict[str, Path]:
     np.savez(out["pickle_npz"], image=np.array([{"a": 1}, None], dtype=object))
 
     out["dicom_undecodable"] = _undecodable_dicom(d / "video.dcm")
+    _more_bad_files(d, out, rng)
 
     # pairs and manifests for the dataset-preparation tests
     out["good_image"] = good
@@ -217,6 +221,109 @@ def make_bad_corpus(directory: str | Path) -> dict[str, Path]:
     out["manifest_bad"] = d / "manifest_bad.csv"
     out["manifest_bad"].write_text(header + ok_rows + "c9,does_not_exist.png,,1,p9,A,test\n"
                                    "c1,good_image.png,good_mask.png,0,p7,B,val\n")
+    return out
+
+
+def nifti_with_affine(path: Path, srow: list[list[float]], shape: tuple[int, ...] = (8, 8, 8)) -> Path:
+    """An uncompressed NIfTI-1 whose sform rows are `srow` (qform unset): nibabel cannot write such files."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4))
+    hdr = img.header
+    hdr["qform_code"], hdr["sform_code"] = 0, 1
+    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = srow
+    path.write_bytes(hdr.binaryblock + b"\x00" * 4 + np.ones(shape, "<f4").tobytes())
+    return path
+
+
+def _more_bad_files(d: Path, out: dict[str, Path], rng: np.random.Generator) -> None:
+    """The kinds added for issue 16 (each one a file a new user met or could meet)."""
+    import pydicom
+
+    out["nifti_zero_affine"] = nifti_with_affine(d / "zero_affine.nii", [[0.0] * 4] * 3)
+    out["nifti_singular_affine"] = nifti_with_affine(
+        d / "singular_affine.nii", [[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 0]]
+    )
+    out["npy_pickle"] = d / "objects.npy"
+    np.save(out["npy_pickle"], np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.savez(d / "whole.npz", image=rng.random((16, 16)))
+    out["npz_truncated"] = d / "truncated.npz"
+    out["npz_truncated"].write_bytes((d / "whole.npz").read_bytes()[:300])
+    (d / "whole.npz").unlink()
+    out["medmnist_archive"] = d / "tiny_medmnist.npz"
+    np.savez(out["medmnist_archive"], train_images=np.zeros((2, 8, 8), np.uint8),
+             train_labels=np.zeros((2, 1), np.uint8))
+    out["npz_ambiguous"] = d / "two_arrays.npz"
+    np.savez(out["npz_ambiguous"], first=np.zeros((8, 8)), second=np.ones((8, 8)))
+    out["npz_strings"] = d / "strings.npz"
+    np.savez(out["npz_strings"], image=np.array([["a", "b"], ["c", "d"]]))
+    out["npy_5d"] = d / "five_d.npy"
+    np.save(out["npy_5d"], np.zeros((2, 2, 2, 2, 2), np.float32))
+    nan = rng.random((8, 8)).astype(np.float32)
+    nan[3, 3] = np.nan
+    out["nan_npz"] = d / "nan_image.npz"
+    np.savez(out["nan_npz"], image=nan)
+    out["gzip_not_nifti"] = d / "not_really.nii.gz"
+    import gzip
+
+    out["gzip_not_nifti"].write_bytes(gzip.compress(b"just compressed text, no NIfTI header\n" * 20))
+    out["pdf_as_dcm"] = d / "report.dcm"
+    out["pdf_as_dcm"].write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj << /Type /Catalog >> endobj\n")
+    out["garbage_dcm"] = d / "garbage.dcm"
+    out["garbage_dcm"].write_bytes(bytes(rng.integers(1, 256, 600, dtype=np.uint8)))
+    zr = make_dicom(d / "zero_rows.dcm", np.zeros((8, 8), np.uint16))
+    ds = pydicom.dcmread(zr)
+    ds.Rows = 0
+    ds.save_as(zr, enforce_file_format=True)
+    out["dicom_zero_rows"] = zr
+    bomb = make_dicom(d / "bomb.dcm", np.zeros((8, 8), np.uint16))
+    ds = pydicom.dcmread(bomb)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 60000, 60000, 200
+    ds.save_as(bomb, enforce_file_format=True)
+    out["bomb_dicom"] = bomb
+    jpg = jpeg_bytes((rng.random((64, 64)) * 255).astype(np.uint8))
+    out["truncated_jpeg"] = d / "truncated.jpg"
+    out["truncated_jpeg"].write_bytes(jpg[: len(jpg) // 3])
+    out["folder_as_file"] = d / "a_folder.png"
+    out["folder_as_file"].mkdir()
+    # Read fine, with a note saying what was wrong in the header (the spacing falls back to 1.0).
+    px = (rng.random((16, 16)) * 1000).astype(np.uint16)
+    out["dicom_negative_spacing"] = make_dicom(d / "negative_spacing.dcm", px, spacing=(-0.5, 0.5))
+    out["dicom_zero_spacing"] = make_dicom(d / "zero_spacing.dcm", px, spacing=(0.0, 0.0))
+
+
+def make_scan_corpus(directory: str | Path) -> dict[str, Path]:
+    """A folder for `medfm data prepare FOLDER` with files a scan must list as skipped, plus good images.
+
+    Returns {name: path}: scan_root (the folder to scan), good_a, good_b (PNGs in it that must be kept),
+    scan_pickle_npz (object array),
+    scan_link_loop (a file link pointing to itself), scan_broken_link (its target is missing),
+    scan_dir_loop (a folder link to its own parent) and series_duplicates (a DICOM series in which
+    2 of 6 slices repeat a position; beside scan_root, not in it). Kept apart from make_bad_corpus: links
+    and loops would change what a scan of that folder finds.
+    """
+    base = Path(directory)
+    d = base / "folder"
+    (d / "sub").mkdir(parents=True, exist_ok=True)
+    img = np.arange(16 * 16, dtype=np.uint8).reshape(16, 16)
+    out = {"scan_root": d, "good_a": write_png(d / "good_a.png", img),
+           "good_b": write_png(d / "sub" / "good_b.png", img.T)}
+    out["scan_pickle_npz"] = d / "pickled.npz"
+    np.savez(out["scan_pickle_npz"], image=np.array([{"a": 1}, None], dtype=object))
+    out["scan_link_loop"] = d / "loop.png"
+    out["scan_link_loop"].symlink_to("loop.png")
+    out["scan_broken_link"] = d / "broken.png"
+    out["scan_broken_link"].symlink_to(d / "gone" / "missing.png")
+    out["scan_dir_loop"] = d / "sub" / "up"
+    out["scan_dir_loop"].symlink_to("..", target_is_directory=True)
+    series = base / "series"  # beside the folder: a volume would make the folder a 2D/3D mix
+    series.mkdir()
+    z = [0.0, 2.0, 2.0, 4.0, 6.0, 6.0]
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    for k, pos in enumerate(z):
+        make_dicom(series / f"s{k:02d}.dcm", np.full((8, 8), 100 * k, np.uint16), series_uid=uid,
+                   position=(0.0, 0.0, pos), instance=k + 1, slope=1.0, intercept=-1024.0)
+    out["series_duplicates"] = series
     return out
 
 

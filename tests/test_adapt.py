@@ -316,7 +316,7 @@ def test_lpft_head_reproduces_the_linear_probe(task):
     ctx = SimpleNamespace(features=x, labels=y, task=task, n_out=n_out, cfg=AdaptConfig())
     idx = np.arange(60)
     head = probe_head(ctx, idx, 0, head_outputs(task, n_out))
-    predict, _ = fit_linear_probe(x["train"], y["train"], x["val"], y["val"], task, n_out)
+    predict, _, _ = fit_linear_probe(x["train"], y["train"], x["val"], y["val"], task, n_out)
     with torch.no_grad():
         p_head = logits_to_prob(head(torch.as_tensor(x["test"])), task)
     np.testing.assert_allclose(p_head, predict(x["test"]), atol=1e-4)
@@ -324,7 +324,7 @@ def test_lpft_head_reproduces_the_linear_probe(task):
     if task == "multiclass":  # a subset showing only two of the three classes (sklearn's binary form)
         two = np.flatnonzero(y["train"] != 2)
         head = probe_head(ctx, two, 0, n_out)
-        predict, _ = fit_linear_probe(x["train"][two], y["train"][two], x["val"], y["val"], task, n_out)
+        predict, _, _ = fit_linear_probe(x["train"][two], y["train"][two], x["val"], y["val"], task, n_out)
         with torch.no_grad():
             p_two = logits_to_prob(head(torch.as_tensor(x["test"])), task)
         renorm = p_two[:, :2] / p_two[:, :2].sum(1, keepdims=True)

@@ -19,7 +19,7 @@ from medfm.data.deid import (
     load_or_create_salt,
 )
 from medfm.data.read import read, read_series
-from medfm.runs import write_json
+from medfm.rundir import write_json
 
 SERIES = "volumes_3d/dicom_series_vs_seg_001"
 

@@ -13,10 +13,12 @@ def test_demo_tiny_end_to_end(tmp_path, monkeypatch):
     import medfm.pipeline.demo as demo
     from medfm.pipeline.demo import DemoConfig, run_demo
 
-    def no_cli(args):
-        raise AssertionError(f"the demo ran `medfm {' '.join(map(str, args))}` in-process, not the library")
+    assert not hasattr(demo, "run_cli")  # the demo calls the library, never the CLI in-process
 
-    monkeypatch.setattr(demo, "run_cli", no_cli)
+    def no_cli(*args, **kwargs):
+        raise AssertionError("the demo ran a `medfm` command in-process, not the library")
+
+    monkeypatch.setattr("typer.main.get_command", no_cli)
     logs: list[str] = []
     out = tmp_path / "demo"
     report = run_demo(DemoConfig.tiny(out=out), log=logs.append)

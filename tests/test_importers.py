@@ -140,3 +140,71 @@ def test_folder_scan_groups_dicom_series_and_skips_mask_dirs(tmp_path):
     assert sorted(d.df["case_id"]) == ["study/series1", "two/series/0", "two/series/1", "two/xray"]
     with pytest.raises(InputError, match="source not found"):
         resolve_source(tmp_path / "nothing")
+
+
+def _tiny_medmnist(path, side=28, n=6):
+    rng = np.random.default_rng(1)
+    np.savez(path, train_images=rng.integers(0, 256, (n, side, side), dtype=np.uint8),
+             train_labels=(np.arange(n) % 2)[:, None], val_images=np.zeros((2, side, side), np.uint8),
+             val_labels=np.zeros((2, 1), np.uint8))
+    return path
+
+
+def test_medmnist_local_file_form_and_source_size(tmp_path, monkeypatch):
+    """Issue 16 item 11: medmnist:/path/file.npz reads a local file; --size defaults to its own 28 px."""
+    from medfm.data.importers import default_size
+    from medfm.data.prepare import PrepareConfig, prepare
+
+    npz = _tiny_medmnist(tmp_path / "pneumoniamnist.npz")
+    m = resolve_source(f"medmnist:{npz}")
+    assert len(m) == 8 and m.modality == "xray" and default_size(m) == 28
+    monkeypatch.chdir(tmp_path)  # the relative form works too
+    assert len(resolve_source("medmnist:pneumoniamnist.npz")) == 8
+    with pytest.raises(InputError, match=r"missing\.npz: MedMNIST file not found \(medmnist:PATH needs"):
+        resolve_source(f"medmnist:{tmp_path / 'missing.npz'}")
+    s = prepare(f"medmnist:{npz}", tmp_path / "out", PrepareConfig(salt_file=str(tmp_path / "salt")),
+                progress=False)
+    assert s["image_shape"] == [1, 28, 28] and s["preprocessing"]["size"] == 28  # not upsampled to 224
+    s = prepare(f"medmnist:{npz}", tmp_path / "o2", PrepareConfig(size=32, salt_file=str(tmp_path / "salt")),
+                progress=False)
+    assert s["image_shape"] == [1, 32, 32]  # an explicit --size still wins
+
+
+def test_default_size_is_224_for_other_sources(tmp_path):
+    from badinputs import write_png
+    from medfm.data.importers import default_size
+
+    write_png(tmp_path / "a.png", np.zeros((28, 28), np.uint8))
+    assert default_size(resolve_source(tmp_path)) == 224
+    vol = tmp_path / "organmnist3d.npz"
+    np.savez(vol, train_images=np.zeros((2, 8, 8, 8), np.uint8), train_labels=np.zeros((2, 1), np.uint8))
+    assert default_size(resolve_source(f"medmnist:{vol}")) == 224  # volumes keep --spacing/--volume-shape
+
+
+def test_input_contract_manifest_example_prepares(tmp_path):
+    """docs/input-contract.md's image + mask example is real: it prepares as the document says."""
+    import json
+    import re
+    from pathlib import Path
+
+    from badinputs import write_png
+    from medfm.data.prepare import PrepareConfig, prepare
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "input-contract.md").read_text()
+    blocks = re.findall(r"```\n(.*?)```", doc, re.S)
+    table = next(b for b in blocks if b.startswith("image,mask,label"))
+    info = json.loads(next(b for b in blocks if b.startswith('{"label_columns"')))
+    root = tmp_path / "lungs"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for case in ("case001", "case002"):
+        write_png(root / "images" / f"{case}.png", rng.integers(0, 256, (32, 32), dtype=np.uint8))
+        write_png(root / "masks" / f"{case}.png", (rng.random((32, 32)) > 0.5).astype(np.uint8) * 255)
+    (root / "manifest.csv").write_text(table + "Legend: label 1 = tuberculosis,,,,,,,\n")
+    (root / "dataset.json").write_text(json.dumps(info))
+    s = prepare(root / "manifest.csv", tmp_path / "prepared", PrepareConfig(size=16, keep_identifiers=True,
+                salt_file=str(tmp_path / "salt")), progress=False)
+    assert s["n_cases"] == 2 and s["has_masks"] and s["task"] == "binary"
+    assert s["n_skipped"] == 1
+    assert "Legend: label 1 = tuberculosis: file not found" in s["skipped"][0]["error"]

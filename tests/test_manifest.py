@@ -184,3 +184,14 @@ def test_bad_rows_are_listed_not_fatal(tmp_path):
     assert [(b["row"], b["case_id"]) for b in m.bad_rows] == [(3, ""), (4, "1")]
     assert "row 3: empty 'image'" in m.bad_rows[0]["error"] and str(p) in m.bad_rows[0]["error"]
     assert "row 4: duplicate case id (first at row 2" in m.bad_rows[1]["error"]
+
+
+@pytest.mark.parametrize("values,task", [([0, 1, 1, 0], "binary"), ([0, 1, 2, 1], "multiclass")])
+def test_one_label_picked_from_a_multilabel_set_is_not_multilabel(tmp_path, values, task):
+    """--labels with one column of a dataset.json declared multilabel (e.g. the phantom's findings)."""
+    rows = ["image,a,b"] + [f"x{i}.png,{v},{1 - i % 2}" for i, v in enumerate(values)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dataset.json").write_text(json.dumps({"label_columns": ["a", "b"], "task": "multilabel"}))
+    if task == "binary":
+        assert load_manifest(tmp_path / "m.csv").task == "multilabel"
+    assert load_manifest(tmp_path / "m.csv", label_cols=["a"]).task == task

@@ -74,6 +74,25 @@ def test_zero_prepared_cases_exit_2_with_report(tmp_path, monkeypatch):
     assert s["n_cases"] == 0 and len(s["skipped"]) == 2
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_strict_fails_when_anything_was_skipped(tmp_path, monkeypatch, strict):
+    from typer.testing import CliRunner
+
+    from medfm.cli.app import app
+
+    _pngs(tmp_path / "mixed", ["a.png", "b.png"])
+    (tmp_path / "mixed" / "x.png").write_text("not a picture")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEDFM_HOME", str(tmp_path / ".medfm"))
+    args = ["data", "prepare", "mixed", "--out", "prepared", "--size", "16"]
+    args += ["--strict"] if strict else []
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == (2 if strict else 0), res.output
+    assert json.loads((tmp_path / "prepared" / "summary.json").read_text())["n_cases"] == 2  # still written
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == int(strict) and (not strict or "1 skipped with --strict" in errors[0])
+
+
 def _doe_archive(root: Path) -> Path:
     from badinputs import make_dicom
 

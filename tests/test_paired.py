@@ -40,7 +40,7 @@ def test_paired_differences_without_reference_is_empty():
 
 
 def test_write_results_adds_the_paired_table(tmp_path):
-    from medfm.pipeline.bench import write_results
+    from benchmarks.label_efficiency import write_results
 
     rows = _runs("scratch ResNet-18 (width 32)", [0.70, 0.80, 0.75]) + _runs("knn", [0.74, 0.83, 0.80])
     res = pd.DataFrame([{**r, "n_labels": 55, "accuracy": 0.7, "time_s": 1.0} for r in rows])

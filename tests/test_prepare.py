@@ -16,7 +16,7 @@ from medfm.cli.app import app
 from medfm.data.prepare import PrepareConfig, prepare
 from medfm.data.splits import leaking_groups
 from medfm.data.store import PreparedDataset, read_manifest, read_summary
-from medfm.errors import ConfigError
+from medfm.errors import ConfigError, InputError
 
 
 def _cfg(tmp_path, **kw):
@@ -117,14 +117,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     progress = json.loads((tmp_path / "res" / "progress.json").read_text())
     assert sorted(progress["done"]) == ["0", "1"] and not (tmp_path / "res" / "summary.json").exists()
     calls = []
-    import medfm.data.prepare as prep_mod
+    import medfm.data.prepare_worker as worker
 
-    orig = prep_mod.process_case
-    prep_mod.process_case = lambda job: calls.append(job) or orig(job)
+    orig = worker.process_case
+    worker.process_case = lambda job: calls.append(job) or orig(job)
     try:
         resumed = prepare(src, tmp_path / "res", cfg, progress=False)
     finally:
-        prep_mod.process_case = orig
+        worker.process_case = orig
     assert len(calls) == 14 - 8  # only the two unfinished shards were processed again
     for key in ("n_cases", "counts", "fingerprint", "image_shape", "skipped"):
         assert resumed[key] == full[key]
@@ -372,3 +372,91 @@ def test_phantom_folder_is_a_manifest_source(tmp_path):
         assert item["label"].tolist() == [float(row[c]) for c in s["label_columns"]]
         assert item["text"] == row["report"] and item["mask"].max() >= 2
         assert man.loc[item["case_id"], "split"] == row["split"]
+
+
+def _cli_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`medfm ARGS` through the real entry point (user errors: one line on stderr, exit code 2)."""
+    import sys
+
+    from medfm.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["medfm", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+@pytest.mark.parametrize("kind", ["bad_files", "bad_rows"])
+def test_nothing_prepared_still_writes_the_report_and_fails(tmp_path, monkeypatch, capsys, kind):
+    # Issue 16 item 2: every file (or every manifest row) bad -> summary.json lists them, exit non-zero.
+    src = tmp_path / "src"
+    src.mkdir()
+    if kind == "bad_files":
+        (src / "a.png").write_bytes(b"")
+        (src / "b.png").write_bytes(b"not a picture at all")
+    else:
+        (src / "a.png").write_bytes(b"")
+        pd.DataFrame({"image": ["", " "], "tb": ["0", "1"]}).to_csv(src / "manifest.csv", index=False)
+    out = tmp_path / "out"
+    code, stdout, err = _cli_main(
+        monkeypatch, capsys, "data", "prepare", str(src), "--out", str(out), "--size", "16",
+        "--salt-file", str(tmp_path / "salt"),
+    )
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "no case could be prepared" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases"] == 0 and summary["n_skipped"] == 2 == len(summary["skipped"])
+    assert not (out / "progress.json").exists()
+    if kind == "bad_rows":
+        assert [r["row"] for r in summary["skipped"]] == [2, 3]
+        assert all("empty 'image'" in r["error"] for r in summary["skipped"])
+    # The same command again reports the same failure (not a crash, not a success).
+    code, _, err = _cli_main(
+        monkeypatch, capsys, "data", "prepare", str(src), "--out", str(out), "--size", "16",
+        "--salt-file", str(tmp_path / "salt"),
+    )
+    assert code != 0 and "no case could be prepared" in err
+
+
+def _volume(p: Path) -> None:
+    import nibabel as nib
+
+    vol = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(p))
+
+
+@pytest.mark.parametrize("first", ["volume", "image"])
+def test_mixed_2d_and_3d_is_refused_with_counts_whatever_the_order(tmp_path, monkeypatch, capsys, first):
+    # Issue 16 item 8: the result used to depend on which file came first.
+    src = _pngs(tmp_path / "src", 3)
+    _volume(src / ("a_vol.nii.gz" if first == "volume" else "z_vol.nii.gz"))
+    cfg = _cfg(tmp_path, size=16, volume_shape=(8, 8, 8), spacing=(2.0, 2.0, 2.0))
+    with pytest.raises(InputError) as e:
+        prepare(src, tmp_path / "out", cfg, progress=False)
+    msg = str(e.value)
+    assert "input mixes 3 2D images and 1 3D volume; prepare them separately (--dims 2 or --dims 3" in msg
+    leftovers = {p.name for p in (tmp_path / "out").iterdir()} if (tmp_path / "out").exists() else set()
+    assert not leftovers & {"images", "parts", "progress.json", "summary.json"}
+    code, _, err = _cli_main(
+        monkeypatch, capsys, "data", "prepare", str(src), "--out", str(tmp_path / "cli"), "--size", "16",
+        "--volume-shape", "8,8,8", "--salt-file", str(tmp_path / "salt"),
+    )
+    assert code == 2 and "input mixes 3 2D images and 1 3D volume" in err and len(err.splitlines()) == 1
+
+
+def test_dims_keeps_one_kind_and_lists_the_others(tmp_path):
+    src = _pngs(tmp_path / "src", 3)
+    _volume(src / "a_vol.nii.gz")
+    kw = {"size": 16, "volume_shape": (8, 8, 8), "spacing": (2.0, 2.0, 2.0), "keep_identifiers": True}
+    s2 = prepare(src, tmp_path / "d2", _cfg(tmp_path, dims=2, **kw), progress=False)
+    assert s2["n_cases"] == 3 and s2["spatial_dims"] == 2 and s2["image_shape"] == [1, 16, 16]
+    assert [r["error"] for r in s2["skipped"]] == [
+        f"{src / 'a_vol.nii.gz'}: is 3D (--dims 2 keeps only 2D cases)"
+    ]
+    s3 = prepare(src, tmp_path / "d3", _cfg(tmp_path, dims=3, **kw), progress=False)
+    assert s3["n_cases"] == 1 and s3["spatial_dims"] == 3 and s3["image_shape"] == [1, 8, 8, 8]
+    assert len(s3["skipped"]) == 3
+    assert all("is 2D (--dims 3 keeps only 3D cases)" in r["error"] for r in s3["skipped"])
+    assert s3["settings"]["dims"] == 3
+    with pytest.raises(ConfigError, match="--dims must be 2 or 3"):
+        prepare(src, tmp_path / "d4", _cfg(tmp_path, dims=4, **kw), progress=False)

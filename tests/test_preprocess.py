@@ -42,7 +42,14 @@ def test_png_and_dicom_raw_equals_prepared(tmp_path: Path) -> None:
     make_dicom(src / "dx.dcm", rng.integers(0, 4096, (25, 45)), modality="DX")
     ds = _prepare(src, tmp_path / "out", tmp_path)
     spec = preprocessing_of(tmp_path / "out")
-    assert read_summary(tmp_path / "out")["preprocessing"] == spec
+    recorded = read_summary(tmp_path / "out")["preprocessing"]
+    assert {k: v for k, v in recorded.items() if k != "normalisation_applied"} == spec
+    # Issue 16 item 10: the summary says which normalisation each kind of case got, and why.
+    assert recorded["normalisation_applied"] == [
+        {"normalisation": "min-max", "reason": "8-bit source, already display-scaled", "cases": 2},
+        {"normalisation": "percentile 0.5-99.5", "reason": "uint16 source, robust to outliers", "cases": 2},
+        {"normalisation": "window -1000..1000 HU", "reason": "CT with values in HU", "cases": 1},
+    ]
     got = _by_source(ds, src)
     assert len(got) == 5
     for path, prepared in got.items():
@@ -82,7 +89,9 @@ def test_old_store_without_spec_rebuilds_it(tmp_path: Path) -> None:
     del old["preprocessing"]  # what today's main writes
     p.write_text(json.dumps(old))
     rebuilt = preprocessing_of(tmp_path / "out")
-    assert rebuilt == new and rebuilt["resize_mode"] == "crop" and rebuilt["channels"] == 3
+    # Such a store was normalised by modality alone: its replay keeps that rule.
+    assert rebuilt == dict(new, normalisation="legacy")
+    assert rebuilt["resize_mode"] == "crop" and rebuilt["channels"] == 3
 
 
 def test_preprocess_sample_mask_and_spec_keys() -> None:
@@ -96,3 +105,70 @@ def test_preprocess_sample_mask_and_spec_keys() -> None:
     assert np.array_equal(preprocess_sample(img, spec), stored)
     with pytest.raises(ValueError, match="unknown preprocessing keys"):
         make_spec(sise=16)
+
+
+# ------------------------------------------------------------ issue 16 item 10: never HU-window non-HU data
+def _medmnist_3d_masks(path: Path) -> Path:
+    """A MedMNIST-layout 3D archive of uint8 0/255 masks (the organmnist3d name makes the importer say CT)."""
+    rng = np.random.default_rng(0)
+    vols = {s: (rng.random((n, 8, 8, 8)) > 0.7).astype(np.uint8) * 255 for s, n in (("train", 3), ("val", 1))}
+    np.savez(
+        path,
+        **{f"{s}_images": v for s, v in vols.items()},
+        **{f"{s}_labels": np.zeros((len(v), 1), np.uint8) for s, v in vols.items()},
+    )
+    return path
+
+
+def test_uint8_medmnist_volume_is_not_hu_windowed(tmp_path: Path) -> None:
+    npz = _medmnist_3d_masks(tmp_path / "organmnist3d.npz")
+    cfg = PrepareConfig(spacing=(1.0, 1.0, 1.0), volume_shape=(8, 8, 8), dtype="float16", shard_size=8,
+                        keep_identifiers=True, salt_file=str(tmp_path / "salt"))
+    s = prepare(f"medmnist:{npz}", tmp_path / "out", cfg, progress=False)
+    assert s["n_cases"] == 4 and s["modality"] == "ct"
+    assert read_summary(tmp_path / "out")["preprocessing"]["normalisation_applied"] == [
+        {"normalisation": "min-max", "reason": "uint8 source, not HU", "cases": 4}]
+    ds = PreparedDataset(tmp_path / "out")
+    values = set(np.unique(ds[0]["image"].numpy()).tolist())
+    assert values == {0.0, 1.0}  # min-max; the HU window gave 0.5 / 0.6275
+    notes = ds.manifest["reader_notes"].tolist()
+    assert all("note_normalisation: min-max (uint8 source, not HU)" in n for n in notes)
+    assert all("modality ct but values 0..255 (uint8) are not HU; min-max used" in n for n in notes)
+
+
+def _rec(array: np.ndarray, meta: dict, modality: str | None = None) -> dict:
+    from medfm.data.preprocess import normalisation_for
+
+    return normalisation_for(Sample(array=array, spacing=(1.0,) * (array.ndim - 1), meta=meta),
+                             make_spec(modality=modality))
+
+
+def test_normalisation_decision_and_reason() -> None:
+    hu = np.linspace(-1024, 2000, 2 * 8 * 8, dtype=np.float32).reshape(1, 2, 8, 8)
+    assert _rec(hu, {"format": "dicom", "modality": "CT"}) == {
+        "method": "window", "normalisation": "window -1000..1000 HU", "reason": "CT with values in HU"}
+    png = np.arange(64, dtype=np.uint8).reshape(1, 8, 8)
+    r = _rec(png, {"format": "png"}, modality="ct")
+    assert (r["normalisation"], r["reason"]) == ("min-max", "PNG source, not HU")
+    assert r["warning"] == "modality ct but values 0..63 (uint8) are not HU; min-max used"
+    raw = np.arange(0, 4096, 64, dtype=np.uint16).reshape(1, 8, 8)  # CT without its rescale intercept
+    r = _rec(raw, {"format": "dicom", "modality": "CT"})
+    assert r["method"] == "percentile" and "not HU" in r["reason"] and "warning" in r
+    mr = _rec(hu, {"format": "nifti"}, modality="mr")
+    assert mr["warning"].startswith("modality mr but values -1024..")
+    assert _rec(png, {"format": "png"}) == {
+        "method": "minmax", "normalisation": "min-max", "reason": "8-bit source, already display-scaled"}
+
+
+def test_normalisation_record_tallies_cases() -> None:
+    from medfm.data.preprocess import normalisation_record
+
+    notes = ["note_normalisation: min-max (uint8 source, not HU); modality ct but ...",
+             "note_extension: x; note_normalisation: min-max (uint8 source, not HU)",
+             "note_normalisation: window -1000..1000 HU (CT with values in HU)", ""]
+    rec = normalisation_record(make_spec(), notes)
+    assert rec["normalisation_applied"] == [
+        {"normalisation": "min-max", "reason": "uint8 source, not HU", "cases": 2},
+        {"normalisation": "window -1000..1000 HU", "reason": "CT with values in HU", "cases": 1},
+    ]
+    assert rec["normalisation"] == "auto"

@@ -95,12 +95,25 @@ def test_encoder_round_trip(tmp_path):
         torch.testing.assert_close(enc(x), again(x))
 
 
+@pytest.mark.parametrize("kind", sorted(LOADERS))
+def test_every_kind_has_a_loader(kind):
+    """Each kind's loader resolves (the 'classifier' entry once named a module that did not exist)."""
+    from medfm.rundir import _resolve
+
+    assert callable(_resolve(LOADERS[kind]))
+
+
 def test_adapt_round_trip(tmp_path):
     run = RunDir(tmp_path / "a", kind="adapt")
     run.write_config({"task": "binary"})  # adapt runs keep 'task' = the label task; kind still wins
     pd.DataFrame({"method": ["knn"], "auroc": [0.75]}).to_csv(run.path / "results.csv", index=False)
     assert open_run(run.path).kind == "adapt"
     assert load_run(run.path)["auroc"].tolist() == [0.75]
+    run.write_table("t.parquet", pd.DataFrame({"a": [1, 2]}))
+    run.write_table("t.csv", pd.DataFrame({"a": [3]}))
+    assert pd.read_parquet(run.path / "t.parquet")["a"].tolist() == [1, 2]
+    assert pd.read_csv(run.path / "t.csv")["a"].tolist() == [3]
+    assert not list(run.path.glob(".*tmp"))  # atomic writes leave no temporary files
 
 
 def test_weights_and_metrics_round_trip(tmp_path):

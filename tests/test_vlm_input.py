@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from badinputs import write_png
+from medfm.data.pairs import ImageTextDataset, model_input
 from medfm.data.prepare import PrepareConfig, prepare
 from medfm.data.preprocess import make_spec, preprocessing_of
 from medfm.models.clip import load_clip
 from medfm.models.text import save_tiny_bert
-from medfm.tasks.vlm.data import ImageTextDataset, model_input
 from medfm.tasks.vlm.prompts import load_prompts
 from medfm.tasks.vlm.zeroshot import evaluate_zeroshot
 from medfm.train.clip import ClipConfig, train_clip

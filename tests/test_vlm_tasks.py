@@ -11,9 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from medfm.cli.app import app
+from medfm.data.pairs import ImageTextDataset
 from medfm.errors import ConfigError, InputError
 from medfm.models.text import save_tiny_bert
-from medfm.tasks.vlm.data import ImageTextDataset, write_toy_pairs
+from medfm.tasks.vlm.data import write_toy_pairs
 from medfm.tasks.vlm.prompts import (
     attribute_prompts,
     corpus_prompts,

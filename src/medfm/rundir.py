@@ -158,6 +158,19 @@ class RunDir:
         """Any other JSON file of the run, atomically."""
         return write_json(self.path / name, obj)
 
+    def write_table(self, name: str, df: Any) -> Path:
+        """A pandas table as .csv or .parquet (by the name's suffix), atomically."""
+        import io
+
+        buf = io.BytesIO()
+        if name.endswith(".parquet"):
+            df.to_parquet(buf, index=False)
+        elif name.endswith(".csv"):
+            buf.write(df.to_csv(index=False).encode())
+        else:
+            raise ValueError(f"tables are .csv or .parquet, not {name!r}")
+        return _atomic_write(self.path / name, buf.getvalue())
+
     def write_text(self, name: str, text: str) -> Path:
         """A text file of the run (logs, cards), atomically."""
         return _atomic_write(self.path / name, text.encode())

@@ -81,6 +81,9 @@ def adapt(
                                   "(default: chosen on the validation split by Youden's J, applied to test; "
                                   "binary and multi-label) or a fixed number such as 0.5."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html in the out dir."),
+    save_model: bool = typer.Option(True, "--save-model/--no-save-model", help="Save the best method's "
+                                    "model (validation AUROC, largest label budget, first seed; kNN keeps "
+                                    "none) as a classifier run in OUT/model (`medfm.load_run`)."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: leave the default)."),
 ) -> None:
     """Adapt a pretrained encoder with few labels and write a tidy results table (+ HTML report).
@@ -108,7 +111,8 @@ def adapt(
                       steps=steps, epochs=epochs, min_steps=min_steps, max_steps=max_steps,
                       patience=patience, batch_size=batch_size, lr_finetune=lr_finetune,
                       layer_decay=layer_decay, lr_head=lr_head, lr_lora=lr_lora, lr_scratch=lr_scratch,
-                      label_smoothing=label_smoothing, augment=augment, lora_r=lora_r, threshold=threshold)
+                      label_smoothing=label_smoothing, augment=augment, lora_r=lora_r, threshold=threshold,
+                      save_model=save_model)
     encoder = load_model(model)
     with progress_bar() as p:
         results = run_adapt(encoder, data, out, cfg, source=str(model), progress=p)
@@ -118,6 +122,8 @@ def adapt(
 
         typer.echo(f"Report: {build_adapt_report(out)}")
     typer.echo(f"Results: {Path(out) / 'results.csv'}")
+    if save_model and (Path(out) / "model" / "config.json").is_file():
+        typer.echo(f"Model: {Path(out) / 'model'} (medfm.load_run)")
 
 
 def _mean_sd(r: dict, m: str) -> str:
@@ -146,9 +152,10 @@ def _print_summary(summary) -> None:
 def evaluate(
     path: Path = typer.Argument(..., help="A predictions table (.csv/.parquet: y + p columns, optional "
                                 "patient_id) or an adapt output directory."),
-    threshold: str = typer.Option("0.5", help="Threshold for accuracy/F1/sensitivity/specificity: a "
-                                  "number or 'youden' (maximises sensitivity + specificity on these "
-                                  "predictions)."),
+    threshold: str = typer.Option("recorded", help="Threshold for accuracy/F1/sensitivity/specificity: "
+                                  "'recorded' (adapt dir: each run's own, chosen on val when it ran; a "
+                                  "predictions file: 0.5), a number, or 'youden' (maximises sensitivity + "
+                                  "specificity on these predictions)."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for 95 % CIs (0: none). Patients are "
                                "resampled when patient_id is present."),
     all_runs: bool = typer.Option(False, help="Adapt dir: CIs for every run, not only the largest budget."),
@@ -162,15 +169,16 @@ def evaluate(
     PATH is a predictions table (.csv/.parquet with y and p columns, optional patient_id) or a
     `medfm adapt` output directory (metrics per run; the report is rewritten with the CIs).
     """
-    from medfm.eval.evaluate import evaluate_adapt_dir, evaluate_table, read_predictions
-    from medfm.runs import write_json
+    from medfm.eval.evaluate import RECORDED, evaluate_adapt_dir, evaluate_table, read_predictions
+    from medfm.rundir import write_json
 
     thr: float | str = threshold
-    if threshold != "youden":
+    if threshold not in ("youden", RECORDED):
         try:
             thr = float(threshold)
         except ValueError:
-            raise ConfigError(f"--threshold must be a number or 'youden', got {threshold!r}") from None
+            raise ConfigError(f"--threshold must be 'recorded', 'youden' or a number, got {threshold!r}"
+                              ) from None
     if n_boot < 0:
         raise ConfigError("--n-boot must be >= 0")
     if not path.exists():
@@ -194,7 +202,7 @@ def evaluate(
 
             typer.echo(f"Report: {build_adapt_report(path, ci=table)}")
         return
-    res = evaluate_table(read_predictions(path), thr, n_boot, seed, where=path)
+    res = evaluate_table(read_predictions(path), 0.5 if thr == RECORDED else thr, n_boot, seed, where=path)
     dest = out or path.with_name(path.stem + ".metrics.json")
     write_json(dest, res)
     for k, v in res["metrics"].items():

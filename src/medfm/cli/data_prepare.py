@@ -21,15 +21,30 @@ def _floats(text: str, n: int, name: str) -> tuple[float, ...]:
     return vals
 
 
+def label_lines(summary: dict) -> list[str]:
+    """One terminal line per label column: the values found in the source and their counts."""
+    lines = []
+    for col, values in (summary.get("label_values") or {}).items():
+        shown = ", ".join(f"{v or '(unlabelled)'}: {n}" for v, n in values.items())
+        lines.append(f"labels '{col}' ({summary.get('task') or 'no task'}): {shown}")
+    return lines
+
+
 def prepare_cmd(
     src: str = typer.Argument(
         ...,
         help="A folder (recursive scan; DICOM series folders become volumes), a "
         "manifest (.csv/.parquet, see medfm.data.manifest), or an importer spec such as "
-        "medmnist:breastmnist, nifti:DIR, dicom:DIR, cxr_lung_seg:DIR, covid_cxr_notes:DIR.",
+        "medmnist:breastmnist (looked up in $MEDFM_DATA/medmnist or ~/.medmnist), medmnist:/path/to/file.npz "
+        "(a local MedMNIST file), nifti:DIR, dicom:DIR, cxr_lung_seg:DIR, covid_cxr_notes:DIR. "
+        "See docs/input-contract.md.",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder of the prepared dataset."),
-    size: int = typer.Option(224, help="2D output size: images become SIZE x SIZE."),
+    size: int | None = typer.Option(
+        None,
+        help="2D output size: images become SIZE x SIZE (default: a MedMNIST file's own size, e.g. 28, "
+        "so small images are not upsampled; 224 otherwise).",
+    ),
     resize: str = typer.Option(
         "pad", help="2D aspect handling: pad (keep the whole image), crop (fill), stretch."
     ),
@@ -79,6 +94,24 @@ def prepare_cmd(
         help="A folder a manifest may point into besides its own (repeatable); other absolute or ../ "
         "paths are refused per row.",
     ),
+    dims: int | None = typer.Option(
+        None,
+        "--dims",
+        help="Keep only 2D images (2) or only 3D volumes (3); the others are skipped and listed. "
+        "Default: a source mixing both is refused (prepare them as two datasets).",
+    ),
+    drop_bad_labels: bool = typer.Option(
+        False,
+        "--drop-bad-labels",
+        help="Skip (and list) manifest rows whose label is a stray value in a column of numbers "
+        "(e.g. 'maybe' among 0/1) or outside dataset.json's label_classes; default: refuse the manifest.",
+    ),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Exit with status 2 when any file or row was skipped (the dataset is still written, and "
+        "summary.json lists every skip). Default: only a job that prepared nothing fails.",
+    ),
 ) -> None:
     """Prepare a dataset: resize, normalise, de-identify and shard; resumes an interrupted run."""
     from rich.console import Console
@@ -103,8 +136,14 @@ def prepare_cmd(
         salt_file=str(salt_file) if salt_file else None,
         workers=workers,
         allow_outside=[str(p) for p in allow_outside],
+        dims=dims,
+        drop_bad_labels=drop_bad_labels,
     )
     summary = prepare(src, out, cfg, overwrite=overwrite)
+    for warning in summary.get("warnings") or []:
+        typer.echo(f"warning: {warning}", err=True)
+    for line in label_lines(summary):
+        typer.echo(line)
     Console().print(
         f"prepared {summary['n_cases']} cases ({summary['n_skipped']} skipped, see {out / 'summary.json'})",
         soft_wrap=True,  # one line, whatever the terminal width (scripts grep it)
@@ -122,6 +161,10 @@ def prepare_cmd(
             f"error: {src}: no case could be prepared ({summary['n_skipped']} skipped; first: {first})",
             err=True,
         )
+        raise typer.Exit(2)
+    if strict and summary["n_skipped"]:
+        first = for_terminal(summary["skipped"][0], map_file)
+        typer.echo(f"error: {src}: {summary['n_skipped']} skipped with --strict (first: {first})", err=True)
         raise typer.Exit(2)
 
 
@@ -148,36 +191,8 @@ def overview_cmd(
     typer.echo(f"wrote {path}")
 
 
-def probe_cmd(
-    paths: list[Path] = typer.Argument(..., help="Image files or DICOM series folders."),
-) -> None:
-    """List format, shape, spacing and dtype of images without decoding pixels; bad files are reported."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from medfm.data.read import probe
-    from medfm.errors import InputError
-
-    table = Table("file", "format", "shape", "spacing (mm)", "dtype / modality")
-    bad = 0
-    for path in paths:
-        try:
-            info = probe(path)
-        except InputError as e:  # keep going: one bad file must not hide the others
-            bad += 1
-            table.add_row(str(path), "[red]error[/red]", e.problem, "", "")
-            continue
-        spacing = ", ".join(f"{s:.3g}" for s in info.get("spacing", ()))
-        kind = str(info.get("dtype") or info.get("modality") or info.get("mode") or "")
-        table.add_row(str(path), str(info.get("format")), str(tuple(info.get("shape", ()))), spacing, kind)
-    Console().print(table)
-    if bad:
-        raise typer.Exit(1)
-
-
 def add_commands(data_app: typer.Typer) -> None:
     """Attach this module's commands to the `data` group."""
     data_app.command("prepare")(prepare_cmd)
     data_app.command("info")(info_cmd)
-    data_app.command("probe")(probe_cmd)
     data_app.command("overview")(overview_cmd)

@@ -179,7 +179,7 @@ def _make_command(objective: str, doc: str) -> Any:
 
             torch.set_num_threads(cfg.threads)
         run_dir = run_pretrain(cfg, resume=resume)
-        from medfm.runs import read_json
+        from medfm.rundir import read_json
 
         m = run_dir / "metrics.json"
         if m.is_file():
@@ -195,10 +195,10 @@ def _make_command(objective: str, doc: str) -> Any:
 
 def register(app: typer.Typer) -> None:
     """Add the `pretrain` group with one command per registered objective."""
-    from medfm.train import CATALOG  # names + help only: importing Lightning here would slow every command
+    from medfm.train import OBJECTIVES  # declared names + help: nothing imports Lightning here
 
-    for name, (_, doc) in CATALOG.items():
-        pretrain_app.command(name)(_make_command(name, doc))
+    for name in OBJECTIVES.names():
+        pretrain_app.command(name)(_make_command(name, OBJECTIVES.describe(name)))
     # Image-report pretraining lives with the vision-language commands; `pretrain clip` is the same command.
     from medfm.cli.vlm import clip
 

@@ -1,4 +1,5 @@
-"""CLI: `medfm segment train | predict | evaluate | prompt` — thin wrappers over medfm.tasks.segment."""
+"""CLI: `medfm segment train | evaluate | predict | prompt | prompt-train | incontext`: each parses its
+options, calls one medfm.tasks.segment function (options -> configs: tasks/segment/options.py), prints."""
 
 from __future__ import annotations
 
@@ -45,30 +46,11 @@ def train(
     seed: int = typer.Option(0, help="Random seed (also picks the N labelled cases)."),
 ) -> None:
     """Train a dense segmentation model and write a run directory."""
-    from medfm.tasks.segment.train import SegTrainConfig, train_segmentation
+    options = dict(locals())  # the parsed options, named like SegTrainConfig's fields
+    from medfm.tasks.segment.options import seg_train_config
+    from medfm.tasks.segment.train import train_segmentation
 
-    n = None if n_labels == "all" else _int(n_labels, "--n-labels")
-    kw = {"depth": encoder_depth} if encoder_depth else {}
-    cfg = SegTrainConfig(
-        data=str(data),
-        encoder=encoder,
-        decoder=decoder,
-        n_labels=n,
-        train_split=split,
-        site=site,
-        img_size=img_size,
-        patch=_size(patch),
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        encoder_lr_scale=encoder_lr_scale,
-        freeze_encoder=freeze_encoder,
-        flip=flip,
-        seed=seed,
-        encoder_kwargs=kw,
-    )
-    run = train_segmentation(cfg, out)
-    typer.echo(f"wrote {run}")
+    typer.echo(f"wrote {train_segmentation(seg_train_config(options), out)}")
 
 
 @seg_app.command("evaluate")
@@ -125,22 +107,6 @@ def predict(
     typer.echo(f"wrote {n} masks and report.html to {out}")
 
 
-def _int(v: str, name: str) -> int:
-    try:
-        return int(v)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer or 'all', got {v!r}") from None
-
-
-def _size(v: str | None) -> list[int] | None:
-    if not v:
-        return None
-    try:
-        return [int(s) for s in v.split(",")]
-    except ValueError:
-        raise ConfigError(f"--patch must look like 96,96 (or 64,64,64), got {v!r}") from None
-
-
 def register(app: typer.Typer) -> None:
     """Add the `segment` group to the main app."""
     app.add_typer(seg_app, name="segment")
@@ -172,6 +138,7 @@ def prompt(
     The image is read and preprocessed as the run's training images were (PNG, DICOM, NIfTI, ...); box and
     point coordinates are pixels of the input image."""
     from medfm.tasks.segment.jobs import evaluate_prompts, prompt_image
+    from medfm.tasks.segment.options import floats
 
     if data is not None:
         res = evaluate_prompts(model, data, split, site)
@@ -179,8 +146,8 @@ def prompt(
         return
     if image is None or out is None or not (box or point):
         raise ConfigError("give IMAGE, --out and at least one --box or --point (or --data to evaluate)")
-    boxes = [_floats(b, 4, "--box") for b in box] if box else None
-    points = [_floats(p, 3, "--point") for p in point] if point else None
+    boxes = [floats(b, 4, "--box") for b in box] if box else None
+    points = [floats(p, 3, "--point") for p in point] if point else None
     n = prompt_image(model, image, out, boxes, points)
     typer.echo(f"wrote {out} ({n} pixels)")
 
@@ -204,23 +171,11 @@ def prompt_train(
     encoder_depth: int = typer.Option(None, help="Override the encoder depth (fresh encoders only)."),
 ) -> None:
     """Train a promptable (SAM-style) model with box / point prompts simulated from the masks."""
-    from medfm.tasks.segment.jobs import PromptTrainConfig, train_promptable_run
+    options = dict(locals())  # named like PromptTrainConfig's fields
+    from medfm.tasks.segment.jobs import train_promptable_run
+    from medfm.tasks.segment.options import prompt_train_config
 
-    cfg = PromptTrainConfig(
-        data=str(data),
-        encoder=encoder,
-        encoder_kwargs={"depth": encoder_depth} if encoder_depth else {},
-        img_size=img_size,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        encoder_lr_scale=encoder_lr_scale,
-        prompt_dim=prompt_dim,
-        jitter=jitter,
-        correction_rounds=correction_rounds,
-        split=split,
-    )
-    typer.echo(f"wrote {train_promptable_run(cfg, out)}")
+    typer.echo(f"wrote {train_promptable_run(prompt_train_config(options), out)}")
 
 
 @seg_app.command("incontext")
@@ -261,63 +216,20 @@ def incontext(
 ) -> None:
     """In-context segmentation: train episodically (--train-labels) and/or evaluate on held-out labels with
     k references and no weight update (--test-labels; queries from split 'test', references from 'train')."""
-    from medfm.tasks.segment.jobs import IncontextConfig, evaluate_incontext_run, train_incontext_run
+    options = dict(locals())  # named like IncontextConfig's fields
+    from medfm.tasks.segment.jobs import incontext_run
+    from medfm.tasks.segment.options import incontext_config, ints
 
     if bool(train_labels) == bool(run):
         raise ConfigError(
             "give --train-labels (train into --out) or --run (evaluate it), not both or neither"
         )
-    if train_labels:
-        overrides = {
-            "depth": encoder_depth,
-            "patch_size": patch_size,
-            "embed_dim": embed_dim,
-            "num_heads": num_heads,
-        }
-        cfg = IncontextConfig(
-            data=str(data),
-            train_labels=_ints(train_labels, "--train-labels"),
-            encoder=encoder,
-            encoder_kwargs={k_: v for k_, v in overrides.items() if v},
-            img_size=img_size,
-            prior=prior,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            task_augment=task_augment,
-        )
-        run = train_incontext_run(cfg, out)
+    cfg = incontext_config(options) if train_labels else None
+    tests = ints(test_labels, "--test-labels") if test_labels else None
+    run, res = incontext_run(cfg, run, data, out, tests, ints(k, "--k"))
+    if cfg is not None:
         typer.echo(f"wrote {run}")
-    if test_labels:
-        res = evaluate_incontext_run(
-            run,
-            data,
-            _ints(test_labels, "--test-labels"),
-            _ints(k, "--k"),
-            out if train_labels is None else None,
-        )
-        for name, r in res.items():
-            typer.echo(f"k={name[1:]}: " + "  ".join(f"{n} {v:.4f}" for n, v in r.items()))
-        if train_labels:  # evaluated right after training: part of the new run's own record
-            from medfm.rundir import RunDir
-
-            RunDir(run, kind="incontext").write_metrics({"incontext_eval": res})
-        else:
-            typer.echo(f"wrote {out / 'metrics.json'}")
-
-
-def _floats(v: str, n: int, name: str) -> list[float]:
-    try:
-        vals = [float(s) for s in v.split(",")]
-    except ValueError:
-        vals = []
-    if len(vals) != n:
-        raise ConfigError(f"{name} needs {n} comma-separated numbers, got {v!r}")
-    return vals
-
-
-def _ints(v: str, name: str) -> list[int]:
-    try:
-        return [int(s) for s in v.split(",")]
-    except ValueError:
-        raise ConfigError(f"{name} must be comma-separated integers, got {v!r}") from None
+    for name, r in (res or {}).items():
+        typer.echo(f"k={name[1:]}: " + "  ".join(f"{n} {v:.4f}" for n, v in r.items()))
+    if res is not None and cfg is None:
+        typer.echo(f"wrote {out / 'metrics.json'}")

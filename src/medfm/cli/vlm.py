@@ -9,45 +9,10 @@ from typing import Any
 
 import typer
 
-from medfm.errors import ConfigError, InputError
-
 _ENC = "Image tower"
 _TXT = "Text tower"
 _OBJ = "Objectives"
 _OPT = "Optimisation"
-
-
-def _load(run: Path) -> Any:
-    from medfm.models.clip import load_clip
-
-    return load_clip(run)
-
-
-def _dataset(model: Any, data: Path, split: str) -> Any:
-    from medfm.tasks.vlm.data import ImageTextDataset
-
-    cfg = model.cfg
-    return ImageTextDataset(
-        data, split=None if split in ("", "all") else split, img_size=cfg.img_size, in_chans=cfg.in_chans
-    )
-
-
-def _mined_reports(
-    model: Any, data: Path, specs: list[str], reports_split: str, split: str
-) -> list[str] | None:
-    """The report text that ``--prompts reports`` mines (None when no spec asks for it); never the
-    evaluated split, so its own reports cannot leak into the prompts."""
-    if "reports" not in specs:
-        return None
-    if reports_split == split:
-        raise ConfigError(f"--reports-split {reports_split} is the evaluated split; mine another, e.g. train")
-    return _dataset(model, data, reports_split).texts
-
-
-def _images(ds: Any) -> Any:
-    import torch
-
-    return torch.stack([ds.image(i) for i in range(len(ds))])
 
 
 def _print_json(obj: Any) -> None:
@@ -198,50 +163,21 @@ def zeroshot(
 
     RUN: a CLIP run directory (`medfm clip`). DATA: a prepared dataset or manifest to classify.
     """
-    import pandas as pd
-
-    from medfm.tasks.vlm.prompts import load_prompts
-    from medfm.tasks.vlm.zeroshot import evaluate_zeroshot, select_on_split
-
-    specs = [s.strip() for s in prompts.split(",") if s.strip()] or ["default"]
-    if len(specs) > 1 and not select_on:
-        raise ConfigError("several --prompts need --select-on SPLIT (a labelled split, e.g. val) to choose")
-    if select_on and select_on == split:
-        raise ConfigError(f"--select-on {select_on} is the evaluated split; choose on another, e.g. val")
-    model = _load(run)
-    ds = _dataset(model, data, split)
-    reports = _mined_reports(model, data, specs, reports_split, split)
-    candidates = {s: load_prompts(s, ds.label_names or None, reports=reports) for s in specs}
-    chosen: dict[str, str] = {f: specs[0] for f in candidates[specs[0]]}
-    pr = candidates[specs[0]]
-    if select_on:
-        sel = _dataset(model, data, select_on)
-        if sel.labels() is None:
-            raise InputError(data, f"split '{select_on}' has no labels to choose prompts on")
-        pr, chosen, _ = select_on_split(model, candidates, model.encode_images(_images(sel)), sel.labels(),
-                                        sel.label_names)
-    res = evaluate_zeroshot(model, _images(ds), pr, ds.labels(), ds.label_names)
-    summary = {k: v for k, v in res.items() if k != "probs"} | {"prompts_chosen": chosen,
-                                                                 "selected_on": select_on or None}
     from rich.console import Console
     from rich.table import Table
 
+    from medfm.tasks.vlm.commands import zeroshot_run
+
+    res = zeroshot_run(run, data, prompts, reports_split, split, select_on, out)
     t = Table(title=f"zero-shot on {data} ({res['n']} cases)")
-    t.add_column("finding")
-    t.add_column("AUROC")
-    t.add_column("mean prob")
-    t.add_column("prompts")
+    for c in ("finding", "AUROC", "mean prob", "prompts"):
+        t.add_column(c)
     for j, f in enumerate(res["findings"]):
         au = (res.get("auroc") or {}).get(f)
         auc = "-" if au is None else f"{au:.3f}"
-        t.add_row(f, auc, f"{res['probs'][:, j].mean():.3f}", chosen.get(f, ""))
+        t.add_row(f, auc, f"{res['probs'][:, j].mean():.3f}", res["prompts_chosen"].get(f, ""))
     Console().print(t)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "zeroshot.json").write_text(json.dumps(summary, indent=2))
-        pd.DataFrame(res["probs"], columns=res["findings"]).assign(case_id=ds.case_ids).to_csv(
-            out / "zeroshot_predictions.csv", index=False
-        )
         typer.echo(f"wrote {out / 'zeroshot.json'}")
 
 
@@ -266,46 +202,22 @@ def retrieve(
     from rich.console import Console
     from rich.table import Table
 
-    from medfm.tasks.vlm.retrieval import CaseIndex, embed_dataset, retrieval_metrics
+    from medfm.tasks.vlm.commands import retrieve_run
 
-    model = _load(run)
-    idx_dir = index or (run / f"index-{data.stem}-{split}")
-    ds = None
-    if rebuild or evaluate or not (idx_dir / "cases.json").is_file():
-        ds = _dataset(model, data, split)
-        img, txt = embed_dataset(model, ds)
-        ix = CaseIndex.build(img, txt, ds.case_ids, ds.texts, ds.patient_ids)
-        ix.save(idx_dir)
-        typer.echo(f"indexed {len(ix)} cases -> {idx_dir}")
-        if evaluate:
-            _print_json(retrieval_metrics(img, txt, ds.texts))
-    else:
-        ix = CaseIndex.load(idx_dir)
+    res = retrieve_run(run, data, query, k, split, index, rebuild, evaluate)
+    if res["indexed"] is not None:
+        typer.echo(f"indexed {res['indexed']} cases -> {res['index']}")
+    if res["metrics"] is not None:
+        _print_json(res["metrics"])
     if not query:
         return
-    qp = Path(query)
-    if qp.suffix and qp.is_file():
-        q = model.encode_images(_read_image(qp, model)[None])
-        modality, what = "text", "reports nearest to the image"
-    elif qp.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".gz", ".npy") and not qp.exists():
-        raise InputError(qp, "query image not found")
-    else:
-        q = model.encode_texts([query])
-        modality, what = "image", "images nearest to the text"
-    sims, rows = ix.search(q, k, modality)
-    t = Table(title=f"{what}: {query[:60]}")
-    for c in ("rank", "similarity", "case_id", "patient_id", "report"):
+    t = Table(title=f"{res['what']}: {query[:60]}")
+    cols = ("rank", "similarity", "case_id", "patient_id", "report")
+    for c in cols:
         t.add_column(c, overflow="fold")
-    for r, (s, i) in enumerate(zip(sims[0], rows[0]), 1):
-        c = ix.cases[int(i)]
-        t.add_row(str(r), f"{s:.3f}", c["case_id"], c["patient_id"], c["report"][:300])
+    for h in res["hits"]:
+        t.add_row(str(h["rank"]), f"{h['similarity']:.3f}", h["case_id"], h["patient_id"], h["report"][:300])
     Console().print(t)
-
-
-def _read_image(path: Path, model: Any) -> Any:
-    from medfm.tasks.vlm.data import model_input
-
-    return model_input(path, model)
 
 
 def report(
@@ -335,57 +247,16 @@ def report(
     RUN: a CLIP run directory trained with --w-caption > 0 (for decoder reports). IMAGE: an image file, or a
     dataset when --eval is given.
     """
-    from medfm.tasks.vlm.rag import rag_reports
-    from medfm.tasks.vlm.report import evaluate_reports, generate_reports
-    from medfm.tasks.vlm.retrieval import CaseIndex, embed_dataset
+    from medfm.tasks.vlm.commands import report_run
 
-    model = _load(run)
-    if rag > 0 and train_data is None:
-        raise ConfigError("--rag needs --train-data (the cases to retrieve from)")
-    ix = None
-    if rag > 0:
-        tds = _dataset(model, train_data, train_split)
-        img, txt = embed_dataset(model, tds)
-        ix = CaseIndex.build(img, txt, tds.case_ids, tds.texts, tds.patient_ids)
+    res = report_run(run, image, beam, rag, train_data, train_split, evaluate, split, out)
     if evaluate:
-        ds = _dataset(model, image, split)
-        x = _images(ds)
-        if ix is not None:
-            gen = [r["report"] for r in rag_reports(ix, model.encode_images(x), rag)]
-        else:
-            gen = generate_reports(model, x, beam=beam)
-        res = evaluate_reports(gen, ds.texts)
-        _print_json({k: v for k, v in res.items()})
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "report_metrics.json").write_text(json.dumps(res, indent=2))
-            (out / "generated.json").write_text(
-                json.dumps(
-                    [
-                        {"case_id": c, "generated": g, "reference": r}
-                        for c, g, r in zip(ds.case_ids, gen, ds.texts)
-                    ],
-                    indent=2,
-                )
-            )
+        _print_json(res)
         return
-    if not image.is_file():
-        raise InputError(image, "image not found (use --eval to evaluate on a dataset)")
-    x = _read_image(image, model)[None]
-    if ix is not None:
-        r = rag_reports(ix, model.encode_images(x), rag)[0]
-        typer.echo(r["report"])
-        typer.echo(f"\nEvidence (most similar cases): {', '.join(e['case_id'] for e in r['evidence'])}")
-        typer.echo(f"Sentences taken from: {', '.join(r['cited'])}")
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "report.json").write_text(json.dumps(r, indent=2))
-    else:
-        text = generate_reports(model, x, beam=beam)[0]
-        typer.echo(text)
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "report.json").write_text(json.dumps({"report": text, "beam": beam}, indent=2))
+    typer.echo(res["report"])
+    if "evidence" in res:
+        typer.echo(f"\nEvidence (most similar cases): {', '.join(e['case_id'] for e in res['evidence'])}")
+        typer.echo(f"Sentences taken from: {', '.join(res['cited'])}")
 
 
 def vqa(
@@ -418,40 +289,10 @@ def vqa(
     RUN: a CLIP run directory. DATA: a labelled dataset (questions are generated from its labels), or with
     --questions the folder holding the questions' images.
     """
-    import torch
+    from medfm.tasks.vlm.commands import vqa_run
 
-    from medfm.tasks.vlm.prompts import SYNONYMS, load_prompts
-    from medfm.tasks.vlm.vqa import evaluate_vqa, load_vqa_json, phantom_questions
-
-    if method not in ("zeroshot", "itm"):
-        raise ConfigError(f"--method must be zeroshot or itm, got {method!r}")
-    model = _load(run)
-    if questions is not None:
-        qs = load_vqa_json(questions)
-        names = sorted({q["image_name"] for q in qs})
-        missing = [n for n in names if not (data / n).is_file()]
-        if missing:
-            raise InputError(
-                data / missing[0], f"image named in {questions.name} not found ({len(missing)} missing)"
-            )
-        images = torch.stack([_read_image(data / n, model) for n in names])
-        pos = {n: i for i, n in enumerate(names)}
-        qs = [{**q, "index": pos[q["image_name"]]} for q in qs]
-    else:
-        ds = _dataset(model, data, split)
-        if ds.labels() is None:
-            raise InputError(data, "no label columns to generate questions from (give --questions)")
-        qs = phantom_questions(ds.labels(), ds.label_names)
-        images = _images(ds)
-    if prompts == "reports" and questions is not None:
-        raise ConfigError("--prompts reports mines a dataset's reports; it does not work with --questions")
-    reports = _mined_reports(model, data, [prompts], reports_split, split)
-    pr = load_prompts(prompts, list(SYNONYMS), reports=reports)
-    res = evaluate_vqa(model, images, qs, method, pr)
+    res = vqa_run(run, data, questions, method, split, prompts, reports_split, out)
     _print_json({k: v for k, v in res.items() if k != "answers"})
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "vqa.json").write_text(json.dumps(res, indent=2))
 
 
 def register(app: typer.Typer) -> None:

@@ -74,7 +74,15 @@ class CaseIds:
 
     def bad_row(self, entry: dict[str, Any]) -> dict[str, Any]:
         """A manifest row skipped while reading: its case id hashed (not recorded: it has no file)."""
-        out = dict(entry, error=self.text(str(entry.get("error", ""))))
+        error = str(entry.get("error", ""))
+        if self.salt is not None and not entry.get("case_id"):
+            # A file the folder scan skipped (pickled npz, link loop): give it an id of its own and a line
+            # in the private map, so the user can still find it although the report names no path.
+            path = error.partition(": ")[0]
+            if path.startswith(self.root + "/"):
+                cid = self.case_id(self._rel(path), path, "")
+                return dict(entry, case_id=cid, error=self.text(error, path))
+        out = dict(entry, error=self.text(error))
         if self.salt is not None and out.get("case_id"):
             out["case_id"] = hash_id(out["case_id"], self.salt, "c_")
         return out

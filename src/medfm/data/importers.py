@@ -17,184 +17,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medfm.data.manifest import NPZ_REF, Manifest, from_dataframe, load_manifest, read_table
+from medfm.data.folder_scan import (
+    IMAGE_EXTS,
+    SERIES_REF,
+    FolderScan,
+    is_dicom_file,
+    scan_folder,
+    skipped_rows,
+)
+from medfm.data.manifest import Manifest, from_dataframe, load_manifest, read_table
 from medfm.errors import ConfigError, InputError
 from medfm.registry import Registry
 
 IMPORTERS: Registry[Manifest] = Registry("importer")
 
-IMAGE_EXTS = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".tif",
-    ".tiff",
-    ".nii",
-    ".nii.gz",
-    ".dcm",
-    ".npy",
-    ".mha",
-    ".nrrd",
-)
 MANIFEST_NAMES = ("manifest.parquet", "manifest.csv", "manifest.tsv")
-# Folders that hold label maps, not images, in a plain folder scan.
-MASK_DIRS = {"masks", "mask", "labels", "labelstr", "labelsts", "segmentations", "seg"}
-
-
-def _has_ext(p: Path, exts: tuple[str, ...]) -> bool:
-    n = p.name.lower()
-    return any(n.endswith(e) for e in exts)
-
-
-def is_dicom_file(p: Path) -> bool:
-    """DICOM by extension or by the 'DICM' magic at byte 128 (many archives have no extension)."""
-    if p.suffix.lower() == ".dcm":
-        return True
-    if p.suffix:
-        return False
-    try:
-        with open(p, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-# ---------------------------------------------------------------------------------------------- MedMNIST
-# Modality of each MedMNIST subset (decides intensity normalisation).
-_MEDMNIST_MODALITY = {
-    "pathmnist": "other",
-    "chestmnist": "xray",
-    "dermamnist": "other",
-    "octmnist": "other",
-    "pneumoniamnist": "xray",
-    "retinamnist": "other",
-    "breastmnist": "us",
-    "bloodmnist": "other",
-    "tissuemnist": "other",
-    "organamnist": "ct",
-    "organcmnist": "ct",
-    "organsmnist": "ct",
-    "organmnist3d": "ct",
-    "nodulemnist3d": "ct",
-    "adrenalmnist3d": "ct",
-    "fracturemnist3d": "ct",
-    "vesselmnist3d": "mr",
-    "synapsemnist3d": "other",
-}
-_MEDMNIST_MULTILABEL = {"chestmnist"}
-
-
-def medmnist_roots() -> list[Path]:
-    """Where MedMNIST npz files are looked for: $MEDFM_DATA/medmnist, then ~/.medmnist (package default)."""
-    roots = []
-    if os.environ.get("MEDFM_DATA"):
-        roots.append(Path(os.environ["MEDFM_DATA"]) / "medmnist")
-    from medfm.paths import shared_data_dir
-
-    roots += [shared_data_dir() / "medmnist", Path.home() / ".medmnist"]
-    return roots
-
-
-def find_medmnist(name: str, root: str | Path | None = None) -> Path:
-    """Locate ``<name>.npz`` (or ``<name>_<size>.npz``) under a root; clear error listing where it looked."""
-    roots = [Path(root)] if root else medmnist_roots()
-    flag = name.lower()
-    for r in roots:
-        for cand in (r / f"{flag}.npz", r / f"{name}.npz"):
-            if cand.is_file():
-                return cand
-        # Case-insensitive match (e.g. BreastMNIST.npz).
-        if r.is_dir():
-            for f in r.iterdir():
-                if f.name.lower() == f"{flag}.npz":
-                    return f
-    raise InputError(
-        name,
-        f"MedMNIST file {flag}.npz not found in {', '.join(map(str, roots))} "
-        "(place it there, pass root=..., or use download=True with network access)",
-    )
-
-
-def download_medmnist(name: str, root: str | Path) -> Path:
-    """Fetch a subset with the `medmnist` package; offline or without the package this fails clearly."""
-    flag, _, size = name.lower().partition("_")
-    try:
-        import medmnist  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise InputError(
-            name,
-            "download needs the 'medmnist' package (pip install medmnist) and network "
-            f"access; otherwise place {flag}.npz under {root}",
-        ) from e
-    Path(root).mkdir(parents=True, exist_ok=True)
-    try:
-        info = medmnist.INFO[flag]
-        cls = getattr(medmnist, info["python_class"])
-        kw = {"size": int(size)} if size else {}
-        cls(split="train", download=True, root=str(root), **kw)
-    except Exception as e:  # noqa: BLE001 - network and package errors become one line
-        raise InputError(
-            name,
-            f"MedMNIST download failed (offline?): {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}",
-        ) from e
-    return find_medmnist(name, root)
 
 
 @IMPORTERS.register(
-    "medmnist", help="MedMNIST npz: medmnist:breastmnist, medmnist:organmnist3d_64, medmnist:/path/file.npz"
+    "medmnist",
+    help="MedMNIST npz by name (medmnist:breastmnist, medmnist:organmnist3d_64) or a local file "
+    "(medmnist:/path/file.npz)",
 )
 def import_medmnist(arg: str, root: str | Path | None = None, download: bool = False, **_: Any) -> Manifest:
     """MedMNIST v2 subset (2D or 3D); labels from *_labels; the official train/val/test split is kept."""
-    if arg.lower().endswith(".npz") and Path(arg).expanduser().is_file():
-        path = Path(arg).expanduser().resolve()
-    else:
-        try:
-            path = find_medmnist(arg, root)
-        except InputError:
-            if not download:
-                raise
-            path = download_medmnist(arg, root or Path.home() / ".medmnist")
-    try:
-        npz = np.load(path)
-        keys = set(npz.files)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(path, f"not a readable npz file ({type(e).__name__})") from e
-    rows, label_width = [], 1
-    for split in ("train", "val", "test"):
-        if f"{split}_images" not in keys:
-            continue
-        n = int(npz[f"{split}_images"].shape[0])
-        labels = npz[f"{split}_labels"] if f"{split}_labels" in keys else None
-        if labels is not None:
-            labels = labels.reshape(n, -1)
-            label_width = labels.shape[1]
-        for i in range(n):
-            row = {
-                "image": f"{path}{NPZ_REF}{split}_images/{i}",
-                "case_id": f"{split}/{i:06d}",
-                "split": split,
-            }
-            if labels is not None:
-                for j in range(labels.shape[1]):
-                    row[f"label_{j}" if labels.shape[1] > 1 else "label"] = int(labels[i, j])
-            rows.append(row)
-    if not rows:
-        raise InputError(path, "no train_images/val_images/test_images arrays (not a MedMNIST file)")
-    df = pd.DataFrame(rows)
-    flag = path.stem.lower().split("_")[0]
-    label_cols = [c for c in df.columns if c == "label" or c.startswith("label_")]
-    task = "multilabel" if (flag in _MEDMNIST_MULTILABEL or label_width > 1) else None
-    return from_dataframe(
-        df,
-        path.parent,
-        label_columns=label_cols,
-        task=task,
-        modality=_MEDMNIST_MODALITY.get(flag, "other"),
-        source=str(path),
-    )
+    from medfm.data.medmnist import medmnist_manifest
+
+    return medmnist_manifest(arg, root, download)
 
 
 # ---------------------------------------------------------------------------------------- folder + CSV
@@ -249,61 +98,6 @@ def import_covid_cxr_notes(arg: str, **_: Any) -> Manifest:
 
 
 # ------------------------------------------------------------------------------------------ folders
-SERIES_REF = "::series/"  # "folder::series/k": the k-th image series (by UID order) of a folder
-
-
-def _series_groups(folder: Path, files: list[str]) -> tuple[list[list[str]], list[str]]:
-    """Group a folder's DICOM files by SeriesInstanceUID: (multi-file series, single files).
-
-    Files whose header cannot be read stay single files, so prepare reports them with their own error.
-    """
-    import pydicom
-
-    groups: dict[str, list[str]] = {}
-    singles = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(
-                folder / f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Rows"]
-            )
-            uid = str(ds.get("SeriesInstanceUID", "") or "")
-        except Exception:  # noqa: BLE001 - a broken file is read (and reported) on its own
-            uid = ""
-        if uid:
-            groups.setdefault(uid, []).append(f)
-        else:
-            singles.append(f)
-    multi = [groups[u] for u in sorted(groups) if len(groups[u]) > 1]
-    singles += [g[0] for g in groups.values() if len(g) == 1]
-    return multi, sorted(singles)
-
-
-def scan_folder(root: Path) -> tuple[list[str], list[str]]:
-    """Recursive scan: (image files, DICOM series refs).
-
-    A folder whose DICOM files share one series is one volume (ref = the folder); a folder with several
-    series gives ``folder::series/k`` refs; standalone DICOM files (e.g. radiographs) are single images.
-    """
-    images, series = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in MASK_DIRS)
-        d = Path(dirpath)
-        files = sorted(filenames)
-        dcm = [f for f in files if is_dicom_file(d / f)]
-        multi, singles = _series_groups(d, dcm) if len(dcm) > 1 else ([], dcm)
-        if len(multi) == 1:
-            series.append(str(d))
-        else:
-            series += [f"{d}{SERIES_REF}{k}" for k in range(len(multi))]
-        images += [str(d / f) for f in singles]
-        images += [
-            str(d / f)
-            for f in files
-            if f not in dcm and not f.startswith(".") and _has_ext(d / f, IMAGE_EXTS)
-        ]
-    return images, series
-
-
 def dicom_patient_ids(paths: list[str]) -> tuple[list[str], list[str]]:
     """(PatientID, StudyInstanceUID) per DICOM file or series folder, from the first header only.
 
@@ -330,7 +124,8 @@ def dicom_patient_ids(paths: list[str]) -> tuple[list[str], list[str]]:
     return pids, studies
 
 
-def _paths_manifest(root: Path, paths: list[str], modality: str | None) -> Manifest:
+def _paths_manifest(root: Path, paths: list[str], modality: str | None, scan: FolderScan) -> Manifest:
+    """A manifest of scanned paths; files the scan skipped become bad rows (listed by prepare)."""
     df = pd.DataFrame({"image": paths})
     dcm = [SERIES_REF in p or Path(p).is_dir() or is_dicom_file(Path(p)) for p in paths]
     if any(dcm):
@@ -338,7 +133,9 @@ def _paths_manifest(root: Path, paths: list[str], modality: str | None) -> Manif
         df["patient_id"], df["study_id"] = "", ""
         df.loc[dcm, "patient_id"] = pids
         df.loc[dcm, "study_id"] = studies
-    return from_dataframe(df, root, modality=modality, source=str(root))
+    m = from_dataframe(df, root, modality=modality, source=str(root))
+    m.bad_rows = m.bad_rows + skipped_rows(scan)
+    return m
 
 
 @IMPORTERS.register("folder", help="any folder: every image file, DICOM series folders become volumes")
@@ -347,11 +144,14 @@ def import_folder(arg: str, modality: str | None = None, **_: Any) -> Manifest:
     root = Path(arg).expanduser()
     if not root.is_dir():
         raise InputError(root, "not a folder")
-    images, series = scan_folder(root)
-    paths = sorted(images + series)
+    scan = scan_folder(root)
+    paths = sorted(scan.images + scan.series)
     if not paths:
-        raise InputError(root, f"no images found (looked for {', '.join(IMAGE_EXTS)} and DICOM series)")
-    return _paths_manifest(root, paths, modality)
+        why = f"; skipped: {scan.skipped[0][0]}: {scan.skipped[0][1]}" if scan.skipped else ""
+        raise InputError(
+            root, f"no images found (looked for {', '.join(IMAGE_EXTS)} and DICOM series){why}"
+        )
+    return _paths_manifest(root, paths, modality, scan)
 
 
 @IMPORTERS.register("dicom", help="DICOM folder tree: one case per series folder (or per single file)")
@@ -359,11 +159,11 @@ def import_dicom(arg: str, modality: str | None = None, **_: Any) -> Manifest:
     root = Path(arg).expanduser()
     if not root.is_dir():
         raise InputError(root, "not a folder")
-    images, series = scan_folder(root)
-    paths = sorted(series + [p for p in images if is_dicom_file(Path(p))])
+    scan = scan_folder(root)
+    paths = sorted(scan.series + [p for p in scan.images if is_dicom_file(Path(p))])
     if not paths:
         raise InputError(root, "no DICOM files found")
-    return _paths_manifest(root, paths, modality)
+    return _paths_manifest(root, paths, modality, scan)
 
 
 def _strip_nii(name: str) -> str:
@@ -498,6 +298,13 @@ def resolve_source(
             raise InputError(p, "not a folder, a manifest (.csv/.parquet) or a known file type")
         return _override(m, label_cols, modality)
     return _override(m, label_cols, modality)
+
+
+def default_size(m: Manifest, fallback: int = 224) -> int:
+    """prepare's 2D output size when --size is not given: the source's own for MedMNIST files, else 224."""
+    from medfm.data.medmnist import source_size
+
+    return source_size(m) or fallback
 
 
 def _override(m: Manifest, label_cols: list[str] | None, modality: str | None) -> Manifest:

@@ -23,9 +23,11 @@ An optional ``dataset.json`` next to the manifest describes it::
     {"label_columns": ["tb"], "task": "binary|multiclass|multilabel", "modality": "xray|ct|mr|us|other",
      "mask_labels": {"255": 1}, "label_classes": {"tb": [0, 1]}}
 
-Label values: integers are kept; strings become class indices in sorted order (recorded in
-``label_classes``); empty cells become -1 (unlabelled). Values outside a declared ``label_classes`` list,
-or other than 0/1 for a binary/multilabel task, are an error naming the column and rows.
+Label values (medfm.data.labels): integers are kept; strings become class indices in sorted order
+(recorded in ``label_classes``); empty cells become -1 (unlabelled). Values outside a declared
+``label_classes`` list, stray strings in a column of numbers (``0``, ``1``, ``maybe``), or values other than
+0/1 for a binary/multilabel task are an error naming the column and rows; ``--drop-bad-labels`` skips the
+first two kinds and lists them. The values found and their counts are kept in ``label_values``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medfm.data.labels import TASKS, encode_labels, label_like_columns, unused_label_warning
 from medfm.errors import ConfigError, InputError
+
+__all__ = ["TASKS", "Manifest", "from_dataframe", "load_manifest", "read_table"]
 
 STANDARD_COLUMNS = [
     "case_id",
@@ -80,7 +85,6 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-TASKS = ("binary", "multiclass", "multilabel")
 NPZ_REF = "::"  # "file.npz::train_images/12": item 12 of array train_images
 
 
@@ -104,6 +108,9 @@ class Manifest:
     # Rows skipped while reading (empty image, duplicate case id): {"row", "case_id", "error"}.
     bad_rows: list[dict[str, Any]] = field(default_factory=list)
     from_file: bool = False  # a user's manifest file (its paths are confined to its folder by prepare)
+    # Raw label values found and their counts, {column: {value: count}} ("" = unlabelled).
+    label_values: dict[str, dict[str, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the summary and the terminal
 
     def __len__(self) -> int:
         return len(self.df)
@@ -161,13 +168,26 @@ def read_dataset_json(manifest_path: str | Path) -> dict[str, Any]:
     return info
 
 
+def _declared_task(info: dict[str, Any], labels: list[str]) -> str | None:
+    """dataset.json's task, unless --labels chose a subset of its columns: then the task is inferred again
+    (one column picked from a multilabel set is a binary or multiclass task, not one-label multilabel)."""
+    declared = info.get("task")
+    if declared == "multilabel" and len(labels) == 1:
+        return None
+    return declared
+
+
 def load_manifest(
     path: str | Path,
     label_cols: list[str] | None = None,
     task: str | None = None,
     modality: str | None = None,
+    drop_bad_labels: bool | None = None,
 ) -> Manifest:
-    """Load and validate a manifest file (CSV/Parquet) plus its optional dataset.json."""
+    """Load and validate a manifest file (CSV/Parquet) plus its optional dataset.json.
+
+    drop_bad_labels: skip rows with stray label values instead of refusing (None: see labels.drop_bad_labels).
+    """
     path = Path(os.path.abspath(Path(path).expanduser()))  # rows are relative to its folder
     df = read_table(path)
     info = read_dataset_json(path)
@@ -178,13 +198,15 @@ def load_manifest(
         df,
         path.parent,
         label_columns=list(labels),
-        task=task or info.get("task"),
+        task=task or _declared_task(info, list(labels)),
         modality=modality if modality not in (None, "", "auto") else info.get("modality"),
         mask_labels=info.get("mask_labels"),
         label_classes=info.get("label_classes"),
         source=str(path),
+        drop_bad_labels=drop_bad_labels,
     )
     m.from_file = True
+    m.warnings += [unused_label_warning(c) for c in label_like_columns(list(m.df.columns), m.label_columns)]
     return m
 
 
@@ -228,61 +250,6 @@ def _norm_sex(v: Any) -> str:
     return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "W": "F"}.get(s, "O")
 
 
-def _encode_labels(
-    df: pd.DataFrame, cols: list[str], task: str | None, classes: dict[str, list[Any]], where: str
-) -> tuple[str, dict[str, list[Any]]]:
-    """Turn label columns into int class indices in place; returns (task, label_classes)."""
-    out_classes: dict[str, list[Any]] = {}
-    for col in cols:
-        raw = df[col]
-        filled = raw[~raw.map(_is_empty)]
-        declared = classes.get(col)
-        if declared is not None:
-            allowed = [str(c) for c in declared]
-            bad = filled[~filled.astype(str).isin(allowed)]
-            if len(bad):
-                rows = ", ".join(str(i + 2) for i in bad.index[:5])  # +2: header line and 1-based rows
-                raise InputError(
-                    where,
-                    f"unknown label value {bad.iloc[0]!r} in column '{col}' (rows {rows}); "
-                    f"expected one of {declared}",
-                )
-            lookup = {c: i for i, c in enumerate(allowed)}
-            out_classes[col] = list(declared)
-        else:
-            nums = pd.to_numeric(filled, errors="coerce")
-            if len(filled) and nums.notna().all() and (nums % 1 == 0).all() and (nums >= 0).all():
-                values = sorted(int(v) for v in nums.unique())
-                lookup = {str(v): v for v in values}
-                lookup.update({str(float(v)): v for v in values})
-                n_cls = max(values) + 1 if values else 0
-                out_classes[col] = list(range(max(n_cls, 2 if task in ("binary", "multilabel") else 0)))
-            else:
-                names = sorted(filled.astype(str).unique())
-                lookup = {c: i for i, c in enumerate(names)}
-                out_classes[col] = names
-        df[col] = [
-            (-1 if _is_empty(v) else lookup[str(v).strip() if isinstance(v, str) else str(v)]) for v in raw
-        ]
-    if task is None:
-        if len(cols) > 1:
-            task = "multilabel"
-        elif cols:
-            task = "binary" if len(out_classes[cols[0]]) <= 2 else "multiclass"
-    if task is not None and task not in TASKS:
-        raise ConfigError(f"{where}: task must be one of {', '.join(TASKS)}, not {task!r}")
-    if task in ("binary", "multilabel"):
-        for col in cols:
-            bad = df.index[~df[col].isin([-1, 0, 1])]
-            if len(bad):
-                rows = ", ".join(str(i + 2) for i in bad[:5])
-                raise InputError(
-                    where,
-                    f"unknown label value in column '{col}' (rows {rows}): a {task} task needs 0/1 labels",
-                )
-    return task or "", out_classes
-
-
 def from_dataframe(
     df: pd.DataFrame,
     root: str | Path,
@@ -292,6 +259,7 @@ def from_dataframe(
     mask_labels: dict | None = None,
     label_classes: dict[str, list[Any]] | None = None,
     source: str = "",
+    drop_bad_labels: bool | None = None,
 ) -> Manifest:
     """Validate a raw table and normalise it to a Manifest (used by load_manifest and the importers)."""
     root = Path(root)
@@ -362,20 +330,21 @@ def from_dataframe(
             }
         )
     df = df[~dup].reset_index(drop=True)
-    df = df.drop(columns="_row")
     df["sex"] = [_norm_sex(v) for v in df["sex"]]
     df["age"] = pd.to_numeric(df["age"].replace("", np.nan), errors="coerce")
     splits = []
-    for i, v in enumerate(df["split"]):
+    for r, v in zip(df["_row"], df["split"]):
         if _is_empty(v):
             splits.append("")
             continue
         s = SPLIT_ALIASES.get(str(v).strip().lower())
         if s is None:
-            raise InputError(where, f"row {i + 2}: unknown split {v!r} (use train, val or test)")
+            raise InputError(where, f"row {r}: unknown split {v!r} (use train, val or test)")
         splits.append(s)
     df["split"] = splits
-    task_out, classes = _encode_labels(df, label_columns, task, dict(label_classes or {}), where)
+    df, labels = encode_labels(df, label_columns, task, dict(label_classes or {}), where, drop_bad_labels)
+    bad_rows += labels.bad_rows
+    df = df.drop(columns="_row")
     from medfm.data.normalize import canonical_modality
 
     mod = canonical_modality(modality) if modality not in (None, "", "auto") else None
@@ -390,11 +359,12 @@ def from_dataframe(
         df=df.reset_index(drop=True),
         root=root,
         label_columns=label_columns,
-        task=task_out or None,
+        task=labels.task or None,
         modality=mod,
         mask_labels=mapping,
         mask_label_names=names,
-        label_classes=classes,
+        label_classes=labels.classes,
         source=where,
         bad_rows=sorted(bad_rows, key=lambda b: b["row"]),
+        label_values=labels.values,
     )

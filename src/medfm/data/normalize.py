@@ -62,29 +62,50 @@ def guess_modality(array: np.ndarray, meta: dict, spatial_dims: int) -> str:
     return "other"
 
 
+SCALINGS = ("window", "percentile", "minmax")
+
+
+def scale_intensity(
+    array: np.ndarray,
+    method: str,
+    window: tuple[float, float] = (-1000.0, 1000.0),
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> np.ndarray:
+    """Scale intensities to [0, 1] float32: a fixed "window" (low, high), robust "percentile" or "minmax"."""
+    a = np.asarray(array, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError("image has NaN or infinite values")
+    if method == "window":
+        lo, hi = float(window[0]), float(window[1])
+    elif method == "percentile":
+        lo, hi = (float(v) for v in np.percentile(a, percentiles))
+    elif method == "minmax":
+        lo, hi = float(a.min()), float(a.max())
+    else:
+        raise ConfigError(f"unknown intensity scaling {method!r}; known: {SCALINGS}")
+    if hi <= lo:  # constant image: keep it (all zeros) rather than divide by zero
+        return np.zeros_like(a)
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
+
+
 def normalize_intensity(
     array: np.ndarray,
     modality: str,
     window: tuple[float, float] = (-1000.0, 1000.0),
     percentiles: tuple[float, float] = (0.5, 99.5),
 ) -> np.ndarray:
-    """Scale intensities to [0, 1] float32, per modality.
+    """Scale intensities to [0, 1] float32 by modality alone (the rule of stores prepared before 2026-12).
 
-    CT: clip to a fixed HU window (comparable across scanners). MR: robust percentile clip (MR has no
-    absolute scale). X-ray/US/other: min-max for 8-bit data (already display-ready), percentiles otherwise.
+    CT: the HU window, MR: percentiles, X-ray/US/other: min-max for 8-bit, percentiles otherwise. It trusts
+    the modality: prepare uses medfm.data.preprocess.normalisation_for, which also checks the values are HU.
     """
-    a = np.asarray(array, dtype=np.float32)
-    if not np.isfinite(a).all():
-        raise ValueError("image has NaN or infinite values")
     if modality == "ct":
-        lo, hi = float(window[0]), float(window[1])
+        method = "window"
     elif modality == "mr" or np.asarray(array).dtype != np.uint8:
-        lo, hi = (float(v) for v in np.percentile(a, percentiles))
+        method = "percentile"
     else:
-        lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:  # constant image: keep it (all zeros) rather than divide by zero
-        return np.zeros_like(a)
-    return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
+        method = "minmax"
+    return scale_intensity(array, method, window, percentiles)
 
 
 def to_channels(array: np.ndarray, channels: int) -> np.ndarray:

@@ -8,6 +8,9 @@ quantisation).
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,14 @@ DEFAULT_SPEC: dict[str, Any] = {
     "dtype": "auto",
     "modality": None,  # None: per-case guess (guess_modality); else forced for every case
     "mask_labels": None,
+    # "auto": per case, see normalisation_for; "legacy": by modality alone (stores written before this key);
+    # "window" / "percentile" / "minmax": forced for every case.
+    "normalisation": "auto",
 }
+PERCENTILES = (0.5, 99.5)
+NORMALISATIONS = ("auto", "legacy", *nz.SCALINGS)
+_PICTURES = ("png", "jpeg", "tiff", "bmp")  # never HU: display pictures
+_NOTE = "note_normalisation"
 
 
 def make_spec(**values: Any) -> dict[str, Any]:
@@ -42,6 +52,8 @@ def make_spec(**values: Any) -> dict[str, Any]:
     for k, v in values.items():
         spec[k] = list(v) if isinstance(v, tuple) else v
     spec["version"] = SPEC_VERSION
+    if spec["normalisation"] not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {spec['normalisation']!r}; known: {NORMALISATIONS}")
     return spec
 
 
@@ -51,9 +63,12 @@ def preprocessing_of(store_root: str | Path) -> dict[str, Any]:
 
     summary = read_summary(store_root)
     if isinstance(summary.get("preprocessing"), dict):
-        return make_spec(**{k: v for k, v in summary["preprocessing"].items() if k in DEFAULT_SPEC})
+        # A store written before the key existed was normalised by modality alone: replay exactly that.
+        recorded = {k: v for k, v in summary["preprocessing"].items() if k in DEFAULT_SPEC}
+        return make_spec(**{"normalisation": "legacy", **recorded})
     settings = summary.get("settings") or {}
     values = {k: settings[k] for k in DEFAULT_SPEC if k in settings and k not in ("modality", "version")}
+    values["normalisation"] = "legacy"
     # Old stores record the *requested* modality ("auto") in settings; the resolved one is top-level.
     mod = settings.get("modality")
     if mod in (None, "auto"):
@@ -66,6 +81,105 @@ def modality_for(sample: Sample, spec: dict[str, Any]) -> str:
     """The modality whose normalisation applies to `sample`: the spec's forced one, else a guess."""
     arr = np.asarray(sample.array)
     return spec.get("modality") or nz.guess_modality(arr, sample.meta or {}, arr.ndim - 1)
+
+
+def _method_name(method: str, spec: dict[str, Any]) -> str:
+    if method == "window":
+        lo, hi = (float(v) for v in spec["window"])
+        return f"window {lo:g}..{hi:g} HU"
+    return f"percentile {PERCENTILES[0]:g}-{PERCENTILES[1]:g}" if method == "percentile" else "min-max"
+
+
+def _not_hu(arr: np.ndarray, meta: dict[str, Any]) -> str | None:
+    """Why the values are not CT Hounsfield units, or None when they look like HU."""
+    fmt = str(meta.get("format", "")).lower()
+    if fmt in _PICTURES:
+        return f"{fmt.upper()} source, not HU"
+    if arr.dtype in (np.uint8, np.bool_):
+        return "uint8 source, not HU"  # MedMNIST npz, 8-bit exports, masks
+    if meta.get("windowed"):
+        return "values already windowed to 0..1, not HU"
+    if arr.size and float(arr.min()) >= -50.0:
+        return "no values below -50 (air and fat are negative in HU), not HU"
+    return None
+
+
+def normalisation_for(sample: Sample, spec: dict[str, Any]) -> dict[str, str]:
+    """How `sample`'s intensities are scaled to [0, 1] and why: {"method", "normalisation", "reason"}.
+
+    The HU window applies only to CT whose values look like HU (not PNG/JPEG/TIFF, not uint8 arrays, some
+    values below -50); anything else is scaled min-max (8-bit data: already display-scaled) or by robust
+    percentiles. A "warning" key says when the values do not fit the modality.
+    """
+    arr = np.asarray(sample.array)
+    meta = sample.meta or {}
+    mod = modality_for(sample, spec)
+    policy = spec.get("normalisation", "auto")
+    if policy in nz.SCALINGS:
+        method, reason, warning = policy, "forced by the preprocessing spec", ""
+    elif policy == "legacy":
+        eight_bit = arr.dtype == np.uint8
+        method = "window" if mod == "ct" else ("percentile" if mod == "mr" or not eight_bit else "minmax")
+        reason, warning = f"{mod} (rule of stores prepared before normalisation was recorded)", ""
+    else:
+        method, reason, warning = _auto(arr, meta, mod)
+    out = {"method": method, "normalisation": _method_name(method, spec), "reason": reason}
+    if warning:
+        out["warning"] = f"{warning}; {out['normalisation']} used"
+    return out
+
+
+def _auto(arr: np.ndarray, meta: dict[str, Any], mod: str) -> tuple[str, str, str]:
+    """(method, reason, warning) of the "auto" policy."""
+    eight_bit = arr.dtype in (np.uint8, np.bool_)
+    span = f"{float(arr.min()):g}..{float(arr.max()):g} ({arr.dtype})" if arr.size else "empty"
+    if mod == "ct":
+        not_hu = _not_hu(arr, meta)
+        if not_hu is None:
+            return "window", "CT with values in HU", ""
+        return ("minmax" if eight_bit else "percentile"), not_hu, f"modality ct but values {span} are not HU"
+    if eight_bit:
+        return "minmax", "8-bit source, already display-scaled", ""
+    fmt = str(meta.get("format", "")).lower()
+    warning = ""
+    if arr.size and float(arr.min()) < -500 and fmt not in _PICTURES:
+        warning = f"modality {mod} but values {span} look like CT HU (pass --modality ct if they are)"
+    if mod == "mr":
+        return "percentile", "MR has no absolute intensity scale", warning
+    return "percentile", f"{arr.dtype} source, robust to outliers", warning
+
+
+def normalise(sample: Sample, spec: dict[str, Any]) -> np.ndarray:
+    """`sample`'s array scaled to [0, 1] float32 as prepare does; records what was done in sample.meta.
+
+    ``meta["note_normalisation"]`` says which normalisation and why (prepare copies notes and warnings into
+    the manifest's ``reader_notes``; normalisation_record tallies them for summary.json).
+    """
+    rec = normalisation_for(sample, spec)
+    if sample.meta is None:
+        sample.meta = {}
+    sample.meta[_NOTE] = f"{rec['normalisation']} ({rec['reason']})"
+    warnings = sample.meta.setdefault("warnings", [])
+    if "warning" in rec and rec["warning"] not in warnings:
+        warnings.append(rec["warning"])
+    return nz.scale_intensity(np.asarray(sample.array), rec["method"], tuple(spec["window"]), PERCENTILES)
+
+
+_NOTE_RE = re.compile(re.escape(_NOTE) + r": (.+?) \((.*?)\)(?=; |$)")
+
+
+def normalisation_record(spec: dict[str, Any], reader_notes: Iterable[str]) -> dict[str, Any]:
+    """`spec` plus ``normalisation_applied``: [{"normalisation", "reason", "cases"}], most cases first.
+
+    Written into summary.json "preprocessing" so a reader of the summary sees what was done and why;
+    preprocessing_of ignores it (replay re-decides per case with the same rule).
+    """
+    counts: Counter[tuple[str, str]] = Counter()
+    for notes in reader_notes:
+        counts.update(_NOTE_RE.findall(str(notes or "")))
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))  # most cases first, then by name
+    applied = [{"normalisation": name, "reason": reason, "cases": n} for (name, reason), n in ordered]
+    return dict(spec, normalisation_applied=applied)
 
 
 def _storage_dtype(spec: dict[str, Any], dims: int) -> str:
@@ -95,8 +209,7 @@ def preprocess_sample(
     dims = arr.ndim - 1
     if dims not in (2, 3):
         raise InputError(sample.path, f"unsupported array shape {arr.shape} (need (C, H, W) or (C, D, H, W))")
-    img = nz.normalize_intensity(arr, modality_for(sample, spec), window=tuple(spec["window"]))
-    img = nz.to_channels(img, int(spec["channels"]))
+    img = nz.to_channels(normalise(sample, spec), int(spec["channels"]))
     labels = _mask_labels(mask, sample, spec) if mask is not None else None
     if dims == 2:
         img = nz.resize_2d(img, int(spec["size"]), spec["resize_mode"])

@@ -3,6 +3,7 @@
 Layout of a prepared dataset directory::
 
     summary.json            format version, counts, image shape/dtype, label columns and task, skipped files
+                            (fields: medfm.data.summary.Summary; written by store_writer.StoreWriter)
     manifest.parquet        one row per kept case (see MANIFEST_COLUMNS) + label columns + provenance
     images/shard-00000.npy  (n, C, H, W) or (n, C, D, H, W); uint8 (value/255) or float16 (values as stored)
     masks/shard-00000.npy   (n, H, W) or (n, D, H, W) uint8 label maps (0 = background), when masks exist
@@ -15,8 +16,6 @@ interrupted run never leaves a half-written shard that looks finished.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,24 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from medfm.data.store_writer import StoreWriter, save_npy_atomic, shard_name, write_json_atomic
+from medfm.data.summary import FORMAT_VERSION, Summary, load_summary
 from medfm.errors import InputError
 
-FORMAT_VERSION = 1
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_COLUMNS",
+    "PreparedDataset",
+    "StoreWriter",
+    "Summary",
+    "load_summary",
+    "read_manifest",
+    "read_summary",
+    "save_npy_atomic",
+    "shard_name",
+    "write_json_atomic",
+]
+
 # Columns every manifest has (label columns and provenance columns come after these).
 MANIFEST_COLUMNS = [
     "case_id",
@@ -48,34 +62,9 @@ MANIFEST_COLUMNS = [
 ]
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.npy"
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Write an .npy file under a temporary name, fsync, then rename (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Atomic JSON write (temporary file + rename); one implementation for the whole project."""
-    from medfm.runs import write_json
-
-    write_json(path, obj)
-
-
 def read_summary(root: str | Path) -> dict[str, Any]:
-    root = Path(root)
-    p = root / "summary.json"
-    if not p.is_file():
-        raise InputError(root, "not a prepared dataset (no summary.json); run `medfm data prepare` first")
-    return json.loads(p.read_text())
+    """The validated summary.json of a prepared dataset, as a dict (see medfm.data.summary)."""
+    return load_summary(root).to_dict()
 
 
 def read_manifest(root: str | Path) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from medfm.eval.embedding_map import embed_2d
 from medfm.eval.evaluate import split_columns
 from medfm.eval.html import Report
 from medfm.eval.metrics import roc_points
-from medfm.runs import read_json
+from medfm.rundir import read_json
 
 _METHOD_TEXT = {
     "linear": "logistic regression on frozen, standardised features (C chosen on val)",
@@ -64,6 +64,25 @@ def _headline_runs(results: pd.DataFrame) -> pd.DataFrame:
     sub = results[results["regime"] == regime]
     top = sub[sub["budget"] == sub["budget"].max()]
     return top[top["seed"] == top["seed"].min()]
+
+
+def _saved_model_text(root: Path) -> str:
+    """What ``model/`` holds (``medfm adapt --save-model``), in words; "" when the run saved none."""
+    p = root / "model" / "config.json"
+    if not p.is_file():
+        return ""
+    try:
+        conf = read_json(p)
+    except Exception:  # a damaged model folder must not stop the report
+        return ""
+    thr = conf.get("threshold")
+    thr_text = ("argmax over classes" if thr is None else
+                f"threshold {', '.join(f'{float(t):.3f}' for t in thr)}" if isinstance(thr, list) else
+                f"threshold {float(thr):.3f}")
+    return (f"model/ holds the {conf.get('method', '?')} classifier of run {conf.get('run_id', '?')}, "
+            "chosen by validation AUROC among the methods that keep a model at the largest label budget "
+            f"({thr_text}, {conf.get('threshold_rule', 'given')}). Load it with medfm.load_run(\"model\"); "
+            "medfm.tasks.adapt.predict_store runs it over any prepared dataset.")
 
 
 def _examples(cfg: dict, preds: pd.DataFrame, task: str, names: list[str], n: int = 16,
@@ -186,6 +205,11 @@ def build_adapt_report(adapt_dir: str | Path, out: str | Path | None = None, tit
             r.add_text("Most confident correct (green) and incorrect (red) test cases; the number is the "
                        "model's confidence in its prediction.")
             r.add_figure(fig)
+
+    saved = _saved_model_text(root)
+    if saved:
+        r.add_heading("Saved model")
+        r.add_text(saved)
 
     if ci is not None and len(ci):
         r.add_heading("Bootstrap confidence intervals")

@@ -8,6 +8,7 @@ when present. ``medfm adapt`` writes such tables (predictions.parquet, with a ``
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def split_columns(df: pd.DataFrame, where: str | Path = "predictions") -> tuple[
                             f"y_<label>/p_<label> pairs (multi-label); found {cols[:8]}")
 
 
-def evaluate_table(df: pd.DataFrame, threshold: float | str = 0.5, n_boot: int = 1000, seed: int = 0,
-                   where: str | Path = "predictions") -> dict:
+def evaluate_table(df: pd.DataFrame, threshold: float | str | list[float] = 0.5, n_boot: int = 1000,
+                   seed: int = 0, where: str | Path = "predictions") -> dict:
     """Point metrics and bootstrap CIs for one set of predictions."""
     y, p, task, names = split_columns(df, where)
     if not np.isfinite(p).all():
@@ -72,20 +73,55 @@ def evaluate_table(df: pd.DataFrame, threshold: float | str = 0.5, n_boot: int =
     return out
 
 
-def evaluate_adapt_dir(adapt_dir: str | Path, threshold: float | str = 0.5, n_boot: int = 1000,
+RECORDED = "recorded"  # threshold setting: each adapt run's own (chosen on val when the run was made)
+
+
+def recorded_thresholds(adapt_dir: str | Path) -> dict[str, float | list[float]]:
+    """run_id -> the decision threshold the adapt run applied to test (results.csv ``threshold``: a number,
+    or a JSON list per label). Runs without one (or old tables without the column) are left out."""
+    import math
+
+    p = Path(adapt_dir) / "results.csv"
+    if not p.is_file():
+        return {}
+    res = pd.read_csv(p)
+    if "threshold" not in res or "run_id" not in res:
+        return {}
+    out: dict[str, float | list[float]] = {}
+    for rid, t in zip(res["run_id"].astype(str), res["threshold"]):
+        if isinstance(t, str) and t.strip().startswith("["):
+            out[rid] = [float(v) for v in json.loads(t)]
+        else:
+            try:
+                v = float(t)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(v):
+                out[rid] = v
+    return out
+
+
+def evaluate_adapt_dir(adapt_dir: str | Path, threshold: float | str = RECORDED, n_boot: int = 1000,
                        all_runs: bool = False, seed: int = 0, on_run=None) -> pd.DataFrame:
     """Recompute metrics of every run in an adapt directory; bootstrap CIs for the largest label budget of
-    each method and regime (seed 0), or for every run with ``all_runs``. Returns one row per run."""
+    each method and regime (seed 0), or for every run with ``all_runs``. Returns one row per run.
+
+    ``threshold``: "recorded" (default) applies each run's own threshold, the one the run chose on val and
+    applied to test (0.5 where a run recorded none), so the numbers match ``medfm adapt``'s; a number or
+    "youden" applies that to every run instead."""
     root = Path(adapt_dir)
     preds = read_predictions(root / "predictions.parquet")
+    recorded = recorded_thresholds(root) if threshold == RECORDED else {}
     runs = preds[["run_id", "method", "regime", "budget", "seed"]].drop_duplicates()
     largest = runs.groupby(["method", "regime"])["budget"].transform("max")
     runs = runs.assign(ci=all_runs | ((runs["budget"] == largest) & (runs["seed"] == runs["seed"].min())))
     rows = []
     for r in runs.itertuples(index=False):
-        res = evaluate_table(preds[preds["run_id"] == r.run_id], threshold, n_boot if r.ci else 0, seed,
+        thr = recorded.get(str(r.run_id), 0.5) if threshold == RECORDED else threshold
+        res = evaluate_table(preds[preds["run_id"] == r.run_id], thr, n_boot if r.ci else 0, seed,
                              where=root / "predictions.parquet")
         row = {"run_id": r.run_id, "method": r.method, "regime": r.regime, "budget": r.budget, "seed": r.seed,
+               "threshold": json.dumps(thr) if isinstance(thr, list) else thr,
                **{k: v for k, v in res["metrics"].items() if not k.startswith("auroc/")}}
         for k, ci in res.get("ci", {}).items():
             if "/" not in k:

@@ -10,7 +10,9 @@ from typing import Any
 from medfm.registry import Registry
 
 Section = Callable[[dict[str, Any], dict[str, Any]], str]
-SECTIONS: Registry[str] = Registry("model card section")
+# One section module per kind (or family of kinds), imported on the first lookup.
+SECTIONS: Registry[str] = Registry("model card section", providers=tuple(
+    f"medfm.modelcard.{m}" for m in ("encoder", "classifier", "clip", "segment")))
 
 NO_PATIENT_IDS = "unknown (no patient ids; sampling is per image)"
 

@@ -1,6 +1,7 @@
 """The encoder registry: ``create_encoder("vit_tiny", spatial_dims=3)``, ``list_encoders("vit*")``.
 
-Each family module registers its sizes with ``ENCODERS.register(name, help=...)``; every factory goes through
+Each family module registers its sizes with :func:`register_size` (imported on the first lookup, see
+:class:`medfm.registry.Registry`); every factory goes through
 :func:`build`, which rejects unknown options and records the full resolved config on ``encoder.config`` so the
 encoder can be rebuilt from JSON alone (``create_encoder(**encoder.config)``).
 """
@@ -14,7 +15,9 @@ from medfm.errors import ConfigError
 from medfm.models.base import Encoder
 from medfm.registry import Registry
 
-ENCODERS: Registry[Encoder] = Registry("encoder")
+# The family modules register their sizes; the registry imports them on the first lookup.
+ENCODERS: Registry[Encoder] = Registry(
+    "encoder", providers=tuple(f"medfm.models.{m}" for m in ("vit", "resnet", "convnext", "hybrid")))
 
 
 def _jsonable(v: Any) -> Any:
@@ -77,6 +80,3 @@ def list_encoders(pattern: str = "*") -> list[str]:
 def describe_encoder(name: str) -> str:
     return ENCODERS.describe(name)
 
-
-# The family modules register themselves on import; imported last because they import ENCODERS from here.
-from medfm.models import convnext, hybrid, resnet, vit  # noqa: E402, F401, I001

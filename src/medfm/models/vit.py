@@ -12,6 +12,8 @@ encoder on a visible subset of patches without touching its internals.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,13 +44,38 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        # Set by ``recording_attention``: a plain attribute, so state-dict keys are unchanged.
+        self.attn_record: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         # (3, B, heads, N, head_dim) in one reshape/permute; SDPA picks the fastest kernel available.
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if self.attn_record is None:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:  # SDPA does not return its weights; the explicit form computes the same attention
+            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+            self.attn_record.append(attn)
+            x = attn @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+@contextmanager
+def recording_attention(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the attention weights (B, heads, N, N) of every ``Attention`` in ``module``, in call order.
+
+    ``with recording_attention(enc) as attns: enc(x)`` — used by attention rollout; outside the block the
+    encoder runs the fused kernel again.
+    """
+    record: list[torch.Tensor] = []
+    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    for m in layers:
+        m.attn_record = record
+    try:
+        yield record
+    finally:
+        for m in layers:
+            m.attn_record = None
 
 
 class Mlp(nn.Module):

@@ -58,27 +58,6 @@ class DemoConfig:
                            fractions="0.5,1.0", seeds=1, adapt_steps=2, adapt_batch=8), **kw)
 
 
-def run_cli(args: list[str]) -> None:
-    """Run a `medfm` command in this process (usage errors become ConfigError).
-
-    Not used by the demo (it calls the library); kept only for pipeline/bench.py until that moves under
-    benchmarks/.
-    """
-    import click
-    from typer.main import get_command
-
-    from medfm.cli.app import app
-
-    try:
-        get_command(app).main(args=[str(a) for a in args], prog_name="medfm", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        if e.exit_code:
-            cmd = " ".join(map(str, args[:2]))
-            raise ConfigError(f"`medfm {cmd}` exited with code {e.exit_code}") from None
-    except click.ClickException as e:
-        raise ConfigError(f"`medfm {' '.join(map(str, args[:2]))}`: {e.format_message()}") from None
-
-
 def _prepare(src: str | Path, out: Path, size: int) -> Path:
     """`medfm data prepare SRC --out OUT --size SIZE` as a library call (same defaults)."""
     from medfm.data.prepare import PrepareConfig, prepare
@@ -92,15 +71,18 @@ def _prepare(src: str | Path, out: Path, size: int) -> Path:
 
 def stage_data(cfg: DemoConfig) -> Path:
     """A prepared dataset: the user's, an imported MedMNIST subset, or generated phantom chest X-rays."""
+    from medfm.data.summary import load_summary
+
     if cfg.data and not cfg.data.startswith("medmnist:"):
         p = Path(cfg.data)
         if not (p / "summary.json").is_file():
             raise ConfigError(f"--data {p}: not a prepared dataset (run `medfm data prepare` first) "
                               "or medmnist:NAME")
+        load_summary(p)  # a damaged summary is refused here, in one line, not deep in a later stage
         return p
     prepared = cfg.out / "prepared"
-    if (prepared / "summary.json").is_file():
-        return prepared
+    if (prepared / "summary.json").is_file() and load_summary(prepared).n_cases > 0:
+        return prepared  # an earlier run finished this stage
     if cfg.data:  # medmnist:NAME
         return _prepare(cfg.data, prepared, cfg.img_size)
     from medfm.data.phantom import write_phantom

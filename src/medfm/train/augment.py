@@ -6,6 +6,10 @@ makes a run reproducible and resumable whatever the number of workers.
 
 Deliberately absent: colour jitter and random greyscale (the images are grey), and flips by default
 (anatomy is lateralised: a flipped chest X-ray shows the heart on the wrong side).
+
+Three families share the module: single-image views (contrastive, MAE), batch-wise transforms of model inputs
+(CLIP, fine-tuning) and mask-aware transforms of an image with its label map (segmentation crops), which
+move both together and never interpolate the labels.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,15 +42,18 @@ def resize(img: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return out[0]
 
 
-def random_crop(img: torch.Tensor, size: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """A random ``size`` crop; axes smaller than ``size`` are zero-padded (centred) first."""
-    spatial = img.shape[1:]
+def pad_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad the last ``len(size)`` axes of ``x`` (centred) up to ``size``; larger axes are kept."""
     pad: list[int] = []
-    for s, t in zip(reversed(spatial), reversed(size)):
+    for s, t in zip(reversed(x.shape[x.ndim - len(size):]), reversed(size)):
         extra = max(0, t - s)
         pad += [extra // 2, extra - extra // 2]
-    if any(pad):
-        img = F.pad(img, pad)
+    return F.pad(x, pad) if any(pad) else x
+
+
+def random_crop(img: torch.Tensor, size: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """A random ``size`` crop; axes smaller than ``size`` are zero-padded (centred) first."""
+    img = pad_to(img, size)
     starts = [int(torch.randint(0, s - t + 1, (), generator=g)) for s, t in zip(img.shape[1:], size)]
     sl = tuple(slice(a, a + t) for a, t in zip(starts, size))
     return img[(slice(None), *sl)]
@@ -53,13 +61,7 @@ def random_crop(img: torch.Tensor, size: tuple[int, ...], g: torch.Generator) ->
 
 def center_crop(img: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Centre crop (zero-pad where smaller) to ``size``."""
-    spatial = img.shape[1:]
-    pad: list[int] = []
-    for s, t in zip(reversed(spatial), reversed(size)):
-        extra = max(0, t - s)
-        pad += [extra // 2, extra - extra // 2]
-    if any(pad):
-        img = F.pad(img, pad)
+    img = pad_to(img, size)
     starts = [(s - t) // 2 for s, t in zip(img.shape[1:], size)]
     return img[(slice(None), *(slice(a, a + t) for a, t in zip(starts, size)))]
 
@@ -302,3 +304,75 @@ FINETUNE_PRESETS: dict[str, BatchAugmentConfig | None] = {
     "light": BatchAugmentConfig(scale=(0.7, 1.0), rotate=10.0, contrast=0.1, brightness=0.1),
     "flip": BatchAugmentConfig(scale=(0.7, 1.0), rotate=10.0, hflip=True, contrast=0.1, brightness=0.1),
 }
+
+
+# ---- mask-aware transforms of an image and its label map (segmentation training crops) -------------------
+# Segmentation's crop stream draws from a numpy Generator seeded once per dataset (so its runs reproduce what
+# they did before the augmentation stacks were merged); the label map moves with the image, never resampled.
+@dataclass(frozen=True)
+class PairAugmentConfig:
+    """Random crop (``fg_prob`` of them centred on a foreground voxel) of an image + label map, then, with
+    ``augment``, a left-right flip of both (``flip``; off for lateralised anatomy) and an intensity jitter
+    ``img * U(1 ± contrast) + U(± brightness)`` clamped to [0, 1]."""
+
+    fg_prob: float = 0.5
+    augment: bool = True
+    flip: bool = True
+    contrast: float = 0.1
+    brightness: float = 0.05
+
+
+def crop_pair(
+    img: torch.Tensor,
+    mask: torch.Tensor,
+    size: tuple[int, ...],
+    rng: np.random.Generator,
+    fg_prob: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``size`` crop of a (C, *S) image and its (*S) label map, zero-padded (centred) where smaller.
+
+    With probability ``fg_prob`` (and any foreground) the crop is centred on a random foreground voxel, so
+    small structures are seen often enough."""
+    img, mask = pad_to(img, size), pad_to(mask, size)
+    spatial = img.shape[1:]
+    starts = [int(rng.integers(s - p + 1)) for p, s in zip(size, spatial)]
+    if fg_prob and rng.random() < fg_prob and bool(mask.any()):
+        fg = torch.nonzero(mask)
+        c = fg[int(rng.integers(len(fg)))].tolist()
+        starts = [min(max(0, ci - p // 2), s - p) for ci, p, s in zip(c, size, spatial)]
+    sl = tuple(slice(a, a + p) for a, p in zip(starts, size))
+    return img[(slice(None), *sl)], mask[sl]
+
+
+def flip_pair(
+    img: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator, p: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-right flip (last axis) of the image and its label map together, with probability ``p``."""
+    if rng.random() < p:
+        return img.flip(-1), mask.flip(-1)
+    return img, mask
+
+
+def jitter_intensity(
+    img: torch.Tensor, rng: np.random.Generator, contrast: float = 0.1, brightness: float = 0.05
+) -> torch.Tensor:
+    """``img * U(1 - contrast, 1 + contrast) + U(-brightness, brightness)``, clamped to [0, 1]."""
+    scale = float(rng.uniform(1 - contrast, 1 + contrast))
+    return (img * scale + float(rng.uniform(-brightness, brightness))).clamp(0, 1)
+
+
+def augment_pair(
+    img: torch.Tensor,
+    mask: torch.Tensor,
+    size: tuple[int, ...],
+    rng: np.random.Generator,
+    cfg: PairAugmentConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training crop of an image + label map under ``cfg`` (default PairAugmentConfig()), contiguous."""
+    cfg = cfg or PairAugmentConfig()
+    img, mask = crop_pair(img, mask, size, rng, cfg.fg_prob)
+    if cfg.augment:
+        if cfg.flip:
+            img, mask = flip_pair(img, mask, rng)
+        img = jitter_intensity(img, rng, cfg.contrast, cfg.brightness)
+    return img.contiguous(), mask.contiguous()

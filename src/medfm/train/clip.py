@@ -138,7 +138,7 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
     """Train on ``cfg.data`` and write the run directory ``cfg.out``; returns its path."""
     from torch.utils.data import DataLoader
 
-    from medfm.tasks.vlm.data import ImageTextDataset, collate
+    from medfm.data.pairs import ImageTextDataset, collate
 
     if not cfg.out:
         raise ConfigError("no output run directory given")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medfm.errors import InputError
-from medfm.runs import read_json, write_json
+from medfm.rundir import read_json, write_json
 
 RESUME = "resume"
 _OLD = ".resume.old"

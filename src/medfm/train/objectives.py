@@ -20,21 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from medfm.registry import Registry
+from medfm.train import OBJECTIVES  # the registry lives in the package: listing objectives needs no Lightning
 from medfm.train.config import PretrainConfig
-
-OBJECTIVES: Registry = Registry("objective")
 
 
 def get_objective(name: str) -> type:
-    """The objective class registered as ``name`` (imports the built-in ones first)."""
-    import importlib
-
+    """The objective class registered as ``name`` (the registry imports its module)."""
     from medfm.errors import ConfigError
-    from medfm.train import CATALOG
 
-    for module, _ in CATALOG.values():
-        importlib.import_module(module)  # registration side effect
     try:
         return OBJECTIVES.get(name)
     except KeyError as e:

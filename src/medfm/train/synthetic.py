@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medfm.data.store import FORMAT_VERSION, MANIFEST_COLUMNS, save_npy_atomic, shard_name, write_json_atomic
+from medfm.data.store import MANIFEST_COLUMNS
+from medfm.data.store_writer import StoreWriter
+from medfm.data.summary import Summary
 
 
 def synthetic_images(n: int, size: int, spatial_dims: int = 2, seed: int = 0) -> np.ndarray:
@@ -45,10 +47,11 @@ def write_synthetic_dataset(
 ) -> Path:
     """Write ``n`` synthetic images as a prepared dataset at ``root``; returns root."""
     root = Path(root)
+    writer = StoreWriter(root)
     imgs = synthetic_images(n, size, spatial_dims, seed)
     rows = []
     for s0 in range(0, n, shard_size):
-        save_npy_atomic(root / "images" / shard_name(s0 // shard_size), imgs[s0 : s0 + shard_size])
+        writer.write_shard(s0 // shard_size, imgs[s0 : s0 + shard_size])
     for i in range(n):
         pid = f"p{i // images_per_patient:04d}"
         rows.append(
@@ -69,21 +72,17 @@ def write_synthetic_dataset(
                 "orig_spacing": str([1.0] * spatial_dims),
             }
         )
-    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    root.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(root / "manifest.parquet", index=False)
-    write_json_atomic(
-        root / "summary.json",
-        {
-            "format_version": FORMAT_VERSION,
-            "n_cases": n,
-            "image_shape": [1] + [size] * spatial_dims,
-            "dtype": "uint8",
-            "spatial_dims": spatial_dims,
-            "label_columns": [],
-            "task": None,
-            "splits": {split: n},
-            "source": "medfm.train.synthetic",
-        },
+    writer.write_manifest(pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
+    writer.write_summary(
+        Summary(
+            n_cases=n,
+            image_shape=[1] + [size] * spatial_dims,
+            image_dtype="uint8",
+            spatial_dims=spatial_dims,
+            n_shards=(n + shard_size - 1) // shard_size,
+            shard_size=shard_size,
+            counts={"split": {split: n}},
+            source="medfm.train.synthetic",
+        )
     )
     return root

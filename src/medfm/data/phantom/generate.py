@@ -21,7 +21,7 @@ from medfm.data.phantom.cohort import FINDINGS, TAG_RENDER, TAG_REPORT, check_se
 from medfm.data.phantom.reports import make_report
 from medfm.data.phantom.sites import Site, make_sites
 from medfm.errors import ConfigError
-from medfm.runs import write_json
+from medfm.rundir import write_json
 
 KINDS = ("cxr", "ct3d")
 MASK_SETS = ("organs", "findings", "all")

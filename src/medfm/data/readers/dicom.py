@@ -81,6 +81,20 @@ def pixel_spacing(ds: Any) -> tuple[float, float] | None:
     return None
 
 
+def spacing_note(ds: Any) -> str:
+    """Why pixel_spacing(ds) found nothing usable, as a note ending in the fallback used."""
+    for kw in ("PixelSpacing", "ImagerPixelSpacing"):
+        raw = find(ds, kw)
+        if raw is None or raw == "":
+            continue
+        v = _floats(raw)
+        if v is None or len(v) != 2:
+            return f"{kw} {raw!s} is not two numbers; spacing set to 1.0"
+        bad = next(s for s in v if not s > 0)  # pixel_spacing refused it, so one value is not positive
+        return f"{kw} {bad:g} is not positive; spacing set to 1.0"
+    return "no PixelSpacing in header; spacing set to 1.0"
+
+
 def _age_years(value: Any) -> int | None:
     """DICOM AS ('060Y', '006M') to whole years, capped at 90 (HIPAA safe harbour groups older ages)."""
     s = str(value or "").strip().upper()
@@ -374,7 +388,7 @@ def read_dicom(
     arr = np.ascontiguousarray(arr)
     ps = pixel_spacing(ds)
     if ps is None:
-        meta["note_spacing"] = "no PixelSpacing in header; spacing set to 1.0"
+        meta["note_spacing"] = spacing_note(ds)
         ps = (1.0, 1.0)
     orientation = None
     if arr.ndim == 4:

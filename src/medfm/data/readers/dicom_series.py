@@ -26,6 +26,7 @@ from medfm.data.readers.dicom import (
     pixel_spacing,
     ras_affine,
     safe_meta,
+    spacing_note,
     values,
     window_of,
 )
@@ -97,14 +98,12 @@ def _order(
     ipps = [_floats(find(ds, "ImagePositionPatient")) for _, ds in items]
     if all(o and len(o) == 6 for o in iops) and all(p and len(p) == 3 for p in ipps):
         ref = np.array(iops[0])
-        bad = [
-            f.name
-            for (f, _), o in zip(items, iops, strict=True)
-            if np.abs(np.array(o) - ref).max() > _ORIENT_TOL
-        ]
-        if bad:
+        n_bad = sum(np.abs(np.array(o) - ref).max() > _ORIENT_TOL for o in iops)
+        if n_bad:
             raise InputError(
-                root, f"series mixes slice orientations (e.g. {bad[0]}); cannot stack into a volume"
+                root,
+                f"series mixes slice orientations ({n_bad} of {len(items)} slices differ from the first); "
+                "cannot stack into a volume",
             )
         row, col = ref[:3], ref[3:]
         normal = np.cross(row, col)
@@ -116,10 +115,12 @@ def _order(
             if abs(d[i] - d[keep[-1]]) > _DUP_TOL:
                 keep.append(i)
         if len(keep) < len(items):
-            meta["duplicate_slices"] = len(items) - len(keep)
-            dup = [items[i][0].name for i in range(len(items)) if i not in set(keep)]
+            # A count, never a file name: names in hospital archives often carry the patient's name.
+            n_dup = len(items) - len(keep)
+            meta["duplicate_slices"] = n_dup
             meta.setdefault("warnings", []).append(
-                f"{len(dup)} slice(s) at an already used position were dropped (e.g. {dup[0]})"
+                f"{n_dup} of {len(items)} slices share a position with another slice (within {_DUP_TOL} mm); "
+                "duplicates dropped, the first file (by name) at each position kept"
             )
         items, d = [items[i] for i in keep], d[keep]
         first = np.array(ipps[keep[0]])
@@ -220,7 +221,10 @@ def read_series(
     st = _floats(find(ds0, "SliceThickness"))
     if st:
         base["slice_thickness"] = st[0]  # recorded, but spacing comes from positions
-    ps = pixel_spacing(ds0) or (1.0, 1.0)
+    ps = pixel_spacing(ds0)
+    if ps is None:
+        meta["note_spacing"] = spacing_note(ds0)
+        ps = (1.0, 1.0)
     spacing = (float(dz), float(ps[0]), float(ps[1]))
     orientation = None
     if dirs is not None:

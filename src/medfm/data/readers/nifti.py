@@ -43,6 +43,19 @@ def _load(p: Path) -> Any:
         raise InputError(p, f"not a readable NIfTI file ({exc_text(e)})") from None
 
 
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why a voxel-to-world affine cannot orient the volume (zero, singular or non-finite), else None."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(a).all():
+        return "has NaN/Inf entries"
+    if not a.any():
+        return "is all zeros"
+    scale = np.linalg.norm(a, axis=0)
+    if scale.min() <= 1e-6 * max(float(scale.max()), 1e-12) or abs(np.linalg.det(a)) <= 1e-12:
+        return "is singular (an axis has zero length or two axes coincide)"
+    return None
+
+
 def probe_nifti(path: str | Path) -> dict[str, Any]:
     """Shape (C, D, H, W) and spacing from the header (no voxel decoding, no reorientation)."""
     p = check_file(path)
@@ -51,12 +64,16 @@ def probe_nifti(path: str | Path) -> dict[str, Any]:
     zooms = [float(z) for z in img.header.get_zooms()]
     c = shape[3] if len(shape) > 3 else 1
     spatial = (shape + (1, 1, 1))[:3]
-    return {
+    info: dict[str, Any] = {
         "format": "nifti",
         "shape": (c, spatial[2], spatial[1], spatial[0]),
         "spacing": (zooms[2] if len(zooms) > 2 else 1.0, zooms[1], zooms[0]),
         "dtype": str(img.get_data_dtype()),
     }
+    bad = affine_problem(img.affine)
+    if bad:  # probe reports, read refuses
+        info["note_affine"] = f"affine {bad}: read() will refuse this file"
+    return info
 
 
 def read_nifti(
@@ -75,6 +92,13 @@ def read_nifti(
     if len(shape) < 2 or len(shape) > 5:
         raise InputError(p, f"unsupported NIfTI dimensionality {shape}")
     check_voxels(p, shape, max_voxels)
+    bad = affine_problem(img.affine)
+    if bad:
+        # Refused rather than read with an identity: orientation and spacing would be invented, and an
+        # image and its mask could then be silently misaligned.
+        raise InputError(
+            p, f"NIfTI affine (sform/qform) {bad}: orientation and voxel spacing unknown; fix the header"
+        )
     if len(shape) == 5:  # (x, y, z, 1, c) vectors/tensors: fold the last two into channels
         img = nib.Nifti1Image(np.asanyarray(img.dataobj).reshape(*shape[:3], -1), img.affine, img.header)
     elif len(shape) == 2:

@@ -192,6 +192,8 @@ def read_npz(
         is_npy = f.read(6) == b"\x93NUMPY"
     if is_npy:
         meta["format"] = "npy"
+        if probe_npz(p)["dtype"] == "object":  # from the header: nothing is unpickled
+            raise InputError(p, "array holds Python objects; refusing to unpickle untrusted data")
         try:
             arr = np.load(p, allow_pickle=False, mmap_mode="r")
         except ValueError as e:

@@ -213,7 +213,8 @@ def predict(model: nn.Module, images: np.ndarray, task: str, ref_encoder: nn.Mod
 
 def fit_and_predict(ctx, model: Classifier, param_groups: list[dict], train_idx: np.ndarray, seed: int,
                     ref_encoder: nn.Module | None = None) -> dict:
-    """Train with the shared recipe (ctx.cfg), select on val, and predict val and test."""
+    """Train with the shared recipe (ctx.cfg), select on val, and predict val and test; the trained
+    ``encoder`` and ``head`` come back too (what a saved classifier holds)."""
     ref = ref_encoder if ref_encoder is not None else model.encoder
     cfg = ctx.cfg
     torch.manual_seed(seed)
@@ -233,7 +234,8 @@ def fit_and_predict(ctx, model: Classifier, param_groups: list[dict], train_idx:
             "test": predict(model, ctx.images["test"], ctx.task, ref),
             "info": {"final_loss": float(np.mean(losses[-5:])) if losses else math.nan,
                      "steps_planned": steps, "steps_run": out["steps_run"], "best_step": out["best_step"],
-                     "best_val": out["best_val"], "augment": cfg.augment if aug is not None else "none"}}
+                     "best_val": out["best_val"], "augment": cfg.augment if aug is not None else "none"},
+            "encoder": getattr(model, "encoder", None), "head": getattr(model, "head", None)}
 
 
 @ADAPTERS.register("finetune", help="full fine-tune: encoder (layer-wise lr decay) + head, AdamW, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
-from medfm.tasks.adapt.registry import ADAPTERS, feature_method, seed_independent
+from medfm.tasks.adapt.registry import ADAPTERS, feature_method, no_model, seed_independent
 
 
 def knn_predict(x_tr: np.ndarray, y_tr: np.ndarray, x: np.ndarray, task: str, n_out: int,
@@ -17,9 +17,10 @@ def knn_predict(x_tr: np.ndarray, y_tr: np.ndarray, x: np.ndarray, task: str, n_
     raw = clf.predict_proba(x)
     if task == "multilabel":
         # one (n, n_classes_j) array per label; a label seen with one value only has a single column
+        # (sklearn flattens a single label column, so wrap it back into one-label form)
+        raw, all_classes = (raw, clf.classes_) if isinstance(raw, list) else ([raw], [clf.classes_])
         cols = []
-        for j, pj in enumerate(raw):
-            classes = clf.classes_[j]
+        for pj, classes in zip(raw, all_classes, strict=True):
             cols.append(pj[:, list(classes).index(1)] if 1 in classes else np.zeros(len(x)))
         return np.stack(cols, axis=1)
     full = np.zeros((len(x), n_out))
@@ -30,6 +31,7 @@ def knn_predict(x_tr: np.ndarray, y_tr: np.ndarray, x: np.ndarray, task: str, n_
 @ADAPTERS.register("knn", help="k-nearest neighbours on frozen features (cosine, distance-weighted)")
 @feature_method
 @seed_independent
+@no_model
 def knn(ctx, train_idx: np.ndarray, seed: int) -> dict:
     f, y = ctx.features, ctx.labels["train"][train_idx]
     k = ctx.cfg.knn_k

@@ -92,4 +92,6 @@ def lora(ctx, train_idx: np.ndarray, seed: int) -> dict:
     if ctx.adapter_dir is not None:
         out["info"]["adapter"] = str(save_adapter(model, ctx.adapter_dir))
     out["info"]["trainable_params"] = int(sum(p.numel() for p in params))
+    merged = merge(model)  # a saved classifier holds plain weights (adapters folded in), no peft needed
+    out["encoder"], out["head"] = merged.encoder, merged.head
     return out

@@ -15,10 +15,11 @@ from typing import Any
 
 import pandas as pd
 
-from medfm.runs import read_json, write_json
+from medfm.rundir import read_json, write_json
 
 # settings that do not change any single run's result: which runs are planned, and housekeeping
-_NOT_IN_KEY = ("methods", "budgets", "seeds", "first_seed", "save_adapters", "feature_batch_size")
+_NOT_IN_KEY = ("methods", "budgets", "seeds", "first_seed", "save_adapters", "save_model",
+               "feature_batch_size")
 
 
 def experiment_key(cfg_dict: dict[str, Any], fingerprint: str, data_dir: str | Path,

@@ -1,8 +1,9 @@
 """Run the label-efficiency protocol: every method × label budget × seed, on a prepared dataset.
 
-Writes to ``out_dir``: results.csv/json (tidy: one row per run), summary.csv (mean ± sd over seeds),
-predictions.parquet (test-set probabilities of every run), features/ (cached frozen features),
-embeddings.npz (test features for the embedding map), adapters/ (LoRA), config.json.
+Writes to ``out_dir`` (a run directory of kind "adapt"): results.csv/json (tidy: one row per run), summary.csv
+(mean ± sd over seeds), predictions.parquet (test-set probabilities of every run), features/ (cached frozen
+features), embeddings.npz (test features for the embedding map), adapters/ (LoRA), config.json, and with
+``save_model`` model/ (the chosen classifier, a run of kind "classifier").
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,8 @@ from torch import nn
 from medfm.data.store import PreparedDataset, read_manifest, read_summary
 from medfm.errors import ConfigError, InputError
 from medfm.eval.metrics import classification_metrics, infer_task, youden_threshold
-from medfm.runs import environment, write_json
-from medfm.tasks.adapt import finetune, knn, linear, lora, lpft, prototype, scratch  # noqa: F401  (registers)
+from medfm.rundir import RunDir
+from medfm.tasks.adapt import linear
 from medfm.tasks.adapt.features import cached_features, encoder_fingerprint
 from medfm.tasks.adapt.partial import experiment_key, load_done, save_done
 from medfm.tasks.adapt.protocol import Budget, sample_labelled
@@ -36,7 +38,7 @@ class AdaptConfig:
     """Everything that defines an adaptation experiment (saved to config.json)."""
 
     methods: list[str] = field(default_factory=lambda: ["linear", "knn", "prototype"])
-    budgets: list[Budget] = field(default_factory=lambda: [Budget("fraction", 1.0)])
+    budgets: list[Budget] = field(default_factory=lambda: [Budget("fraction", 0.1), Budget("fraction", 1.0)])
     seeds: int = 3
     first_seed: int = 0  # seeds are first_seed .. first_seed + seeds - 1 (lets extra seeds run in parallel)
     knn_k: int = 20
@@ -65,6 +67,7 @@ class AdaptConfig:
     threshold: str = "youden"
     splits: tuple[str, str, str] = ("train", "val", "test")
     save_adapters: bool = True
+    save_model: bool = True  # the best method's model at the largest budget -> OUT/model (classifier run)
     feature_batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -105,6 +108,7 @@ class AdaptContext:
     adapter_dir: Path | None = None
     on_step: Any = None
     modality: str | None = None  # from the prepared dataset's summary; picks the augmentation
+    fingerprint: str = ""  # of the frozen encoder (cache and experiment key)
 
 
 def _load_split(root: Path, split: str) -> PreparedDataset:
@@ -217,9 +221,10 @@ def planned_runs(cfg: AdaptConfig) -> list[tuple[Budget, int, str]]:
     return out
 
 
-def _one_run(base: AdaptContext, test_ds: PreparedDataset, out: Path, budget: Budget, seed: int,
-             method: str, run_id: str) -> tuple[dict, pd.DataFrame]:
-    """Train/evaluate one (method, budget, seed): its result row and its test predictions."""
+def one_run(base: AdaptContext, test_ds: PreparedDataset, out: Path, budget: Budget, seed: int,
+            method: str, run_id: str) -> tuple[dict, pd.DataFrame, dict]:
+    """Train/evaluate one (method, budget, seed): its result row, its test predictions and the method's
+    output (val/test probabilities, info, and the trained ``head`` / ``encoder`` where it has them)."""
     cfg, task, names, labels, patients = base.cfg, base.task, base.label_names, base.labels, base.patients
     idx = sample_labelled(labels["train"], patients["train"], budget, seed)
     ctx = replace(base, adapter_dir=(out / "adapters" / run_id) if cfg.save_adapters else None)
@@ -239,25 +244,30 @@ def _one_run(base: AdaptContext, test_ds: PreparedDataset, out: Path, budget: Bu
            **{k: v for k, v in met.items() if k.startswith("auroc/")},
            "time_s": round(elapsed, 3),  # feature extraction (once) is in config.json
            "info": json.dumps(res.get("info", {}), default=str)}
-    return row, _pred_frame(run, test_ds, labels["test"], res["test"], task, names)
+    res["threshold"] = thr
+    return row, _pred_frame(run, test_ds, labels["test"], res["test"], task, names), res
 
 
-def run_adapt(encoder: nn.Module, data_dir: str | Path, out_dir: str | Path, cfg: AdaptConfig,
-              source: str = "", progress=None) -> pd.DataFrame:
-    """Run every method × budget × seed; write the tidy results table and predictions; return the table.
+def build_context(encoder: nn.Module, data_dir: str | Path, cfg: AdaptConfig, cache_dir: Path,
+                  progress=None, sites: list[str] | None = None
+                  ) -> tuple[AdaptContext, dict[str, PreparedDataset], float]:
+    """Load the splits (optionally only cases of ``sites``), images, labels and cached frozen features.
 
-    ``progress``: an optional rich Progress to show feature extraction and runs.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    Returns (context, datasets by split, seconds spent on features)."""
     ds = load_splits(data_dir, cfg.splits)
+    if sites is not None:
+        for s, d in ds.items():
+            keep = d.manifest["site"].astype(str).isin([str(x) for x in sites]) if "site" in d.manifest \
+                else np.zeros(len(d.manifest), bool)
+            d.manifest = d.manifest[keep].reset_index(drop=True)
+            if not len(d):
+                raise InputError(data_dir, f"no '{s}' cases at site(s) {', '.join(map(str, sites))}")
     labels = {s: d.labels() for s, d in ds.items()}
     task, n_out, names = _task_of(ds, labels)
     patients = {s: d.manifest["patient_id"].astype(str).to_numpy() for s, d in ds.items()}
     images = {s: _images(d) for s, d in ds.items()}
     encoder.eval()
     fp = encoder_fingerprint(encoder)
-
     features: dict[str, np.ndarray] = {}
     n_img = sum(len(v) for v in images.values())
     t_feat = progress.add_task("features (frozen encoder)", total=n_img) if progress else None
@@ -265,48 +275,102 @@ def run_adapt(encoder: nn.Module, data_dir: str | Path, out_dir: str | Path, cfg
     for s in ("train", "val", "test"):
         on_batch = (lambda n: progress.advance(t_feat, n)) if progress else None
         ids = ds[s].manifest["case_id"].to_numpy()
-        features[s], _ = cached_features(out / "features", fp, s, encoder, images[s], ids,
+        features[s], _ = cached_features(cache_dir, fp, s, encoder, images[s], ids,
                                          cfg.feature_batch_size, on_batch)
     if progress:
         progress.update(t_feat, completed=n_img)
-    feat_time = time.perf_counter() - t0
+    ctx = AdaptContext(encoder, task, n_out, names, images, labels, patients, features, cfg,
+                       modality=ds["train"].summary.get("modality"), fingerprint=fp)
+    return ctx, ds, time.perf_counter() - t0
+
+
+def run_adapt(encoder: nn.Module, data_dir: str | Path, out_dir: str | Path, cfg: AdaptConfig,
+              source: str = "", progress=None) -> pd.DataFrame:
+    """Run every method × budget × seed; write the tidy results table and predictions; return the table.
+
+    With ``cfg.save_model`` the best method (validation AUROC) at the largest label budget, first seed, is
+    saved as a classifier run in ``OUT/model``. ``progress``: an optional rich Progress.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base, ds, feat_time = build_context(encoder, data_dir, cfg, out / "features", progress)
+    fp = base.fingerprint
     test_m = ds["test"].manifest
     sites = test_m["site"].astype(str).tolist() if "site" in test_m else [""] * len(test_m)
-    np.savez(out / "embeddings.npz", features=features["test"], labels=labels["test"],
+    np.savez(out / "embeddings.npz", features=base.features["test"], labels=base.labels["test"],
              site=np.asarray(sites, dtype=str),
              case_id=np.asarray(test_m["case_id"].astype(str).tolist(), dtype=str))
 
     runs = planned_runs(cfg)
+    keep = set(model_candidates(cfg)) if cfg.save_model else set()
     t_runs = progress.add_task("adaptation runs", total=len(runs)) if progress else None
     cfg_dict = {**asdict(cfg), "budgets": [asdict(b) for b in cfg.budgets]}
     key = experiment_key(cfg_dict, fp, data_dir, {s: int(len(d)) for s, d in ds.items()})
-    base = AdaptContext(encoder, task, n_out, names, images, labels, patients, features, cfg,
-                        modality=ds["train"].summary.get("modality"))
-    rows, preds = [], []
+    rows, preds, kept = [], [], {}
     for budget, seed, method in runs:
-        run_id = f"{method}-{budget.regime}{budget.value:g}-seed{seed}"
-        done = load_done(out / "partial", run_id, key)
+        rid = run_id(method, budget, seed)
+        done = load_done(out / "partial", rid, key)
         if done is None:  # not finished by an earlier, interrupted job with the same settings
             if progress:
-                progress.update(t_runs, description=f"adapt {run_id}")
-            done = _one_run(base, ds["test"], out, budget, seed, method, run_id)
-            save_done(out / "partial", run_id, key, *done)
+                progress.update(t_runs, description=f"adapt {rid}")
+            row, pred, res = one_run(base, ds["test"], out, budget, seed, method, rid)
+            done = (row, pred)
+            save_done(out / "partial", rid, key, *done)
+            if (budget, seed, method) in keep:
+                kept[rid] = res
         rows.append(done[0])
         preds.append(done[1])
         if progress:
             progress.advance(t_runs)
     results = pd.DataFrame(rows)
-    results.to_csv(out / "results.csv", index=False)
-    write_json(out / "results.json", results.to_dict(orient="records"))
-    summarize(results).to_csv(out / "summary.csv", index=False)
-    pd.concat(preds, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
-    write_json(out / "config.json", {
-        "kind": "adapt", "source": source, "data": str(Path(data_dir).resolve()), "task": task,
-        "label_names": names, "n_out": n_out, "encoder": getattr(encoder, "config", {}),
+    run = RunDir(out, "adapt")
+    run.write_table("results.csv", results)
+    run.write_json("results.json", results.to_dict(orient="records"))
+    run.write_table("summary.csv", summarize(results))
+    run.write_table("predictions.parquet", pd.concat(preds, ignore_index=True))
+    run.write_config({
+        "source": source, "data": str(Path(data_dir).resolve()), "task": base.task,
+        "label_names": base.label_names, "n_out": base.n_out, "encoder": getattr(encoder, "config", {}),
         "encoder_fingerprint": fp, "feature_time_s": round(feat_time, 3),
+        "preprocessing": store_preprocessing(data_dir),
         "adapt": cfg_dict, "experiment_key": key,
-        "n": {s: int(len(d)) for s, d in ds.items()}, "environment": environment()})
+        "n": {s: int(len(d)) for s, d in ds.items()}})
+    if cfg.save_model:
+        from medfm.models.registry import ENCODERS
+        from medfm.tasks.adapt.single import save_best
+
+        name = (getattr(encoder, "config", None) or {}).get("name")
+        if name in ENCODERS:
+            save_best(base, ds, out, results, kept, data_dir)
+        else:  # a custom encoder the registry cannot rebuild: results stand, the model file cannot
+            warnings.warn(f"model not saved: encoder {name!r} is not in the encoder registry (see "
+                          "`medfm models list`), so a saved run could not be rebuilt", stacklevel=2)
     return results
+
+
+def run_id(method: str, budget: Budget, seed: int) -> str:
+    return f"{method}-{budget.regime}{budget.value:g}-seed{seed}"
+
+
+def model_candidates(cfg: AdaptConfig) -> list[tuple[Budget, int, str]]:
+    """The runs a saved model is chosen from: the largest label budget (fractions before shots), first seed,
+    methods that keep a model (kNN is a lookup over the training features, not a model)."""
+    fr = [b for b in cfg.budgets if b.regime == "fraction"] or list(cfg.budgets)
+    top = max(fr, key=lambda b: b.value)
+    return [(top, cfg.first_seed, m) for m in cfg.methods if not getattr(ADAPTERS.get(m), "no_model", False)]
+
+
+def store_preprocessing(data_dir: str | Path) -> dict[str, Any]:
+    """The preprocessing the store's images went through, for inference on raw files to replay ({} when
+    the store does not say: a synthetic store, or one written before it was recorded)."""
+    summary = read_summary(data_dir)
+    if isinstance(summary.get("preprocessing"), dict):
+        return dict(summary["preprocessing"])
+    if isinstance(summary.get("settings"), dict):
+        from medfm.data.preprocess import preprocessing_of
+
+        return preprocessing_of(data_dir)
+    return {}
 
 
 def summarize(results: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medfm.errors import InputError
+from medfm.train.augment import PairAugmentConfig, augment_pair
 
 
 @dataclass
@@ -66,7 +67,7 @@ def read_image(
     window and write masks aligned with the input's affine."""
     from medfm.data import normalize as nz
     from medfm.data.prepare import read_ref
-    from medfm.data.preprocess import load_input, modality_for
+    from medfm.data.preprocess import load_input, normalise
 
     sample = read_ref(str(ref))
     arr = np.asarray(sample.array)
@@ -74,8 +75,7 @@ def read_image(
     affine = np.asarray(sample.meta["affine"]) if "affine" in sample.meta else None
     if arr.ndim == 3:
         return load_input(ref, spec), tuple(sample.spacing), known, affine, sample
-    img = nz.normalize_intensity(arr, modality_for(sample, spec), window=tuple(spec["window"]))
-    img = nz.to_channels(img, int(spec["channels"])).astype(np.float32)
+    img = nz.to_channels(normalise(sample, spec), int(spec["channels"])).astype(np.float32)
     return torch.from_numpy(img), tuple(sample.spacing), known, affine, sample
 
 
@@ -215,7 +215,8 @@ def _from_prepared(
 
 
 class CropDataset(Dataset):
-    """Random crops (padded when smaller; half centred on foreground) + flips + intensity jitter.
+    """Random training crops of the pairs through ``medfm.train.augment.augment_pair``: padded when smaller,
+    ``fg_prob`` of them centred on foreground, then (with ``augment``) flips and intensity jitter.
 
     ``flip=False`` keeps left and right as they are (lateralised anatomy: on a chest X-ray the heart is on
     the image's right, and random mirroring makes the model under-segment the left lower lung)."""
@@ -230,9 +231,8 @@ class CropDataset(Dataset):
         fg_prob: float = 0.5,
         flip: bool = True,
     ) -> None:
-        self.images, self.masks, self.patch, self.augment = pairs.images, pairs.masks, tuple(patch), augment
-        self.flip = flip
-        self.fg_prob = fg_prob
+        self.images, self.masks, self.patch = pairs.images, pairs.masks, tuple(patch)
+        self.cfg = PairAugmentConfig(fg_prob=fg_prob, augment=augment, flip=flip)
         self.length = length or len(pairs)
         self.gen = np.random.default_rng(seed)
 
@@ -240,23 +240,6 @@ class CropDataset(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rng = self.gen
-        j = int(rng.integers(len(self.images))) if self.length != len(self.images) else i
-        img, m = self.images[j], self.masks[j]
-        pads = [max(0, p - s) for p, s in zip(self.patch, img.shape[1:])]
-        if any(pads):
-            pad = [v for p in reversed(pads) for v in (p // 2, p - p // 2)]
-            img, m = F.pad(img, pad), F.pad(m, pad)
-        starts = [int(rng.integers(s - p + 1)) for p, s in zip(self.patch, img.shape[1:])]
-        if self.fg_prob and rng.random() < self.fg_prob and bool(m.any()):
-            # centre on a random foreground voxel (small structures are otherwise rarely seen in a crop)
-            fg = torch.nonzero(m)
-            c = fg[int(rng.integers(len(fg)))].tolist()
-            starts = [min(max(0, ci - p // 2), s - p) for ci, p, s in zip(c, self.patch, img.shape[1:])]
-        sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch))
-        img, m = img[(slice(None),) + sl], m[sl]
-        if self.augment:
-            if self.flip and rng.random() < 0.5:
-                img, m = img.flip(-1), m.flip(-1)
-            img = (img * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.05, 0.05))).clamp(0, 1)
-        return {"image": img.contiguous(), "mask": m.contiguous()}
+        j = int(self.gen.integers(len(self.images))) if self.length != len(self.images) else i
+        img, m = augment_pair(self.images[j], self.masks[j], self.patch, self.gen, self.cfg)
+        return {"image": img, "mask": m}

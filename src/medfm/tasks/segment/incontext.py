@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from medfm.errors import ConfigError
+from medfm.tasks.segment.loop import train_steps
 from medfm.tasks.segment.metrics import dice_score
 from medfm.train.segmentation import seg_loss
 
@@ -112,33 +113,14 @@ def train_incontext(
     returns the loss curve."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    enc_ids = {id(p) for p in model.encoder.parameters()}
-    groups = [
-        {"params": [p for p in model.parameters() if id(p) not in enc_ids], "lr": lr},
-        {"params": [p for p in model.parameters() if id(p) in enc_ids], "lr": lr * encoder_lr_scale},
-    ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
-    loss_fn, hist = seg_loss(), []
-    model.train()
-    it = range(steps)
-    if progress:
-        from tqdm import tqdm
+    loss_fn = seg_loss()
 
-        it = tqdm(it, desc="in-context", leave=False)
-    for _ in it:
+    def step_loss() -> torch.Tensor:
         k = int(rng.integers(1, k_max + 1))
         q, qm, r, rm = sample_episodes(images, masks, labels, k, batch_size, rng, task_augment)
-        loss = loss_fn(model(q, r, rm), qm[:, None])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        hist.append(float(loss.detach()))
-    model.eval()
-    return hist
+        return loss_fn(model(q, r, rm), qm[:, None])
+
+    return train_steps(model, step_loss, steps, lr, encoder_lr_scale, "in-context", progress)
 
 
 @torch.no_grad()

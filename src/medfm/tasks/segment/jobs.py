@@ -184,6 +184,36 @@ def evaluate_prompts(
     return evaluate_box_prompts(net, pairs.images, pairs.masks)
 
 
+# the config fields each trainer takes as keyword arguments of the same name
+_PROMPT_TRAIN_OPTIONS = (
+    "steps", "batch_size", "lr", "jitter", "correction_rounds", "seed", "encoder_lr_scale"
+)
+_INCONTEXT_OPTIONS = ("steps", "batch_size", "lr", "task_augment")
+
+
+def _options(cfg: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: getattr(cfg, n) for n in names}
+
+
+def _save_trained(
+    net: torch.nn.Module,
+    kind: str,
+    cfg: Any,
+    pairs: Any,
+    hist: list[float],
+    out: str | Path,
+    head: dict[str, Any],
+    tail: dict[str, Any] | None = None,
+) -> Path:
+    """Write a trained promptable / in-context model: ``head`` (its architecture), the training options, the
+    preprocessing its images went through (replayed at inference), ``tail`` and the final loss."""
+    from medfm.tasks.segment.runs import save_run
+
+    conf = {**head, "train": asdict(cfg), "preprocessing": pairs.spec, **(tail or {}),
+            "final_loss": hist[-1] if hist else None}
+    return save_run(net, kind, conf, out)
+
+
 @dataclass
 class PromptTrainConfig:
     """Options of `medfm segment prompt-train` (architecture sizes included, so a run rebuilds from them)."""
@@ -210,7 +240,6 @@ def train_promptable_run(cfg: PromptTrainConfig, out: str | Path) -> Path:
     from medfm.models.seg.sam import build_promptable
     from medfm.tasks.segment.data import load_pairs
     from medfm.tasks.segment.prompts import train_promptable_steps
-    from medfm.tasks.segment.runs import save_run
     from medfm.tasks.segment.train import make_encoder
 
     pairs = load_pairs(cfg.data, cfg.split, None, cfg.img_size)
@@ -226,27 +255,10 @@ def train_promptable_run(cfg: PromptTrainConfig, out: str | Path) -> Path:
         iou_head_hidden_dim=cfg.prompt_dim,
     )
     hist = train_promptable_steps(
-        net,
-        pairs.images,
-        pairs.masks,
-        cfg.steps,
-        cfg.batch_size,
-        cfg.lr,
-        cfg.jitter,
-        cfg.correction_rounds,
-        seed=cfg.seed,
-        encoder_lr_scale=cfg.encoder_lr_scale,
-        progress=cfg.progress,
+        net, pairs.images, pairs.masks, **_options(cfg, _PROMPT_TRAIN_OPTIONS), progress=cfg.progress
     )
-    conf = {
-        "model": net.config,
-        "img_size": cfg.img_size,
-        "train": asdict(cfg),
-        "preprocessing": pairs.spec,
-        "n_train": len(pairs),
-        "final_loss": hist[-1] if hist else None,
-    }
-    return save_run(net, "promptable", conf, out)
+    head = {"model": net.config, "img_size": cfg.img_size}
+    return _save_trained(net, "promptable", cfg, pairs, hist, out, head, {"n_train": len(pairs)})
 
 
 @dataclass
@@ -274,7 +286,6 @@ def train_incontext_run(cfg: IncontextConfig, out: str | Path) -> Path:
     from medfm.models.seg.incontext import IncontextSegmenter
     from medfm.tasks.segment.data import load_pairs
     from medfm.tasks.segment.incontext import train_incontext
-    from medfm.tasks.segment.runs import save_run
     from medfm.tasks.segment.train import make_encoder
 
     if cfg.prior not in ("knn", "prototype"):
@@ -286,28 +297,12 @@ def train_incontext_run(cfg: IncontextConfig, out: str | Path) -> Path:
     )
     net = IncontextSegmenter(enc, dim=cfg.dim, feature_size=cfg.feature_size, prior=cfg.prior)
     hist = train_incontext(
-        net,
-        train.images,
-        train.masks,
-        cfg.train_labels,
-        cfg.steps,
-        cfg.batch_size,
-        lr=cfg.lr,
+        net, train.images, train.masks, cfg.train_labels, **_options(cfg, _INCONTEXT_OPTIONS),
         progress=cfg.progress,
-        task_augment=cfg.task_augment,
     )
-    conf = {
-        "encoder": enc.config,
-        "dim": cfg.dim,
-        "feature_size": cfg.feature_size,
-        "prior": cfg.prior,
-        "img_size": cfg.img_size,
-        "train_labels": cfg.train_labels,
-        "train": asdict(cfg),
-        "preprocessing": train.spec,
-        "final_loss": hist[-1] if hist else None,
-    }
-    return save_run(net, "incontext", conf, out)
+    arch = _options(cfg, ("dim", "feature_size", "prior", "img_size", "train_labels"))
+    head = {"encoder": enc.config, **arch}
+    return _save_trained(net, "incontext", cfg, train, hist, out, head)
 
 
 def evaluate_incontext_run(
@@ -337,3 +332,30 @@ def evaluate_incontext_run(
     if out is not None:
         write_evaluation(run, out, {"data": str(data), "incontext_eval": res})
     return res
+
+
+def incontext_run(
+    cfg: IncontextConfig | None,
+    run: str | Path | None,
+    data: str | Path,
+    out: str | Path,
+    test_labels: list[int] | None = None,
+    ks: tuple[int, ...] | list[int] = (1, 5),
+) -> tuple[Path, dict[str, dict[str, float]] | None]:
+    """`medfm segment incontext`: train ``cfg`` into ``out`` (``cfg`` None: use the trained ``run``), then,
+    with ``test_labels``, evaluate on them with each k in ``ks``. Returns (run, results or None).
+
+    Evaluated right after training, the results are part of the new run's own record (its metrics.json);
+    an existing run is only read and its evaluation goes to ``out``/metrics.json."""
+    from medfm.rundir import RunDir
+
+    if cfg is not None:
+        run = train_incontext_run(cfg, out)
+    if run is None:
+        raise ConfigError("give a training config or a trained in-context run")
+    if not test_labels:
+        return Path(run), None
+    res = evaluate_incontext_run(run, data, test_labels, list(ks), None if cfg is not None else out)
+    if cfg is not None:
+        RunDir(run, kind="incontext").write_metrics({"incontext_eval": res})
+    return Path(run), res

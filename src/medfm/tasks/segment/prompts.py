@@ -8,7 +8,6 @@ and outside it are the prompt, and the component is the target.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from medfm.errors import InputError
+from medfm.tasks.segment.loop import train_steps
 
 
 def components(mask: torch.Tensor, min_size: int = 4) -> list[torch.Tensor]:
@@ -165,33 +165,13 @@ def train_promptable_steps(
 ) -> list[float]:
     """Train on (N, C, H, W) images and (N, H, W) label maps with simulated prompts; returns losses."""
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    enc_ids = {id(p) for p in model.encoder.parameters()}
-    groups = [
-        {"params": [p for p in model.parameters() if id(p) not in enc_ids], "lr": lr},
-        {"params": [p for p in model.parameters() if id(p) in enc_ids], "lr": lr * encoder_lr_scale},
-    ]
-    opt = torch.optim.AdamW([gr for gr in groups if gr["params"]], weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
-    hist = []
-    model.train()
-    it = range(steps)
-    if progress:
-        from tqdm import tqdm
 
-        it = tqdm(it, desc="promptable", leave=False)
-    for _ in it:
+    def step_loss() -> torch.Tensor:
         idx = torch.from_numpy(rng.integers(len(images), size=min(batch_size, len(images))))
         target, points, boxes = _episode(masks[idx], rng, g, jitter)
-        loss = promptable_loss(model, images[idx], target, points, boxes, correction_rounds, g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        hist.append(float(loss.detach()))
-    model.eval()
-    return hist
+        return promptable_loss(model, images[idx], target, points, boxes, correction_rounds, g)
+
+    return train_steps(model, step_loss, steps, lr, encoder_lr_scale, "promptable", progress)
 
 
 @torch.no_grad()

@@ -161,14 +161,20 @@ def train_segmentation(cfg: SegTrainConfig, out: str | Path, pairs: SegPairs | N
 def dataset_class_names(data: str, num_classes: int) -> list[str]:
     """Foreground class names from a dataset.json "mask_labels" beside the data (phantoms, prepare), else
     class_1, class_2, ..."""
+    from medfm.data.summary import SUMMARY_FILE, load_summary
+
     root = Path(data) if data else None
-    names = {}
-    for cand in [root / "dataset.json", root / "summary.json", root.parent / "dataset.json"] if root else []:
-        if cand.is_file():
+    names: dict = {}
+    for cand in [root / "dataset.json", root / SUMMARY_FILE, root.parent / "dataset.json"] if root else []:
+        if not cand.is_file():
+            continue
+        if cand.name == SUMMARY_FILE:  # a prepared store: read (and validate) it the one way
+            names = load_summary(root).mask_label_names or {}
+        else:
             try:
                 info = json.loads(cand.read_text())
-                names = info.get("mask_labels") or info.get("mask_label_names") or {}
+                names = info.get("mask_labels") or {}
             except (json.JSONDecodeError, AttributeError):
                 names = {}
-            break
+        break
     return [str(names.get(str(k), f"class_{k}")) for k in range(1, num_classes)]

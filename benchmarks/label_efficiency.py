@@ -1,7 +1,8 @@
 """Shared steps of the label-efficiency benchmarks (benchmarks/bench_breastmnist.py, bench_tb.py).
 
-prepare real data with `medfm data prepare` -> pool the unlabelled training images -> `medfm pretrain mae`
--> every method x label budget x seed with medfm.tasks.adapt -> JSON + markdown tables.
+prepare real data (medfm.data.prepare, as `medfm data prepare`) -> pool the unlabelled training images
+into one store -> MAE pretraining (medfm.train.trainer, as `medfm pretrain mae`) -> every method x label
+budget x seed with medfm.tasks.adapt -> JSON + markdown tables. Benchmarks only: not part of the package.
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medfm.data.store import read_manifest, read_summary, save_npy_atomic, shard_name, write_json_atomic
-from medfm.pipeline.demo import run_cli
+from medfm.data.store import load_summary, read_manifest, shard_name
+from medfm.data.store_writer import StoreWriter
+from medfm.data.summary import Summary
+from medfm.errors import InputError
 
 
 def prepare(src: str | Path, out: Path, size: int, labels: str | None = None) -> Path:
+    """`medfm data prepare SRC --out OUT --size SIZE [--labels L]` (same defaults); skipped when done."""
+    from medfm.data.prepare import PrepareConfig
+    from medfm.data.prepare import prepare as prepare_store
+
     if not (out / "summary.json").is_file():
-        args = ["data", "prepare", src, "--out", out, "--size", size]
-        run_cli(args + (["--labels", labels] if labels else []))
+        cfg = PrepareConfig(size=size, labels=[c.strip() for c in labels.split(",")] if labels else None)
+        summary = prepare_store(src, out, cfg)
+        if summary["n_cases"] == 0:
+            raise InputError(src, f"no case could be prepared ({summary['n_skipped']} skipped)")
     return out
 
 
@@ -49,23 +58,30 @@ def merge_pool(prepared: list[Path], out: Path, splits: tuple[str, ...] = ("trai
     for c in ("study_id", "sex", "report", "source", "orig_shape", "orig_spacing"):
         df[c] = ""
     df["age"], df["has_mask"] = np.nan, False
-    save_npy_atomic(out / "images" / shard_name(0), images)
-    df.to_parquet(out / "manifest.parquet", index=False)
-    first = read_summary(prepared[0])
-    write_json_atomic(out / "summary.json", {
-        "format_version": first.get("format_version", 1), "n_cases": int(len(df)), "n_skipped": 0,
-        "spatial_dims": 2, "image_shape": list(images.shape[1:]), "image_dtype": str(images.dtype),
-        "n_shards": 1, "shard_size": int(len(df)), "has_masks": False, "label_columns": [], "task": None,
-        "sources": [str(p) for p in prepared]})
+    writer = StoreWriter(out)
+    writer.write_shard(0, images)
+    writer.write_manifest(df)
+    first = load_summary(prepared[0])
+    writer.write_summary(Summary(
+        format_version=first.format_version, n_cases=int(len(df)), spatial_dims=2,
+        image_shape=list(images.shape[1:]), image_dtype=str(images.dtype), n_shards=1,
+        shard_size=int(len(df)), preprocessing=first.preprocessing,
+        extra={"sources": [p.name for p in prepared]}))
     return out
 
 
 def pretrain(pool: Path, run: Path, steps: int, img_size: int, patch_size: int, encoder_args: str,
              batch_size: int = 64) -> Path:
+    """`medfm pretrain mae POOL --encoder vit_tiny ... --workers 0 --split train` as a library call."""
+    from medfm.train.config import PretrainConfig
+    from medfm.train.trainer import run_pretrain
+
     if not (run / "model.safetensors").is_file() or not (run / "metrics.json").is_file():
-        run_cli(["pretrain", "mae", pool, "--encoder", "vit_tiny", "--img-size", img_size, "--patch-size",
-                 patch_size, "--encoder-args", encoder_args, "--steps", steps, "--batch-size", batch_size,
-                 "--workers", 0, "--out", run, "--split", "train"])
+        cfg = PretrainConfig(objective="mae", data=[str(pool)], split="train", out=str(run),
+                             encoder="vit_tiny", img_size=img_size, patch_size=patch_size,
+                             encoder_kwargs=json.loads(encoder_args), steps=steps, batch_size=batch_size,
+                             workers=0)
+        run_pretrain(cfg)
     return run
 
 
