@@ -1,18 +1,18 @@
 """Lung segmentation on real chest X-rays (Shenzhen -> Shenzhen test, and -> all Montgomery, cross-site).
 
-Compares, for 10 / 50 / all labelled Shenzhen training images: a ViT encoder pretrained with MAE on
-Shenzhen training images (no labels) + UNETR decoder, the same from scratch, and a MONAI UNet baseline;
-plus a promptable (SAM-style) model on the pretrained encoder evaluated with one box per lung.
-Writes benchmarks/results/lung_seg.json and lung_seg.md. CPU-friendly defaults (128 px, few hundred steps).
+Compares, for 10 / 50 / all labelled Shenzhen training images: a ViT encoder pretrained by medfm's own MAE
+(``medfm.train.trainer.run_pretrain``, the library behind ``medfm pretrain mae``) on the Shenzhen training
+images (no labels) + UNETR decoder, the same ViT from scratch, and a MONAI UNet baseline; plus a promptable
+(SAM-style) model on the pretrained encoder evaluated with one box per lung. Writes
+benchmarks/results/lung_seg_medfm_mae.json and .md. CPU-friendly defaults (128 px, a few hundred steps).
 
-    .venv/bin/python benchmarks/bench_lung_seg.py [--pretrained RUN_DIR] [--steps 300] [--size 128]
+    .venv/bin/python benchmarks/bench_lung_seg.py [--pretrained RUN_DIR] [--mae-steps 300] [--steps 300]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import sys
@@ -22,77 +22,76 @@ from pathlib import Path
 import torch
 
 from medfm.paths import shared_data_dir
-from medfm.runs import environment, write_json
+from medfm.rundir import environment, write_json
 from medfm.tasks.segment.data import load_pairs
 from medfm.tasks.segment.infer import evaluate_model
 from medfm.tasks.segment.train import SegTrainConfig, build_model, fit, select_labels
 
 RESULTS = Path(__file__).parent / "results"
-ENC_KW = dict(embed_dim=192, depth=6, num_heads=3, patch_size=16)
+WORK = Path(__file__).parent / "work" / "lung_seg"  # prepared store + MAE run (git-ignored)
+ENC_KW = dict(embed_dim=192, depth=6, num_heads=3)
 
 
-def mini_mae(
-    images: torch.Tensor,
-    size: int,
-    steps: int,
-    seed: int = 0,
-    patch_size: int = 16,
-    batch_size: int = 16,
-    out: Path | None = None,
-) -> Path:
-    """Fallback when no `medfm pretrain mae` run exists: a small MAE (75% masking, pixel loss on masked
-    patches, linear decoder) on unlabelled images, saved as a medfm encoder run directory."""
-    from medfm.models.io import save_encoder
-    from medfm.models.registry import create_encoder
+def pretraining_store(data: Path, size: int, work: Path) -> Path:
+    """The Shenzhen training images (no masks, no labels) as a medfm prepared store at ``size`` px.
 
-    torch.manual_seed(seed)
-    enc = create_encoder("vit_tiny", img_size=size, **{**ENC_KW, "patch_size": patch_size})
-    p = patch_size
-    dec = torch.nn.Sequential(
-        torch.nn.Linear(enc.embed_dim, 128), torch.nn.GELU(), torch.nn.Linear(128, p * p)
-    )
-    mask_tok = torch.nn.Parameter(torch.zeros(1, 1, enc.embed_dim))
-    opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters(), mask_tok], lr=1.5e-3, weight_decay=0.05)
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = 1.5e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        x = images[torch.randint(len(images), (batch_size,), generator=g)]
-        tokens = enc.patch_tokens(x)  # (B, N, D)
-        b, n, d = tokens.shape
-        keep = n // 4
-        order = torch.rand(b, n, generator=g).argsort(1)
-        vis = order[:, :keep]
-        enc_out = enc.forward_tokens(torch.gather(tokens, 1, vis[..., None].expand(-1, -1, d)))[:, 1:]
-        full = mask_tok.expand(b, n, d).clone()
-        full.scatter_(1, vis[..., None].expand(-1, -1, d), enc_out)
-        pred = dec(full + enc.pos_embed_for(enc.grid))
-        target = x.unfold(2, p, p).unfold(3, p, p).reshape(b, -1, p * p)
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-        masked = torch.ones(b, n, dtype=torch.bool)
-        masked.scatter_(1, vis, False)
-        loss = ((pred - target) ** 2).mean(-1)[masked].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            print(f"mae step {step} loss {float(loss):.4f}", flush=True)
-    suffix = "" if size == 128 else f"_{size}"  # the 128 px runs kept their original names
-    out = Path(out) if out else RESULTS / "runs" / f"mini_mae_p{patch_size}{suffix}"
-    save_encoder(enc, out)
-    write_json(
-        out / "config.json",
+    Montgomery and the Shenzhen val/test images stay out, so the cross-site test never meets pretraining.
+    Resized by stretching, as the segmentation pairs are (``csv_spec``), so both see the same pixels."""
+    import pandas as pd
+
+    from medfm.data.prepare import PrepareConfig, prepare
+
+    store = work / f"store_sz_train_{size}"
+    if (store / "summary.json").is_file():
+        return store
+    df = pd.read_csv(data / "manifest.csv")
+    df = df[(df["site"] == "shenzhen") & (df["split"] == "train")]
+    work.mkdir(parents=True, exist_ok=True)
+    manifest = work / "sz_train_images.csv"
+    # neutral case ids: the source file names must not reach the store
+    pd.DataFrame(
         {
-            "objective": "mae (benchmark fallback)",
-            "steps": steps,
-            "batch_size": batch_size,
-            "data": f"{len(images)} Shenzhen training images at {size} px (no labels)",
-            "encoder": enc.config,
-            "seconds": round(time.time() - t0, 1),
-        },
+            "image": [str((data / p).resolve()) for p in df["image"]],
+            "case_id": [f"case{i:04d}" for i in range(len(df))],
+            "split": "train",
+        }
+    ).to_csv(manifest, index=False)
+    cfg = PrepareConfig(
+        size=size,
+        resize_mode="stretch",
+        allow_outside=[str(data.resolve())],
+        salt_file=str(work / "salt"),
     )
-    return out
+    prepare(manifest, store, cfg, progress=False)
+    return store
+
+
+def pretrain_mae(
+    data: Path, size: int, patch_size: int, steps: int, batch_size: int, work: Path = WORK
+) -> Path:
+    """medfm's MAE (``run_pretrain``, the library of ``medfm pretrain mae``) on the Shenzhen training images;
+    library defaults except the encoder size (ViT 192d/6), steps, batch and input size."""
+    from medfm.train.config import PretrainConfig
+    from medfm.train.trainer import run_pretrain
+
+    store = pretraining_store(data, size, work)
+    cfg = PretrainConfig(
+        objective="mae",
+        data=[str(store)],
+        split=None,
+        out=str(work / f"mae_p{patch_size}_{size}_s{steps}_b{batch_size}"),
+        encoder="vit_tiny",
+        img_size=size,
+        patch_size=patch_size,
+        encoder_kwargs=dict(ENC_KW),
+        batch_size=batch_size,
+        steps=steps,
+        accelerator="cpu",
+        devices="1",
+        ckpt_every=max(100, steps),
+        threads=torch.get_num_threads(),
+    )
+    return run_pretrain(cfg, progress=False)
 
 
 class LogitMean(torch.nn.Module):
@@ -126,14 +125,23 @@ def ensemble(
     return LogitMean(members), secs
 
 
-def recipe(model: torch.nn.Module, base: str, args: argparse.Namespace) -> str:
+def mae_label(run: str | None) -> str:
+    """How the pretrained encoder was made, from its run directory (medfm runs record their settings)."""
+    cfg = Path(run or "") / "config.json"
+    pre = json.loads(cfg.read_text()).get("pretrain", {}) if cfg.is_file() else {}
+    if pre.get("objective") != "mae":
+        return f"pretrained: {Path(run or '?').name}"
+    return f"medfm MAE {pre['steps']} steps x {pre['batch_size']}"
+
+
+def recipe(model: torch.nn.Module, base: str, args: argparse.Namespace, pre: str | None) -> str:
     """One-line description of a row's network and schedule (rows of several rounds share the table)."""
     flips = ", no flips" if args.no_flip else ""
     if base == "monai_unet":
         text = f"MONAI UNet, {args.size} px"
     else:
         cfg = model.encoder.config
-        init = "MAE-pretrained" if base == "pretrained" else "random init"
+        init = mae_label(pre) if base == "pretrained" else "random init"
         text = (
             f"ViT p{cfg['patch_size']} {cfg['embed_dim']}d/{cfg['depth']} ({init}) + "
             f"{model.decoder_name.upper()} fs{args.feature_size}, {args.size} px"
@@ -147,13 +155,16 @@ def recipe(model: torch.nn.Module, base: str, args: argparse.Namespace) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(shared_data_dir() / "cxr_lung_seg"))
-    ap.add_argument("--pretrained", default=None, help="MAE run dir; default: a quick built-in MAE")
+    ap.add_argument(
+        "--pretrained", default=None, help="encoder run dir; default: medfm MAE on Shenzhen train images"
+    )
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--mae-steps", type=int, default=600)
-    ap.add_argument("--mae-batch", type=int, default=16)
-    ap.add_argument("--patch-size", type=int, default=16, help="ViT patch of the built-in MAE / scratch")
-    ap.add_argument("--mae-only", action="store_true", help="only pretrain the built-in MAE, then exit")
+    ap.add_argument("--mae-steps", type=int, default=300)
+    ap.add_argument("--mae-batch", type=int, default=32)
+    ap.add_argument("--patch-size", type=int, default=8, help="ViT patch of the MAE / scratch encoder")
+    ap.add_argument("--mae-only", action="store_true", help="only run the MAE pretraining, then exit")
+    ap.add_argument("--workdir", default=str(WORK), help="prepared store + MAE run (reused when present)")
     ap.add_argument("--markdown-only", action="store_true", help="only rewrite the .md from the --out json")
     ap.add_argument("--prompt-steps", type=int, default=300)
     ap.add_argument("--labels", default="10,50,all")
@@ -180,7 +191,7 @@ def main() -> None:
         "their logits instead of training (train s = sum of the members' rows)",
     )
     ap.add_argument("--tta", action="store_true", help="also evaluate with flip TTA (+ post-processing)")
-    ap.add_argument("--out", default=str(RESULTS / "lung_seg.json"))
+    ap.add_argument("--out", default=str(RESULTS / "lung_seg_medfm_mae.json"))
     args = ap.parse_args()
     if args.markdown_only:
         write_markdown(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".md"))
@@ -203,7 +214,7 @@ def main() -> None:
             "encoder_lr_scale": args.encoder_lr_scale,
             "decoder": args.decoder,
             "postprocess": "keep the 2 largest components, fill holes (the *_pp columns)",
-            "encoder": ENC_KW,
+            "encoder": {**ENC_KW, "patch_size": args.patch_size},
             "hd95_units": "pixels of the 256 px grid (PNG has no spacing)",
             "environment": environment(),
         },
@@ -212,8 +223,8 @@ def main() -> None:
     if Path(args.out).is_file():
         old = json.loads(Path(args.out).read_text())
         res["runs"] = old.get("runs", [])
-        if "mae_seconds" in old.get("setup", {}):
-            res["setup"]["mae_seconds"] = old["setup"]["mae_seconds"]
+        if "mae" in old.get("setup", {}):
+            res["setup"]["mae"] = old["setup"]["mae"]
         res["commands"] = old.get("commands", [])
     cmd = " ".join([".venv/bin/python", "benchmarks/bench_lung_seg.py", *map(shlex.quote, sys.argv[1:])])
     if cmd not in res.setdefault("commands", []):
@@ -222,14 +233,26 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     if ("pretrained" in methods or args.prompt_steps or args.mae_only) and pre is None:
         t = time.time()
-        pre = str(
-            mini_mae(
-                train.images, args.size, args.mae_steps, patch_size=args.patch_size, batch_size=args.mae_batch
-            )
+        run = pretrain_mae(
+            Path(args.data), args.size, args.patch_size, args.mae_steps, args.mae_batch, Path(args.workdir)
         )
-        res["setup"]["mae_seconds"] = round(time.time() - t, 1)
-        print(f"mae: {pre} ({res['setup']['mae_seconds']} s)", flush=True)
+        here = Path.cwd()
+        # no machine-specific prefix in the results when the run lies under the working directory
+        pre = str(run.resolve().relative_to(here) if run.resolve().is_relative_to(here) else run)
+        metrics = json.loads((run / "metrics.json").read_text())
+        res["setup"]["mae"] = {
+            "library": "medfm.train.trainer.run_pretrain (medfm pretrain mae)",
+            "config": json.loads((run / "config.json").read_text())["pretrain"],
+            "steps": metrics["steps"],
+            "first_loss": metrics["first_loss"],
+            "final_loss_avg5": metrics["final_loss_avg5"],
+            "seconds_with_prepare": round(time.time() - t, 1),
+        }
+        res["setup"]["mae"]["config"]["data"] = ["Shenzhen training images (prepared store, no labels)"]
+        res["setup"]["mae"]["config"]["out"] = "(work dir)"
+        print(f"mae: {pre} ({res['setup']['mae']['seconds_with_prepare']} s)", flush=True)
         if args.mae_only:
+            write_json(args.out, res)
             return
     res["setup"]["pretrained_run"] = pre
     # "scratch" = the pretrained run's architecture, freshly initialised (a fair comparison)
@@ -281,7 +304,7 @@ def main() -> None:
                 "n_labels": len(sub),
                 "n_labels_requested": n,
                 "steps": f"{args.steps} x{len(args.ensemble.split(','))}" if args.ensemble else args.steps,
-                "recipe": recipe(model, base, args),
+                "recipe": recipe(model, base, args, pre),
                 "flip_augment": not args.no_flip,
                 "train_seconds": round(secs, 1),
                 "load_avg_1min_after": round(os.getloadavg()[0], 2),
@@ -340,45 +363,24 @@ def main() -> None:
     write_markdown(res, Path(args.out).with_suffix(".md"))
 
 
-OLD_VIT = "ViT p16 192d/6 ({}) + UNETR fs8, 128 px"
-
 NOTES = """Notes. SZ = Shenzhen test split (114), MC = all Montgomery (138, other hospital, never in
-training or pretraining). Method suffix = training steps (batch 8; evaluation on the 256 px masks with
-the logits upsampled). "pretrained" = a ViT pretrained by this script's built-in MAE (75% masking, per-
-patch normalised pixel loss, linear decoder) on the 396 Shenzhen training images (no labels) + a UNETR
-decoder, encoder lr x0.3; "scratch" = the same network from random init (encoder lr x1); monai_unet =
-MONAI UNet baseline (no encoder). The recipe column says which ViT (patch size p, width/depth) and
-decoder width (fs) a row used: rows of the earlier round use ViT p16 at 128 px (8x8 tokens), the current
-round ViT p8 (16x16 tokens, same width and depth; its MAE redone for p8: 600 steps, batch 32,
-benchmarks/results/runs/mini_mae_p8). Suffix nf = trained without the random left-right flip augmentation
-(--no-flip): on a chest X-ray the heart is on the image's right, and with flips the worst Shenzhen cases
-were mostly a missed lower left lung next to the heart. For nf rows the flip-TTA column mirrors images
-the model never saw mirrored, so read the pp column there. Suffix 800x2 = an ensemble (mean logits) of
-the _800 and _800nf models of the same method: two trainings, twice the training compute (train s is
-their sum) and twice the inference cost. pp = post-processing (keep the two largest connected components,
-fill holes: `evaluate_model(..., keep_components=2, fill_holes=True)`, CLI `medfm segment
-evaluate/predict --keep-components 2 --fill-holes`). tta = left-right flip test-time augmentation
-(`flip_tta=True`). HD95 in pixels of the 256 px grid (the PNGs carry no spacing). Promptable = SAM-style
-decoder on the p16 pretrained encoder, one box per lung, Dice at 128 px. Rows of the earlier round were
-timed on a shared CPU with ~8 other jobs (inflated); current rows on 1 thread beside one other job (the
-load average after each run is in lung_seg.json). The p8 MAE run was made with `.venv/bin/python
-benchmarks/bench_lung_seg.py --mae-only --patch-size 8 --mae-steps 600 --mae-batch 32`; the commands of
-the earlier round are in the git history of this file. Rows with "256 px" in the recipe (suffix _256)
-train and predict at the masks' native 256 px (no logit upsampling): ViT p16 (16x16 tokens, the same
-token count as p8 at 128 px) pretrained by the built-in MAE at 256 px (600 steps, batch 32,
-benchmarks/results/runs/mini_mae_p16_256, made with `--mae-only --size 256 --patch-size 16 --mae-steps
-600 --mae-batch 32`), no flips; MONAI UNet and scratch at 256 px are their equal-step references."""
+training or pretraining). Method suffix = training steps (batch 8; nf = no random left-right flips, the
+heart is on one side; evaluation on the 256 px masks with the logits upsampled). "pretrained" = a ViT
+pretrained by medfm's own MAE (`medfm.train.trainer.run_pretrain`, the library behind `medfm pretrain
+mae`; library defaults: 75% masking, per-patch normalised pixels, 2-block decoder of width 128, AdamW
+with warmup + cosine, random resized crops) on the 396 Shenzhen training images (no labels, prepared
+with `medfm.data.prepare` at the training size) + a UNETR decoder, encoder lr x0.3; the recipe column
+gives the MAE's steps x batch. "scratch" = the same network from random init (encoder lr x1);
+monai_unet = MONAI UNet baseline (no encoder). pp = keep the two largest connected components and fill
+holes (`evaluate_model(..., keep_components=2, fill_holes=True)`); tta = left-right flip test-time
+augmentation (for nf rows it mirrors images the model never saw mirrored: read pp there). HD95 in
+pixels of the 256 px grid (the PNGs carry no spacing). Train s = wall seconds on 1 thread of a 2-core
+CPU shared with other jobs (the load average after each run is in the json). The MAE settings, losses
+and wall time are under setup.mae in the json."""
 
 
 def row_recipe(r: dict) -> str:
-    if "recipe" in r:
-        return r["recipe"]
-    m = r["method"]
-    if m.startswith("monai_unet"):
-        return "MONAI UNet, 128 px"
-    if m.startswith("promptable"):
-        return "SAM-style decoder on MAE ViT p16, 128 px"
-    return OLD_VIT.format("random init" if m.startswith("scratch") else "MAE-pretrained")
+    return r.get("recipe", "-")
 
 
 def _dice(r: dict, key: str) -> float:
@@ -432,13 +434,26 @@ def status_lines(res: dict) -> list[str]:
     return out
 
 
+def mae_lines(mae: dict | None) -> list[str]:
+    if not mae:
+        return []
+    return [
+        f"MAE pretraining ({mae['library']}): {mae['steps']} steps x batch {mae['config']['batch_size']} "
+        f"at {mae['config']['img_size']} px, patch {mae['config']['patch_size']}, loss "
+        f"{mae['first_loss']:.3f} -> {mae['final_loss_avg5']:.3f}, {mae['seconds_with_prepare']} s "
+        "(prepare included)",
+    ]
+
+
 def write_markdown(res: dict, path: Path) -> None:
-    setup = {k: v for k, v in res["setup"].items() if k not in ("environment", "encoder", "pretrained_run")}
+    skip = ("environment", "encoder", "pretrained_run", "mae")
+    setup = {k: v for k, v in res["setup"].items() if k not in skip}
     lines = [
         "# Lung segmentation (Shenzhen train; Shenzhen test and all Montgomery)",
         "",
         f"Setup (last invocation; per-row network in the recipe column): {json.dumps(setup)}",
         f"Pretrained run of the last invocation: {res['setup'].get('pretrained_run')}",
+        *mae_lines(res["setup"].get("mae")),
         "",
         "| method | recipe | labelled | steps | Dice SZ | HD95 SZ | SurfDice SZ | Dice MC | HD95 MC "
         "| SurfDice MC | Dice SZ pp | HD95 SZ pp | Dice MC pp | HD95 MC pp | Dice SZ tta+pp "
@@ -458,7 +473,7 @@ def write_markdown(res: dict, path: Path) -> None:
             f"{bp.get('hd95_mm', nan):.1f} | {r.get('shenzhen_test_tta_pp', {}).get('dice', nan):.3f} | "
             f"{r.get('montgomery_tta_pp', {}).get('dice', nan):.3f} | {r['train_seconds']} |"
         )
-    lines += ["", NOTES, "", "Status (computed from the rows above):", *status_lines(res)]
+    lines += ["", res.get("notes", NOTES), "", "Status (computed from the rows above):", *status_lines(res)]
     if res.get("commands"):
         lines += ["", "Commands of the current round:", "", *("    " + c for c in res["commands"])]
     path.write_text("\n".join(lines) + "\n")

@@ -195,3 +195,15 @@ def test_one_label_picked_from_a_multilabel_set_is_not_multilabel(tmp_path, valu
     if task == "binary":
         assert load_manifest(tmp_path / "m.csv").task == "multilabel"
     assert load_manifest(tmp_path / "m.csv", label_cols=["a"]).task == task
+
+
+def test_trailing_legend_rows_are_bad_rows_not_labels(tmp_path):
+    """Issue 16 item 11: a spreadsheet export ending in a legend and a total line stays a binary task."""
+    for i in range(3):
+        (tmp_path / f"a{i}.png").write_bytes(b"x")
+    text = "image,label\na0.png,0\na1.png,1\na2.png,0\n\n# legend: 0 = normal, 1 = TB\nTotal,3\n"
+    (tmp_path / "m.csv").write_text(text)
+    m = load_manifest(tmp_path / "m.csv", label_cols=["label"])
+    assert m.task == "binary" and m.label_classes["label"] == [0, 1]
+    assert [b["row"] for b in m.bad_rows] == [6] and "comment row" in m.bad_rows[0]["error"]
+    assert dict(m.missing_files()).keys() == {"Total"}  # reported as a missing file when prepared

@@ -75,7 +75,7 @@ class CaseIds:
     def bad_row(self, entry: dict[str, Any]) -> dict[str, Any]:
         """A manifest row skipped while reading: its case id hashed (not recorded: it has no file)."""
         error = str(entry.get("error", ""))
-        if self.salt is not None and not entry.get("case_id"):
+        if self.salt is not None and not entry.get("case_id") and entry.get("row") == 0:
             # A file the folder scan skipped (pickled npz, link loop): give it an id of its own and a line
             # in the private map, so the user can still find it although the report names no path.
             path = error.partition(": ")[0]

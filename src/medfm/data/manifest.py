@@ -148,7 +148,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if path.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(path)
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False)
+        # Blank lines are dropped but keep their place in the index, so row numbers in messages stay the
+        # file's data-row numbers (line numbers, unless a quoted field spans lines).
+        return df[(df != "").any(axis=1)] if len(df.columns) else df
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad input file
         raise InputError(
             path, f"cannot read manifest table ({type(e).__name__}: {str(e).splitlines()[0]})"
@@ -286,7 +289,9 @@ def from_dataframe(
             where, f"label column(s) {missing} not in manifest (columns: {', '.join(df.columns)})"
         )
     # Bad rows are skipped and listed, never fatal: one typo must not stop a batch job.
-    df["_row"] = np.arange(2, len(df) + 2)  # file line: header is line 1
+    # file line: header is line 1 (read_table keeps blank lines' places in the index)
+    index = df.index.to_numpy()
+    df["_row"] = index + 2 if np.issubdtype(index.dtype, np.integer) else np.arange(2, len(df) + 2)
     bad_rows: list[dict[str, Any]] = []
     empty_img = df["image"].map(_is_empty)
     for r in df.loc[empty_img, "_row"]:
@@ -294,6 +299,13 @@ def from_dataframe(
             {"row": int(r), "case_id": "", "error": f"{where}: row {r}: empty 'image' (row skipped)"}
         )
     df = df[~empty_img].reset_index(drop=True)
+    # Spreadsheet exports often end with a legend or notes ("# 0 = normal, 1 = TB"): rows, not cases.
+    comment = df["image"].astype(str).str.lstrip().str.startswith("#")
+    for r in df.loc[comment, "_row"]:
+        bad_rows.append(
+            {"row": int(r), "case_id": "", "error": f"{where}: row {r}: comment row (row skipped)"}
+        )
+    df = df[~comment].reset_index(drop=True)
     for c in STANDARD_COLUMNS:
         if c not in df.columns:
             df[c] = np.nan if c == "age" else ""
@@ -342,6 +354,14 @@ def from_dataframe(
             raise InputError(where, f"row {r}: unknown split {v!r} (use train, val or test)")
         splits.append(s)
     df["split"] = splits
+    # A row whose image is not there (a "Total" line, a typo) is reported as a missing file when prepared;
+    # its label must not vote on the label set (a stray 3 would make a binary task four-class). When no
+    # file is there at all (a table checked before the images are copied) every row still votes.
+    gone = np.array([not Path(str(v).split(NPZ_REF)[0]).exists() for v in df["image"]], dtype=bool)
+    for c in label_columns:
+        if gone.any() and not gone.all():
+            df[c] = df[c].astype(object)
+            df.loc[gone, c] = ""
     df, labels = encode_labels(df, label_columns, task, dict(label_classes or {}), where, drop_bad_labels)
     bad_rows += labels.bad_rows
     df = df.drop(columns="_row")
