@@ -43,13 +43,6 @@ def ci(d: dict | None, nd: int = 3) -> dict | None:
             for k in ("value", "lo", "hi")}
 
 
-def fmt(d: dict | None) -> str:
-    d = ci(d) if d and "value" in d else d
-    if not d or d.get("value") is None:
-        return "n/a"
-    return f"{d['value']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]" if d.get("lo") is not None else f"{d['value']:.3f}"
-
-
 def audit(model: Path, stores: list[Path], out: Path, args, **kw) -> dict:
     """run_audit, or its cached audit.json."""
     from medfm.audit.run import AuditConfig, run_audit
@@ -73,7 +66,8 @@ def same_site_fpr(model: Path, store: Path, n_splits: int, n_perm: int, alpha: f
     from medfm.tasks.adapt.classifier import load_classifier, predict_store
 
     df, feats = predict_store(load_classifier(model), store, return_features=True)
-    pids = df["patient_id"].astype(str).to_numpy()
+    pids = df["patient_id"].astype(str)
+    pids = pids.where(pids.str.len() > 0, df["case_id"].astype(str)).to_numpy()  # no id: a case each
     uniq = np.unique(pids)
     p = {"mmd": [], "ks": []}
     for s in range(n_splits):
@@ -130,7 +124,8 @@ def part_tb(args, enc: Path, tb: dict[str, Path], breast: Path | None) -> dict:
         if src == "shenzhen" and breast is not None:
             res["ood_breastmnist_vs_cxr"] = {
                 e["score"]: {"auroc": round(e["auroc"], 3), "flagged": round(e["flagged_fraction"], 3)}
-                for e in doc["ood"]["scores"].values() if e["target"] == breast.name and e.get("auroc") is not None}
+                for e in doc["ood"]["scores"].values()
+                if e["target"] == breast.name and e.get("auroc") is not None}
         if src == "shenzhen":
             res["same_site_shift_fpr"] = same_site_fpr(model, tb[src], args.splits, args.n_perm)
     return res
@@ -161,7 +156,8 @@ def _site_fnr(doc: dict, group: str) -> tuple[dict, dict]:
     return g[group]["fnr"], {"value": -gap["value"], "lo": -gap["hi"], "hi": -gap["lo"]}
 
 
-def part_phantom(args, enc: Path, base: Path, pop: Path, coh: dict[str, Path], finds: dict[str, Path]) -> dict:
+def part_phantom(args, enc: Path, base: Path, pop: Path, coh: dict[str, Path],
+                 finds: dict[str, Path]) -> dict:
     from medfm.audit.fairness import subgroup_metrics
     from medfm.tasks.adapt.classifier import load_classifier, predict_store
 
@@ -179,9 +175,11 @@ def part_phantom(args, enc: Path, base: Path, pop: Path, coh: dict[str, Path], f
                                threshold=float(clf.threshold))
         true_gap = float(tab.loc["site_a", "fnr"] - tab.loc["site_b", "fnr"])
         res[f"flip_{name}"] = {
-            "audit_fnr_site_a": ci(fnr_a), "audit_fnr_gap_a_minus_b": ci(gap), "population_fnr_gap": round(true_gap, 3),
+            "audit_fnr_site_a": ci(fnr_a), "audit_fnr_gap_a_minus_b": ci(gap),
+            "population_fnr_gap": round(true_gap, 3),
             "population_n_pos": {k: int(tab.loc[k, "n_pos"]) for k in tab.index},
-            "within_0.05": bool(abs(gap["value"] - true_gap) <= 0.05), "ci_excludes_0": bool(gap["lo"] > 0 or gap["hi"] < 0),
+            "within_0.05": bool(abs(gap["value"] - true_gap) <= 0.05),
+            "ci_excludes_0": bool(gap["lo"] > 0 or gap["hi"] < 0),
             "n_test_pos": {r["group"]: r["n_pos"] for r in doc["fairness"]["site"]["groups"]},
             "threshold": float(clf.threshold)}
     res["flip_truth"] = {k: truth[k] for k in ("group_column", "group_value", "rate", "splits", "per_split")}
@@ -214,6 +212,9 @@ def pointing(args, enc: Path, finds: dict[str, Path]) -> dict:
     from medfm.audit.model_checks import resolve_methods
     from medfm.tasks.adapt.classifier import load_classifier
 
+    cache = args.work / f"pointing_n{args.n_point}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
     out = {}
     for f, store in finds.items():
         names = json.loads((store / "summary.json").read_text())["mask_label_names"]
@@ -230,6 +231,7 @@ def pointing(args, enc: Path, finds: dict[str, Path]) -> dict:
                       "mass_ratio": round(r.localisation.mass_ratio, 3), "n": r.localisation.n,
                       "randomisation_final_spearman": round(r.randomisation.final_spearman, 3)}
                   for m, r in a.methods.items()}
+    cache.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -276,8 +278,8 @@ def main() -> None:
     if "phantom" in parts:
         step("phantom")
         pop = data.phantom_store(w, "population", args.population_n, 1, s)
-        res["phantom"] = part_phantom(args, enc, base, pop, data.cohorts(w, base, args.flip_rate, args.marker_corr),
-                                      data.finding_stores(w, base))
+        coh = data.cohorts(w, base, args.flip_rate, args.marker_corr)
+        res["phantom"] = part_phantom(args, enc, base, pop, coh, data.finding_stores(w, base))
     wall = time.perf_counter() - t0
     import audit_md
 

@@ -45,3 +45,25 @@ def test_assemble_audit_sections_and_findings():
     assert "shortcut: site predictable" in text
     with pytest.raises(MedfmError, match="unknown audit section"):
         assemble_audit(fairnes=fair)
+
+
+def test_findings_state_gaps_and_drops_as_positive_sizes_with_ordered_cis():
+    """A negative FNR gap reads "lower by 0.4 [0.2, 0.6]", never "lower by -0.4"; an AUROC drop likewise."""
+    import re
+
+    from medfm.audit.report import summarize_findings
+    from medfm.audit.run import extra_findings
+
+    gap = {"value": -0.4, "lo": -0.6, "hi": -0.2}
+    doc = {"fairness": {"sex": {"reference": "M", "min_size": 30,
+                                "groups": [{"group": "F", "gap": {"fnr": gap}, "too_small": False}]}},
+           "cross_site": {"by_dataset": {"drops": [{"train_site": "a", "test_site": "b",
+                                                      "auroc_drop": {"value": -0.3, "lo": -0.41, "hi": -0.18}}]}}}
+    lines = summarize_findings(doc) + extra_findings(doc)
+    fair = next(x for x in lines if x.startswith("fairness sex=F"))
+    drop = next(x for x in lines if x.startswith("cross-site a -> b"))
+    assert "lower than M by 0.400 [0.200, 0.600]" in fair and "-" not in fair.split("by")[1]
+    assert "drops by 0.300 [0.180, 0.410]" in drop
+    for text in (fair, drop):
+        lo, hi = map(float, re.search(r"\[([\d.]+), ([\d.]+)\]", text).groups())
+        assert lo <= hi

@@ -38,7 +38,11 @@ def test_demo_tiny_end_to_end(tmp_path, monkeypatch):
     res = pd.read_csv(out / "adapt" / "results.csv")
     assert set(res["method"]) == {"linear", "prototype", "lora", "scratch"}
     assert res["auroc"].notna().all()
-    assert len(logs) == 4 and all(line.startswith("✓") for line in logs)
+    assert len(logs) == 5 and all(line.startswith("✓") for line in logs)
+    audit = json.loads((out / "audit" / "audit.json").read_text())  # the saved model, audited
+    assert audit["settings"]["label"] == "effusion"  # the phantom's model is multi-label: one label audited
+    assert {"shift", "fairness", "explanations"} <= set(audit) and (out / "audit" / "audit.html").is_file()
+    assert "audit/audit.html" in html
     timings = json.loads((out / "demo_timings.json").read_text())
     assert timings["total"] > 0
 

@@ -12,6 +12,7 @@ from medfm.data.phantom.cohorts import (
     draw_marker,
     flip_labels,
     plant_site_marker,
+    select_cases,
 )
 from medfm.data.prepare import PrepareConfig, prepare
 from medfm.data.store import PreparedDataset, read_manifest
@@ -83,6 +84,21 @@ def test_site_marker_follows_label_in_train_not_in_test(store, tmp_path):
     assert "phantom_site" in m.columns and set(m["phantom_site"]) <= {"site_a", "site_b", "site_c"}
     assert cohort_truth(tmp_path / "mark")["kind"] == "site_marker"
     assert cohort_truth(store) is None
+
+
+def test_select_cases_subsets_and_relabels(store, tmp_path):
+    src = read_manifest(store)
+    keep = (src["site"] == "site_b").to_numpy()
+    select_cases(store, tmp_path / "b", keep, label="effusion")
+    ds = PreparedDataset(tmp_path / "b")
+    assert len(ds) == keep.sum() and set(ds.manifest["site"]) == {"site_b"}
+    assert ds.label_columns == ["effusion"]
+    assert np.array_equal(ds.labels(), src.loc[keep, "effusion"].astype(int).to_numpy())
+    first = int(np.flatnonzero(keep)[0])
+    assert np.array_equal(ds.image_array(0), PreparedDataset(store).image_array(first))
+    assert np.array_equal(ds[0]["mask"].numpy(), PreparedDataset(store)[first]["mask"].numpy())
+    select_cases(store, tmp_path / "u", drop_labels=True)
+    assert PreparedDataset(tmp_path / "u").labels() is None
 
 
 def test_draw_marker_corners():

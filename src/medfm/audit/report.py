@@ -68,8 +68,10 @@ def summarize_findings(audit: Mapping) -> list[str]:
                 continue
             if gap["lo"] > 0 or gap["hi"] < 0:
                 word = "higher" if gap["lo"] > 0 else "lower"
+                # "lower by" a positive amount: a negative gap's CI is flipped (and its ends swapped)
+                size = gap if gap["lo"] > 0 else {"value": -gap["value"], "lo": -gap["hi"], "hi": -gap["lo"]}
                 out.append(f"fairness {attr}={row['group']}: FNR {word} than {res['reference']} by "
-                           f"{_fmt_ci(gap)}")
+                           f"{_fmt_ci(size)}")
         small = [r["group"] for r in res.get("groups", []) if r.get("too_small")]
         if small:
             out.append(f"fairness {attr}: {len(small)} group(s) under {res['min_size']} cases, not ranked")

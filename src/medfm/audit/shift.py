@@ -48,6 +48,8 @@ class ShiftResult:
 
 def _as_2d(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
+    if a.ndim == 0 or a.size == 0:
+        raise InputError(None, f"no cases to compare (an array of shape {a.shape})")
     return a.reshape(len(a), -1)
 
 

@@ -51,8 +51,9 @@ def _auroc(y: np.ndarray, p: np.ndarray) -> float:
     """Binary AUROC (torchmetrics: exact, ties handled, ~6x faster than sklearn's for bootstraps)."""
     if len(np.unique(y)) != 2:
         return math.nan
-    return float(binary_auroc(torch.from_numpy(np.asarray(p, dtype=np.float64)),
-                              torch.from_numpy(np.asarray(y, dtype=np.int64))))
+    # np.array copies: inputs may be read-only views (memory-mapped stores, pandas), which torch warns about
+    return float(binary_auroc(torch.from_numpy(np.array(p, dtype=np.float64)),
+                              torch.from_numpy(np.array(y, dtype=np.int64))))
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float | str = 0.5, n_bins: int = 10) -> dict:

@@ -1,4 +1,4 @@
-"""The medfm demo: phantom data -> prepare -> MAE pretraining -> few-label adaptation -> HTML report.
+"""The medfm demo: phantom data -> prepare -> MAE pretraining -> few-label adaptation -> audit -> HTML report.
 
 Each stage calls the library function behind a public medfm command (with that command's defaults), so
 the demo doubles as an integration check of the whole toolkit. Stages whose outputs exist are skipped on a
@@ -41,6 +41,12 @@ class DemoConfig:
     adapt_min_steps: int = 80
     adapt_max_steps: int = 120
     adapt_batch: int = 32
+    # the audit of the saved model: site shift, fairness, calibration, explanations (one label of a
+    # multi-label model; the first label when this one is not among them)
+    audit: bool = True
+    audit_label: str = "effusion"
+    audit_boot: int = 200
+    audit_explain: int = 4
 
     @classmethod
     def fast(cls, **kw) -> DemoConfig:
@@ -55,7 +61,8 @@ class DemoConfig:
         return replace(cls(n_cases=48, phantom_size=64, img_size=32,
                            encoder_args='{"depth": 1, "embed_dim": 32, "num_heads": 2}',
                            pretrain_steps=2, pretrain_batch=8, methods="linear,prototype,lora,scratch",
-                           fractions="0.5,1.0", seeds=1, adapt_steps=2, adapt_batch=8), **kw)
+                           fractions="0.5,1.0", seeds=1, adapt_steps=2, adapt_batch=8, audit_boot=20,
+                           audit_explain=2), **kw)
 
 
 def _prepare(src: str | Path, out: Path, size: int) -> Path:
@@ -125,6 +132,25 @@ def stage_adapt(cfg: DemoConfig, run: Path, data: Path, progress=None):
     return run_adapt(encoder, data, cfg.out / "adapt", acfg, source=str(run), progress=progress)
 
 
+def stage_audit(cfg: DemoConfig, data: Path, progress=None) -> Path | None:
+    """`medfm audit OUT/adapt/model DATA` as a library call: the saved model, audited on its own data
+    (shift between its sites, fairness by sex / age / site, calibration, explanations with sanity checks)."""
+    from medfm.audit.run import AuditConfig, run_audit
+    from medfm.rundir import open_run
+
+    model = cfg.out / "adapt" / "model"
+    if not (model / "config.json").is_file():
+        return None  # no method of this run keeps a model (e.g. kNN only): nothing to audit
+    conf = open_run(model).config()
+    label = None
+    if conf.get("task") == "multilabel":
+        classes = [str(c) for c in conf.get("classes") or []]
+        label = cfg.audit_label if cfg.audit_label in classes else classes[0]
+    acfg = AuditConfig(label=label, n_boot=cfg.audit_boot, n_perm=cfg.audit_boot, n_explain=cfg.audit_explain)
+    run_audit(model, [data], cfg.out / "audit", acfg, progress=progress)
+    return cfg.out / "audit" / "audit.html"
+
+
 def stage_report(cfg: DemoConfig, data: Path, minutes: float) -> Path:
     from medfm.eval.adapt_report import build_adapt_report
 
@@ -133,6 +159,9 @@ def stage_report(cfg: DemoConfig, data: Path, minutes: float) -> Path:
              f"({cfg.pretrain_steps} steps) on the unlabelled training images of {source}, then adapted "
              f"with few labels by several methods and compared with the same architecture trained from "
              f"scratch. Everything ran on this machine in {minutes:.1f} minutes.")
+    if (cfg.out / "audit" / "audit.html").is_file():
+        intro += (" The saved model's trust audit (shift between sites, fairness, calibration, explanations "
+                  "with sanity checks) is in audit/audit.html.")
     return build_adapt_report(cfg.out / "adapt", cfg.out / "report.html",
                               title="medfm demo: label efficiency", intro=intro)
 
@@ -144,7 +173,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress=None)
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_json(cfg.out / "demo_config.json", {k: str(v) for k, v in asdict(cfg).items()})
     t_start = time.perf_counter()
-    stages = progress.add_task("demo", total=4) if progress else None
+    stages = progress.add_task("demo", total=4 + int(cfg.audit)) if progress else None
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
 
@@ -167,6 +196,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress=None)
     data = step("data (phantom + prepare)", stage_data, cfg)
     run = step("MAE pretraining", stage_pretrain, cfg, data)
     step("adaptation (probe, kNN, prototypes, LoRA, scratch)", stage_adapt, cfg, run, data, progress)
+    if cfg.audit:
+        step("audit (site shift, fairness, calibration, explanations)", stage_audit, cfg, data, progress)
     report = step("report", stage_report, cfg, data, (time.perf_counter() - t_start) / 60)
     timings["total"] = round(time.perf_counter() - t_start, 1)
     timings["cpu_s"] = {**cpu, "total": round(sum(cpu.values()), 1)}

@@ -190,6 +190,50 @@ def plant_site_marker(store: str | Path, out: str | Path, correlation: float = 0
     return truth
 
 
+def select_cases(store: str | Path, out: str | Path, keep: np.ndarray | None = None,
+                 label: str | None = None, drop_labels: bool = False) -> Path:
+    """Copy the cases of ``store`` where ``keep`` (manifest order) is True into ``out``, optionally with a
+    different binary label column of the manifest as the label (e.g. another phantom finding), or with no
+    labels at all (``drop_labels``: the copy is audited in monitor mode). Shards are rewritten as one."""
+    root = Path(store)
+    summary = load_summary(root)
+    m = read_manifest(root).reset_index(drop=True)
+    keep = np.ones(len(m), bool) if keep is None else np.asarray(keep, bool)
+    if len(keep) != len(m) or not keep.any():
+        raise InputError(root, f"selection must mark some of the {len(m)} cases, got {int(keep.sum())} "
+                               f"of {len(keep)}")
+    if label is not None:  # metadata columns may be stored as text ("0"/"1")
+        vals = pd.to_numeric(m[label], errors="coerce") if label in m.columns else None
+        if vals is None or not vals.isin([0, 1]).all():
+            raise InputError(root, f"manifest column '{label}' is not a 0/1 label")
+        m[label] = vals.astype(np.int64)
+    sel = m[keep].reset_index(drop=True)
+    imgs = _shards(root, "images", int(summary.n_shards or 0))
+    msks = _shards(root, "masks", len(imgs)) if summary.has_masks else None
+    rows = list(zip(sel["shard"].astype(int), sel["index"].astype(int), strict=True))
+    w = StoreWriter(out)
+    w.write_shard(0, np.stack([imgs[k][j] for k, j in rows]),
+                  None if msks is None else np.stack([msks[k][j] for k, j in rows]))
+    sel["shard"], sel["index"] = 0, np.arange(len(sel))
+    cols = [label] if label is not None else ([] if drop_labels else list(summary.label_columns))
+    if drop_labels:
+        sel = sel.drop(columns=[c for c in summary.label_columns if c in sel.columns])
+    w.write_manifest(sel)
+    split_counts = sel["split"].astype(str).value_counts().sort_index().to_dict()
+    values = {c: sel[c].astype(int).astype(str).value_counts().sort_index().to_dict() for c in cols}
+    blob = json.dumps([summary.fingerprint, keep.tolist(), label, drop_labels]).encode()
+    w.write_summary(replace(
+        summary, n_cases=len(sel), n_skipped=0, skipped=[], n_shards=1, shard_size=len(sel),
+        label_columns=cols, task="binary" if cols else None,
+        label_classes={c: [0, 1] for c in cols}, label_values=values,
+        counts={"split": split_counts, "label": values,
+                "site": sel["site"].astype(str).value_counts().sort_index().to_dict() if "site" in sel
+                else {},
+                "with_mask": int(sel["has_mask"].fillna(False).sum()) if "has_mask" in sel else 0},
+        fingerprint=hashlib.sha256(blob).hexdigest()[:24]))
+    return Path(out)
+
+
 def cohort_truth(store: str | Path) -> dict[str, Any] | None:
     """The ground truth a cohort function recorded in ``store`` (None for an ordinary store)."""
     return load_summary(store).extra.get(COHORT_KEY)
