@@ -84,6 +84,6 @@ def test_cli_defaults_match_the_library():
     cli = {k: p.default.default for k, p in inspect.signature(audit).parameters.items()
            if hasattr(p.default, "default")}
     assert cli["attributes"] == ",".join(lib.attributes) and cli["explain"] == "" and lib.explain is None
-    assert cli["label"] == "" and lib.label is None
+    assert cli["label"] == "" and lib.label is None and cli["prompts"] == "" and lib.prompts is None
     for k in ("n_explain", "n_boot", "n_perm", "min_group", "per_site", "tent", "seed"):
         assert cli[k] == getattr(lib, k), k

@@ -57,8 +57,8 @@ def test_findings_state_gaps_and_drops_as_positive_sizes_with_ordered_cis():
     gap = {"value": -0.4, "lo": -0.6, "hi": -0.2}
     doc = {"fairness": {"sex": {"reference": "M", "min_size": 30,
                                 "groups": [{"group": "F", "gap": {"fnr": gap}, "too_small": False}]}},
-           "cross_site": {"by_dataset": {"drops": [{"train_site": "a", "test_site": "b",
-                                                      "auroc_drop": {"value": -0.3, "lo": -0.41, "hi": -0.18}}]}}}
+           "cross_site": {"by_dataset": {"drops": [{"train_site": "a", "test_site": "b", "auroc_drop": {
+               "value": -0.3, "lo": -0.41, "hi": -0.18}}]}}}
     lines = summarize_findings(doc) + extra_findings(doc)
     fair = next(x for x in lines if x.startswith("fairness sex=F"))
     drop = next(x for x in lines if x.startswith("cross-site a -> b"))

@@ -334,3 +334,27 @@ def test_cli_commands_end_to_end(trained, tmp_path):
     assert isinstance(res.exception, InputError) and "not a run directory" in str(res.exception)
     res = r.invoke(app, ["clip", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert isinstance(res.exception, InputError)
+
+
+def test_clip_run_is_audited_as_a_zero_shot_classifier(trained, tmp_path):
+    """Issue 18: `medfm audit` takes a CLIP run (zero-shot, one finding) with zero-shot's probabilities."""
+    from medfm.audit.run import AuditConfig, run_audit
+    from medfm.audit.zeroshot import zeroshot_classifier
+    from medfm.errors import InputError
+
+    m = trained["model"]
+    ds = ImageTextDataset(trained["data"], img_size=32)
+    x = torch.stack([ds.image(i) for i in range(len(ds))])
+    ref = evaluate_zeroshot(m, x, default_prompts(["effusion"]), None, ["effusion"])["probs"][:, 0]
+    clf = zeroshot_classifier(trained["run"], "effusion")
+    with torch.no_grad():
+        p = clf.predict_proba(x)[:, 1]
+    np.testing.assert_allclose(p.numpy(), np.asarray(ref), atol=1e-5)
+    with pytest.raises(InputError, match="give --label"):
+        zeroshot_classifier(trained["run"], None)
+    doc = run_audit(trained["run"], [trained["data"]], tmp_path / "audit",
+                    AuditConfig(label="effusion", n_boot=20, n_perm=20, n_explain=2, min_group=5))
+    assert doc["model"]["kind"] == "clip" and doc["model"]["method"] == "zero-shot"
+    assert doc["model"]["label"] == "effusion" and {"cross_site", "ood", "calibration"} <= set(doc)
+    (cell,) = doc["cross_site"]["by_dataset"]["cells"]
+    assert cell["internal"] and 0 <= cell["auroc"]["value"] <= 1

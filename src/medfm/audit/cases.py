@@ -85,16 +85,23 @@ def label_view(clf, label: str):
     return view
 
 
-def load_audited_model(model: str | Path, device: str | torch.device = "cpu", label: str | None = None):
+def load_audited_model(model: str | Path, device: str | torch.device = "cpu", label: str | None = None,
+                       prompts: str | None = None):
     """The classifier under audit; any other run kind is a one-line InputError naming the kinds accepted.
-    A multi-label classifier is audited one label at a time (``label``)."""
+    A multi-label classifier is audited one label at a time (``label``); a CLIP run as the zero-shot
+    classifier of the finding ``label`` (``prompts`` as in ``medfm zeroshot``)."""
     from medfm.rundir import open_run
     from medfm.tasks.adapt.classifier import load_classifier
 
     run = open_run(model)
+    if run.kind == "clip":
+        from medfm.audit.zeroshot import zeroshot_classifier
+
+        return zeroshot_classifier(run.path, label, prompts, device), run.config()
     if run.kind != "classifier":
         raise InputError(run.path, f"a '{run.kind}' run cannot be audited; the audit takes a 'classifier' "
-                                   "run (from `medfm adapt --save-model`, OUT/model)")
+                                   "run (from `medfm adapt --save-model`, OUT/model) or a 'clip' run "
+                                   "(zero-shot, with --label)")
     clf = load_classifier(run.path, device=device)
     if clf.task == "multilabel":
         if label not in clf.classes:

@@ -49,7 +49,8 @@ class AuditConfig:
     tent: bool = False
     seed: int = 0
     batch_size: int = 32
-    label: str | None = None  # the label audited, for a multi-label classifier (one at a time)
+    label: str | None = None  # the label audited: of a multi-label classifier, or a CLIP run's finding
+    prompts: str | None = None  # a CLIP run's zero-shot prompts: default, attributes or a JSON file
 
     def check(self) -> None:
         if self.n_boot < 1 or self.n_perm < 1:
@@ -88,7 +89,10 @@ def _dataset_info(c: Cases) -> dict:
 
 def _model_info(model: Path, conf: Mapping, clf) -> dict:
     enc = conf.get("encoder") or {}
-    return {"kind": "classifier", "name": model.name, "method": conf.get("method"),
+    enc = enc if isinstance(enc, Mapping) else {"name": enc}  # a CLIP run names its encoder by string
+    return {"kind": conf.get("kind", "classifier"), "name": model.name,
+            "method": conf.get("method") or getattr(clf, "method", None) or None,
+            "label": getattr(clf, "label_name", None),
             "encoder": enc.get("name"), "classes": clf.classes, "threshold": clf.threshold,
             "threshold_rule": conf.get("threshold_rule"),
             "training_data": [{k: d.get(k) for k in ("name", "split", "images", "sites")}
@@ -168,7 +172,7 @@ def run_audit(model: str | Path, datasets: list[str | Path], out: str | Path,
     if out.exists() and not out.is_dir():
         raise InputError(out, "output path is a file")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    clf, conf = load_audited_model(model, device, cfg.label)
+    clf, conf = load_audited_model(model, device, cfg.label, cfg.prompts)
     if cfg.n_explain:
         model_checks.resolve_methods(clf, cfg.explain)  # an unknown method fails now, not after the stats
     cases = load_cases(clf, list(datasets), cfg.batch_size, cfg.per_site, progress)

@@ -10,7 +10,9 @@ import typer
 _HELP = """Audit a classifier before it touches a patient: writes OUT/audit.json and a self-contained
 OUT/audit.html a clinician can read (flags first).
 
-MODEL is a classifier run (`medfm adapt` saves one as OUT/model). DATA are prepared datasets (`medfm
+MODEL is a classifier run (`medfm adapt` saves one as OUT/model; a multi-label one is audited one --label
+at a time) or a CLIP run (`medfm clip`), audited as the zero-shot classifier of the finding --label. DATA
+are prepared datasets (`medfm
 data prepare`): the first is the reference, the model's own data (its train split fits the OOD model, its
 val split the thresholds and the temperature, its test split is the internal evaluation); every further
 one is a target (another site or hospital, a new batch), all of whose cases are evaluated. A dataset
@@ -44,7 +46,8 @@ HELP = re.sub(r"(?<!\n)\n(?!\n)", " ", _HELP)
 
 
 def audit(
-    model: Path = typer.Argument(..., help="Classifier run directory (`medfm adapt` OUT/model)."),
+    model: Path = typer.Argument(..., help="Classifier run directory (`medfm adapt` OUT/model) or a CLIP "
+                                 "run (zero-shot, with --label)."),
     data: list[Path] = typer.Argument(..., help="Prepared datasets; the first is the reference."),
     out: Path = typer.Option(..., "--out", "-o", help="Output run directory (audit.json, audit.html, "
                              "figures/)."),
@@ -63,7 +66,10 @@ def audit(
     n_perm: int = typer.Option(200, help="Permutations of the MMD shift test."),
     seed: int = typer.Option(0, help="Random seed (bootstrap, permutations, case choice)."),
     label: str = typer.Option("", help="For a multi-label classifier: the label (finding) to audit; "
-                              "each label is audited on its own, with its own threshold."),
+                              "each label is audited on its own, with its own threshold. For a CLIP run: "
+                              "the finding whose zero-shot classifier is audited."),
+    prompts: str = typer.Option("", help="CLIP runs: zero-shot prompts (default, attributes, or a JSON "
+                                "file as for `medfm zeroshot`)."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: leave the default)."),
 ) -> None:
     import torch
@@ -76,7 +82,8 @@ def audit(
     cfg = AuditConfig(attributes=[a.strip() for a in attributes.split(",") if a.strip()],
                       explain=[m.strip() for m in explain.split(",") if m.strip()] or None,
                       n_explain=n_explain, n_boot=n_boot, n_perm=n_perm, min_group=min_group,
-                      per_site=per_site, tent=tent, seed=seed, label=label or None)
+                      per_site=per_site, tent=tent, seed=seed, label=label or None,
+                      prompts=prompts or None)
     with progress_bar() as p:
         doc = run_audit(model, list(data), out, cfg, progress=p)
     for name, d in doc["datasets"].items():
