@@ -126,6 +126,19 @@ def _phantom(p: dict) -> list[str]:
         for meth, r in methods.items():
             out.append(f"| {fnd} | {meth} | {f(r['pointing_game'])} | {f(r['pointing_chance'])} | "
                        f"{f(r['mass_ratio'])} | {r['n']} | {f(r['randomisation_final_spearman'])} |")
+    sup = p.get("pointing_game_supervised")
+    if sup:
+        out += ["", "(c2) The same pointing game for a model that has learnt each finding: ResNet-18 "
+                "(width 16) trained from scratch on it (AUROC is its test AUROC):", "",
+                "| finding | test AUROC | method | pointing game | chance | mass ratio | n | final rank "
+                "corr. |",
+                "|---|---|---|---|---|---|---|---|"]
+        for fnd, res in sup.items():
+            for meth, r in res.items():
+                if isinstance(r, dict):
+                    out.append(f"| {fnd} | {f(res['test_auroc'])} | {meth} | {f(r['pointing_game'])} | "
+                               f"{f(r['pointing_chance'])} | {f(r['mass_ratio'])} | {r['n']} | "
+                               f"{f(r['randomisation_final_spearman'])} |")
     return out
 
 

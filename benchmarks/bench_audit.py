@@ -201,14 +201,33 @@ def part_phantom(args, enc: Path, base: Path, pop: Path, coh: dict[str, Path],
         (g["site_plain"]["fnr"]["lo"] or 0) > (g["site_marked"]["fnr"]["hi"] or 1)
         or (g["site_marked"]["fpr"]["lo"] or 0) > (g["site_plain"]["fpr"]["hi"] or 1)))
     res["pointing_game"] = pointing(args, enc, finds)
+    if args.supervised_steps > 0:
+        res["pointing_game_supervised"] = pointing_supervised(args, finds)
     return res
 
 
-def pointing(args, enc: Path, finds: dict[str, Path]) -> dict:
-    """Per finding: a linear probe for it, maps on its positive test cases, pointing game against that
-    finding's own mask (the store's label map, id from summary.mask_label_names)."""
+def _pointing_one(clf, store: Path, f: str, n_point: int, kinds: list[str]) -> dict:
+    """Maps on the finding's positive test cases, pointing game against that finding's own mask (the
+    store's label map, id from summary.mask_label_names) and the randomisation test."""
     from medfm.audit.cases import as_float
     from medfm.audit.explain_audit import audit_explanations
+
+    names = json.loads((store / "summary.json").read_text())["mask_label_names"]
+    fid = int(next(k for k, v in names.items() if v == f))
+    imgs, masks, y = data.images_masks(store, "test", f)
+    pos = np.flatnonzero((y == 1) & ((masks == fid).reshape(len(masks), -1).any(1)))[:n_point]
+    a = audit_explanations(clf, as_float(imgs[pos]), masks=(masks[pos] == fid).astype(np.int64),
+                           kinds=kinds, target=1, seed=0, sanity_cases=4,
+                           options={"integrated_gradients": {"n_steps": 16}})
+    return {m: {"pointing_game": round(r.localisation.pointing_game, 3),
+                "pointing_chance": round(r.localisation.pointing_chance, 3),
+                "mass_ratio": round(r.localisation.mass_ratio, 3), "n": r.localisation.n,
+                "randomisation_final_spearman": round(r.randomisation.final_spearman, 3)}
+            for m, r in a.methods.items()}
+
+
+def pointing(args, enc: Path, finds: dict[str, Path]) -> dict:
+    """Per finding: a linear probe on the MAE encoder (the audited models of this benchmark)."""
     from medfm.audit.model_checks import resolve_methods
     from medfm.tasks.adapt.classifier import load_classifier
 
@@ -217,20 +236,40 @@ def pointing(args, enc: Path, finds: dict[str, Path]) -> dict:
         return json.loads(cache.read_text())
     out = {}
     for f, store in finds.items():
-        names = json.loads((store / "summary.json").read_text())["mask_label_names"]
-        fid = int(next(k for k, v in names.items() if v == f))
         clf = load_classifier(data.classifier(enc, store, args.work / "models" / f"phantom_{f}"))
-        imgs, masks, y = data.images_masks(store, "test", f)
-        pos = np.flatnonzero((y == 1) & ((masks == fid).reshape(len(masks), -1).any(1)))[: args.n_point]
-        kinds = resolve_methods(clf, None)
-        a = audit_explanations(clf, as_float(imgs[pos]), masks=(masks[pos] == fid).astype(np.int64),
-                               kinds=kinds, target=1, seed=0, sanity_cases=4,
-                               options={"integrated_gradients": {"n_steps": 16}})
-        out[f] = {m: {"pointing_game": round(r.localisation.pointing_game, 3),
-                      "pointing_chance": round(r.localisation.pointing_chance, 3),
-                      "mass_ratio": round(r.localisation.mass_ratio, 3), "n": r.localisation.n,
-                      "randomisation_final_spearman": round(r.randomisation.final_spearman, 3)}
-                  for m, r in a.methods.items()}
+        out[f] = _pointing_one(clf, store, f, args.n_point, resolve_methods(clf, None))
+    cache.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def pointing_supervised(args, finds: dict[str, Path]) -> dict:
+    """Per finding: a ResNet-18 (width 16, small-input stem, max pool) trained from scratch on that finding
+    (`--supervised-steps` steps) — a model that has learnt the finding, to show what localisation looks like
+    when there is something to localise. Grad-CAM and integrated gradients."""
+    import torch
+
+    from medfm.models.registry import create_encoder
+    from medfm.tasks.adapt import AdaptConfig
+    from medfm.tasks.adapt.classifier import load_classifier
+    from medfm.tasks.adapt.single import fit_classifier
+
+    steps = args.supervised_steps
+    cache = args.work / f"pointing_supervised_n{args.n_point}_s{steps}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    out = {}
+    for f, store in finds.items():
+        run = args.work / "models" / f"phantom_{f}_scratch_s{steps}"
+        if not (run / "config.json").is_file():
+            torch.manual_seed(0)
+            enc = create_encoder("resnet18", img_size=args.size, in_chans=1, width=16, small_input=True,
+                                 global_pool="max")
+            fit_classifier(enc, store, run, method="scratch",
+                           cfg=AdaptConfig(methods=["scratch"], steps=steps, batch_size=32))
+        metrics = json.loads((run / "metrics.json").read_text())
+        clf = load_classifier(run)
+        out[f] = {"test_auroc": round(float(metrics["auroc"]), 3),
+                  **_pointing_one(clf, store, f, args.n_point, ["gradcam", "integrated_gradients"])}
     cache.write_text(json.dumps(out, indent=1))
     return out
 
@@ -247,6 +286,9 @@ def main() -> None:
     ap.add_argument("--n-perm", type=int, default=200)
     ap.add_argument("--n-explain", type=int, default=16)
     ap.add_argument("--n-point", type=int, default=24, help="positive test cases per finding (pointing game)")
+    ap.add_argument("--supervised-steps", type=int, default=300,
+                    help="steps of the from-scratch ResNet-18 per finding for the supervised pointing game "
+                         "(0: skip)")
     ap.add_argument("--splits", type=int, default=20, help="same-site random halves (shift FPR)")
     ap.add_argument("--phantom-n", type=int, default=2400)
     ap.add_argument("--population-n", type=int, default=4000)
