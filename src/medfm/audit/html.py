@@ -122,9 +122,11 @@ def _summary(pg: _Page) -> None:
     else:
         pg.r.add_note("No flags raised by the checks that ran.")
     m = d["model"]
-    pg.r.add_kv({"model": m.get("name"), "encoder": m.get("encoder"), "method": m.get("method"),
-                 "classes": ", ".join(m.get("classes") or []), "decision threshold": m.get("threshold"),
-                 "sections run": ", ".join(d.get("sections", []))})
+    kv = {"model": m.get("name"), "kind": m.get("kind"), "encoder": m.get("encoder"),
+          "method": m.get("method"), "finding audited": m.get("label"),
+          "classes": ", ".join(m.get("classes") or []),
+          "decision threshold": m.get("threshold"), "sections run": ", ".join(d.get("sections", []))}
+    pg.r.add_kv({k: v for k, v in kv.items() if v is not None})
     pg.table([{"dataset": n, "role": i["role"], "mode": i["mode"], "cases used": i["cases_used"],
                "evaluated": i["n_evaluated"], "labelled": i["n_labelled"], "sites": ", ".join(i["sites"])}
               for n, i in d["datasets"].items()], "Datasets (the first is the reference)")
