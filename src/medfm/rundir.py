@@ -35,6 +35,7 @@ LOADERS: dict[str, str] = {
     "promptable": "medfm.tasks.segment.runs:load_promptable",
     "incontext": "medfm.tasks.segment.runs:load_incontext",
     "audit": "medfm.audit.run:load_audit",
+    "export": "medfm.export.session:load_exported",
 }
 # What runs written before format version 2 call themselves ('kind' of pretraining, 'task' of segmentation).
 LEGACY_KINDS = {"pretrain": "encoder", "segment": "segmenter", "segment_prompt": "promptable",
