@@ -4,13 +4,12 @@ the self-describing folder, the CLI."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 import medfm
+from cli_entry import run_main as _cli  # tests/ is on sys.path
 from medfm.errors import InputError
 from medfm.export import ExportedModel, export_run, load_exported
 from medfm.rundir import RunDir, open_run
@@ -126,17 +125,6 @@ def test_encoder_exports_embeddings(tmp_path, name, dims):
         m.run(np.zeros((1, 1, *[8] * dims), np.float32))
     with pytest.raises(InputError, match="no 'int8' variant"):
         load_exported(tmp_path / "x", "int8")
-
-
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`medfm ARGS` through the real entry point (errors -> one line on stderr, exit code 2)."""
-    from medfm.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["medfm", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 def test_cli_round_trip(world, tmp_path, monkeypatch, capsys):

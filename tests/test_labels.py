@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cli_entry import run_main as _cli  # tests/ is on sys.path
 from medfm.data.labels import drop_bad_labels
 from medfm.data.manifest import load_manifest
 from medfm.data.prepare import PrepareConfig, prepare
@@ -105,17 +105,6 @@ def test_prepare_reports_label_values_and_dropped_rows(tmp_path):
     with pytest.raises(InputError, match="'maybe'"):
         prepare(p, tmp_path / "out2", PrepareConfig(size=16, labels=["tb"], salt_file=cfg.salt_file))
     assert not (tmp_path / "out2").exists()  # refused before anything is written
-
-
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`medfm ARGS` through the real entry point (errors -> one line on stderr, exit code 2)."""
-    from medfm.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["medfm", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 def test_cli_refuses_stray_labels_in_one_line(tmp_path, monkeypatch, capsys):
