@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from medfm.audit.blank import probabilities
-from medfm.audit.fairness import _fast_auroc
+from medfm.audit.fast import fast_auroc
 from medfm.audit.mitigate import (
     MitigationResult,
     batchnorm_layers,
@@ -70,7 +70,7 @@ def square_classifier(source: np.ndarray | None = None) -> Classifier:
 
 
 def auroc(clf: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    return _fast_auroc(y, probabilities(clf, x)[:, 1])
+    return fast_auroc(y, probabilities(clf, x)[:, 1])
 
 
 def state(m: nn.Module) -> dict[str, torch.Tensor]:

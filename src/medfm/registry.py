@@ -62,8 +62,8 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.kind} '{name}' is already registered")
             self._items[name] = fn
-            doc = help or (fn.__doc__ or "").strip().splitlines()[0:1]
-            self._help[name] = doc if isinstance(doc, str) else (doc[0] if doc else self._help.get(name, ""))
+            first = (fn.__doc__ or "").strip().splitlines()[:1]  # no docstring: keep a declared help
+            self._help[name] = help or (first[0] if first else self._help.get(name, ""))
             return fn
 
         return deco

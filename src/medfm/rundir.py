@@ -93,15 +93,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def update_metrics(run_dir: str | Path, **metrics: Any) -> dict[str, Any]:
-    """Merge values into run_dir/metrics.json (creating it)."""
-    p = Path(run_dir) / METRICS
-    cur = read_json(p) if p.is_file() else {}
-    cur.update(metrics)
-    write_json(p, cur)
-    return cur
-
-
 def infer_kind(config: dict[str, Any]) -> str | None:
     """The kind of a run from its config, including configs written before format version 2."""
     kind = config.get("kind")
@@ -222,7 +213,7 @@ def open_run(path: str | Path) -> RunDir:
     if not p.is_dir():
         raise InputError(p, "run directory not found" if not p.exists() else "not a run directory (a file)")
     run = RunDir(p)
-    run.config()  # raises if there is no readable config.json
+    run._kind = run.config().get("kind") or None  # raises if no readable config.json; kind read once
     return run
 
 

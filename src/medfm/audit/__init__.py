@@ -5,6 +5,6 @@ patient-level CIs and the internal-to-external drop), ``shift`` (MMD, KS, domain
 shift tests, detection sample size), ``ood`` (per-case Mahalanobis / energy / kNN scores and thresholds),
 ``fairness`` (per-subgroup metrics with fairlearn's MetricFrame, bootstrap CIs, gaps), ``calibration``
 (temperature scaling, ECE and reliability bins per group), ``shortcut`` (attribute probes on embeddings,
-paired AUROC with the anatomy blanked),
+paired AUROC with the anatomy blanked), ``fast`` (numpy metrics for the bootstraps),
 ``report`` (assemble audit.json), ``explain*`` (saliency maps and their sanity checks).
 """

@@ -93,7 +93,7 @@ def blank_masked(images: np.ndarray, masks: np.ndarray, labels: Sequence[int] | 
 # ---------------------------------------------------------------- scoring
 
 
-def _model_input(clf: nn.Module, batch: np.ndarray) -> torch.Tensor:
+def model_input(clf: nn.Module, batch: np.ndarray) -> torch.Tensor:
     """A Classifier converts uint8 / channels / size itself; any other module gets the same conversion."""
     from medfm.tasks.adapt.classifier import Classifier, device_of
     from medfm.tasks.adapt.features import to_model_input
@@ -115,7 +115,7 @@ def probabilities(clf: nn.Module, images: np.ndarray, batch_size: int = 32) -> n
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = _model_input(clf, images[i:i + batch_size])
+            x = model_input(clf, images[i:i + batch_size])
             p = clf.predict_proba(x) if hasattr(clf, "predict_proba") else torch.softmax(clf(x).double(), 1)
             out.append(p.double().cpu().numpy())
     clf.train(was)

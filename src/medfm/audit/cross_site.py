@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from medfm.audit.fast import fast_auroc, fast_binary_fns
 from medfm.errors import InputError
 from medfm.eval.bootstrap import bootstrap_ci
 from medfm.eval.metrics import binary_metrics
@@ -26,9 +27,7 @@ def _ci(d: Mapping) -> dict:
 
 def _cell(y: np.ndarray, p: np.ndarray, threshold: float, pids, n_boot: int, alpha: float, seed: int) -> dict:
     """Point values from eval.metrics.binary_metrics; the bootstrap uses the audit's fast equivalents."""
-    from medfm.audit.fairness import _fast_fns
-
-    fast = _fast_fns(threshold, 10)
+    fast = fast_binary_fns(threshold, 10)
 
     def fn(yy: np.ndarray, pp: np.ndarray) -> dict:
         return {"auroc": fast["auroc"](yy, pp), "sensitivity": 1 - fast["fnr"](yy, pp),
@@ -42,8 +41,6 @@ def _cell(y: np.ndarray, p: np.ndarray, threshold: float, pids, n_boot: int, alp
 def _drop(y_int, p_int, pid_int, y_ext, p_ext, pid_ext, n_boot: int, alpha: float, seed: int) -> dict:
     """External - internal AUROC; one bootstrap over the union of both test sets' patients (the sets hold
     different patients), with a set indicator packed beside the probabilities."""
-    from medfm.audit.fairness import _fast_auroc
-
     y = np.r_[y_int, y_ext]
     packed = np.c_[np.r_[p_int, p_ext], np.r_[np.zeros(len(y_int)), np.ones(len(y_ext))]]
     pids = None
@@ -54,7 +51,7 @@ def _drop(y_int, p_int, pid_int, y_ext, p_ext, pid_ext, n_boot: int, alpha: floa
         ext = pp[:, 1] == 1
         if ext.all() or not ext.any():
             return {"drop": math.nan}
-        return {"drop": _fast_auroc(yy[ext], pp[ext, 0]) - _fast_auroc(yy[~ext], pp[~ext, 0])}
+        return {"drop": fast_auroc(yy[ext], pp[ext, 0]) - fast_auroc(yy[~ext], pp[~ext, 0])}
 
     return _ci(bootstrap_ci(fn, y, packed, groups=pids, n_boot=n_boot, alpha=alpha, seed=seed)["drop"])
 

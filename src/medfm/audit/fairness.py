@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from medfm.audit.fast import fast_binary_fns
 from medfm.errors import ConfigError, InputError
 from medfm.eval.bootstrap import bootstrap_ci
 from medfm.eval.calibration import expected_calibration_error
@@ -37,7 +38,8 @@ def age_bands(ages: Sequence | np.ndarray, edges: Sequence[float] = DEFAULT_AGE_
     return out
 
 
-def _clean_groups(values: Sequence | np.ndarray) -> np.ndarray:
+def clean_groups(values: Sequence | np.ndarray) -> np.ndarray:
+    """Group labels as stripped strings; blank, NaN and None -> "unknown"."""
     s = pd.Series(np.asarray(values, dtype=object)).astype(str).str.strip()
     return s.where(~s.isin(["", "nan", "None", "NaN", "<NA>"]), UNKNOWN).to_numpy(object)
 
@@ -69,43 +71,6 @@ def _metric_fns(threshold: float, n_bins: int) -> dict:
     }
 
 
-def _fast_auroc(y: np.ndarray, p: np.ndarray) -> float:
-    """AUROC as the Mann-Whitney U statistic (ties count half): equal to roc_auc_score, cheaper."""
-    from scipy.stats import rankdata
-
-    pos = y == 1
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if n1 == 0 or n0 == 0:
-        return math.nan
-    return float((rankdata(p)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def _fast_ece(y: np.ndarray, p: np.ndarray, n_bins: int) -> float:
-    """L1 ECE with torchmetrics' binning (bins [i/n, (i+1)/n), p = 1 in a bin of its own)."""
-    if len(y) == 0:
-        return math.nan
-    idx = np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1), p, side="right") - 1
-    count = np.bincount(idx, minlength=n_bins + 1)
-    conf = np.bincount(idx, weights=p, minlength=n_bins + 1)
-    gap = conf - np.bincount(idx, weights=y, minlength=n_bins + 1)
-    return float(np.abs(gap).sum() / count.sum())
-
-
-def _fast_fns(threshold: float, n_bins: int) -> dict:
-    """The same metrics as plain numpy, for the bootstrap (fairlearn's input checks would dominate the
-    ~thousands of calls; the point values reported come from MetricFrame)."""
-    def rate(hit: np.ndarray, where: np.ndarray) -> float:
-        return float(hit[where].mean()) if where.any() else math.nan
-
-    return {
-        "auroc": _fast_auroc,
-        "fnr": lambda y, p: rate(p < threshold, y == 1),
-        "fpr": lambda y, p: rate(p >= threshold, y == 0),
-        "ece": lambda y, p: _fast_ece(y, p, n_bins),
-        "selection_rate": lambda y, p: float((p >= threshold).mean()),
-    }
-
-
 def subgroup_metrics(y: np.ndarray, p: np.ndarray, groups: Sequence | np.ndarray, threshold: float = 0.5,
                      n_bins: int = 10) -> pd.DataFrame:
     """MetricFrame.by_group: one row per group, columns auroc, fnr, fpr, ece, selection_rate, n, n_pos."""
@@ -113,7 +78,7 @@ def subgroup_metrics(y: np.ndarray, p: np.ndarray, groups: Sequence | np.ndarray
 
     y, p = np.asarray(y).astype(int), positive_prob(p)
     mf = MetricFrame(metrics=_metric_fns(threshold, n_bins), y_true=y, y_pred=p,
-                     sensitive_features=pd.Series(_clean_groups(groups), name="group"))
+                     sensitive_features=pd.Series(clean_groups(groups), name="group"))
     return mf.by_group
 
 
@@ -125,7 +90,7 @@ def _bootstrap_by_group(y: np.ndarray, p: np.ndarray, codes: np.ndarray, names: 
     bootstrap_ci resamples rows of (y, p) together; packing the group code as p's second column lets one
     resampling serve all groups, so a gap's CI accounts for both groups being resampled at once.
     """
-    fns = _fast_fns(threshold, n_bins)
+    fns = fast_binary_fns(threshold, n_bins)
 
     def per_group(yy: np.ndarray, packed: np.ndarray) -> dict:
         pp, cc = packed[:, 0], packed[:, 1].astype(int)
@@ -161,7 +126,7 @@ def fairness_for_attribute(y: np.ndarray, p: np.ndarray, groups: Sequence | np.n
     from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 
     y, p = np.asarray(y).astype(int), positive_prob(p)
-    g = _clean_groups(groups)
+    g = clean_groups(groups)
     if not len(y) == len(p) == len(g):
         raise InputError(None, f"lengths differ: {len(y)} labels, {len(p)} predictions, "
                                f"{len(g)} group values")

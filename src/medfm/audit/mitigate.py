@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medfm.audit.blank import _model_input, binary_target, probabilities
+from medfm.audit.blank import binary_target, model_input, probabilities
 from medfm.errors import ConfigError, InputError
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -71,7 +71,7 @@ def _reestimate_inplace(model: nn.Module, images: np.ndarray, batch_size: int, s
         m.train()
     with torch.no_grad():
         for idx in _batches(len(images), batch_size, np.random.default_rng(seed)):
-            model(_model_input(model, images[np.sort(idx)]))
+            model(model_input(model, images[np.sort(idx)]))
     for m, mom in zip(layers, momenta, strict=True):
         m.momentum = mom
     model.eval()
@@ -141,7 +141,7 @@ def tent_adapt(clf: nn.Module, target_images: np.ndarray, steps: int = 20, lr: f
         if not queue:
             queue = _batches(len(x), batch_size, rng)
         idx = np.sort(queue.pop(0))
-        loss = prediction_entropy(model(_model_input(model, x[idx])), task).mean()
+        loss = prediction_entropy(model(model_input(model, x[idx])), task).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -201,14 +201,17 @@ def _before_after(y: np.ndarray, p0: np.ndarray, p1: np.ndarray, pids: Sequence 
 def mitigation_report(clf: nn.Module, source_val: Any, target: Any, method: str = "bn",
                       max_source_drop: float = 0.01, positive: int = 1, batch_size: int = 32,
                       tent_steps: int = 20, tent_lr: float = 1e-3, n_boot: int = 200,
-                      seed: int = 0) -> MitigationResult:
+                      seed: int = 0, original: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> MitigationResult:
     """Adapt ``clf`` to ``target`` with ``method`` ("bn" or "tent") and decide whether to keep the result.
 
     ``source_val``: labelled held-out source data, ``(images, y)`` or ``(images, y, patient_ids)``.
     ``target``: target images, optionally with labels / patient ids the same way. AUROC (of class
     ``positive``) is measured before/after on both, with paired CIs. The adapted model is refused (the
     original kept) when its source AUROC is more than ``max_source_drop`` below the original's, or when the
-    target has labels and its AUROC got worse; ``report["reason"]`` says which.
+    target has labels and its AUROC got worse; ``report["reason"]`` says which. ``original``: ``clf``'s
+    own probabilities on (source, target) when the caller already has them (``probabilities``' output; one
+    target adapted by several methods need not predict them again).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown mitigation method {method!r}; known: {', '.join(METHODS)}")
@@ -232,8 +235,9 @@ def mitigation_report(clf: nn.Module, source_val: Any, target: Any, method: str 
         adapted = tent_adapt(clf, xt, steps=tent_steps, lr=tent_lr, batch_size=batch_size, seed=seed)
         report["tent"] = {"steps": int(tent_steps), "lr": float(tent_lr), "batch_size": int(batch_size)}
 
-    s0, s1 = probabilities(clf, xs, batch_size), probabilities(adapted, xs, batch_size)
-    t0, t1 = probabilities(clf, xt, batch_size), probabilities(adapted, xt, batch_size)
+    s0, t0 = original if original is not None else (probabilities(clf, xs, batch_size),
+                                                    probabilities(clf, xt, batch_size))
+    s1, t1 = probabilities(adapted, xs, batch_size), probabilities(adapted, xt, batch_size)
     report["source"] = _before_after(ys, s0, s1, ps, positive, n_boot, seed)
     report["target"] = None if yt is None else _before_after(yt, t0, t1, pt, positive, n_boot, seed)
     report["target_entropy"] = {"original": _mean_entropy(t0), "adapted": _mean_entropy(t1)}

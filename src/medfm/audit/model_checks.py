@@ -134,16 +134,20 @@ def mitigation(clf, cases: list[Cases], cfg) -> tuple[dict | None, str | None]:
         return None, "not run: the reference has no labelled test cases for the source guard"
     ref_imgs, _ = images_of(ref, np.flatnonzero(m))
     source = (ref_imgs, ref.df["label"].to_numpy(float)[m], ref.patient_ids(m))
+    # the audited model's own probabilities: the same for every target and method (adapting copies it)
+    s0 = mitigate.probabilities(clf, ref_imgs, cfg.batch_size)
     out = {}
     for t in targets:
         mt = t.rows()
         imgs, _ = images_of(t, np.flatnonzero(mt))
         target = (imgs, t.df["label"].to_numpy(float)[mt], t.patient_ids(mt)) if t.labelled else imgs
+        original = (s0, mitigate.probabilities(clf, imgs, cfg.batch_size))
         res = {}
         for method in mitigate.METHODS:
             try:
                 res[method] = mitigate.mitigation_report(clf, source, target, method, n_boot=cfg.n_boot,
-                                                         batch_size=cfg.batch_size, seed=cfg.seed).to_dict()
+                                                         batch_size=cfg.batch_size, seed=cfg.seed,
+                                                         original=original).to_dict()
             except MedfmError as e:
                 res[method] = {"method": method, "applicable": False, "reason": f"not run: {e}"}
         out[t.name] = res

@@ -140,28 +140,37 @@ def ood_scores(train_features: np.ndarray, features: np.ndarray, train_labels: n
     return out
 
 
+def score_summary(val: dict[str, np.ndarray], target: dict[str, np.ndarray], quantile: float = 0.95,
+                  top: int = 20, target_ids: Sequence | None = None, target_is_foreign: bool = True
+                  ) -> dict[str, dict]:
+    """Per score both :func:`ood_scores` dicts hold: the threshold on ``val``, the share of val and target
+    cases above it, the most atypical target cases and (foreign target) AUROC(val vs target)."""
+    out: dict[str, dict] = {}
+    for name in target:
+        if name not in val:
+            continue
+        thr = fit_threshold(val[name], quantile)
+        entry = {"threshold": thr, "flagged_fraction": float((target[name] > thr).mean()),
+                 "val_flagged_fraction": float((val[name] > thr).mean()),
+                 "most_atypical": most_atypical(target[name], top, thr, target_ids)}
+        if target_is_foreign:
+            entry["auroc"] = ood_auroc(val[name], target[name])
+        out[name] = entry
+    return out
+
+
 def ood_audit(train_features: np.ndarray, val_features: np.ndarray, target_features: np.ndarray,
               train_labels: np.ndarray | None = None, val_logits: np.ndarray | None = None,
               target_logits: np.ndarray | None = None, quantile: float = 0.95, k: int = 5, top: int = 20,
               target_ids: Sequence | None = None, target_is_foreign: bool = True) -> dict:
     """Per score: threshold on the validation set, share of target cases flagged, AUROC(val vs target)
-    when the target is a foreign dataset, and the most atypical target cases.
+    when the target is a foreign dataset, and the most atypical target cases (:func:`score_summary`).
 
     With ``target_is_foreign=False`` (monitoring a new batch, no labels) no AUROC is reported.
     """
     g = fit_gaussian(train_features, train_labels)
     val = ood_scores(train_features, val_features, train_labels, val_logits, k, g)
     tgt = ood_scores(train_features, target_features, train_labels, target_logits, k, g)
-    out: dict = {"quantile": quantile, "k": k, "n_val": len(val["knn"]), "n_target": len(tgt["knn"]),
-                 "class_conditional": train_labels is not None, "scores": {}}
-    for name in tgt:
-        if name not in val:
-            continue
-        thr = fit_threshold(val[name], quantile)
-        entry = {"threshold": thr, "flagged_fraction": float((tgt[name] > thr).mean()),
-                 "val_flagged_fraction": float((val[name] > thr).mean()),
-                 "most_atypical": most_atypical(tgt[name], top, thr, target_ids)}
-        if target_is_foreign:
-            entry["auroc"] = ood_auroc(val[name], tgt[name])
-        out["scores"][name] = entry
-    return out
+    return {"quantile": quantile, "k": k, "n_val": len(val["knn"]), "n_target": len(tgt["knn"]),
+            "class_conditional": train_labels is not None,
+            "scores": score_summary(val, tgt, quantile, top, target_ids, target_is_foreign)}

@@ -154,7 +154,7 @@ def shift(cases: list[Cases], cfg) -> tuple[dict | None, dict]:
 def ood(cases: list[Cases], cfg, top: int = 8) -> tuple[dict, dict]:
     """Scores fitted on the reference's train features, thresholds on its val cases; every target scored
     (or, with no target, the reference's own test cases as an in-distribution check)."""
-    from medfm.audit.ood import fit_gaussian, ood_audit, ood_scores
+    from medfm.audit.ood import fit_gaussian, ood_scores, score_summary
 
     ref = cases[0]
     tr = ref.rows("train")
@@ -168,18 +168,18 @@ def ood(cases: list[Cases], cfg, top: int = 8) -> tuple[dict, dict]:
                      "class_conditional": y_tr is not None, "scores": {}, "targets": {}}
     arrays: dict = {"val": val_scores, "targets": {}}
     for t, m, foreign in targets:
-        res = ood_audit(ref.feats[tr], ref.feats[va], t.feats[m], y_tr, ref.logits[va], t.logits[m],
-                        quantile=0.95, k=k, top=top, target_ids=list(t.df.loc[m, "case_id"].astype(str)),
-                        target_is_foreign=foreign)
+        scores = ood_scores(ref.feats[tr], t.feats[m], y_tr, t.logits[m], k, g)  # one Gaussian, val once
+        summary = score_summary(val_scores, scores, 0.95, top, list(t.df.loc[m, "case_id"].astype(str)),
+                                foreign)
         label = t.name if foreign else f"{t.name} test (in-distribution check)"
         section["targets"][label] = {"dataset": t.name, "n": int(m.sum()), "foreign": foreign,
                                      "mode": t.mode}
         rows = np.flatnonzero(m)
-        for score, entry in res["scores"].items():
+        for score, entry in summary.items():
             for r in entry["most_atypical"]:  # index into the store, for thumbnails; the id is a hash
                 r["row"] = int(rows[r["index"]])
             section["scores"][f"{label} / {score}"] = {"target": label, "score": score, **entry}
-        arrays["targets"][label] = (t, ood_scores(ref.feats[tr], t.feats[m], y_tr, t.logits[m], k, g))
+        arrays["targets"][label] = (t, scores)
     return section, arrays
 
 

@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from medfm.audit.fairness import UNKNOWN, _clean_groups, _fast_auroc, age_bands
+from medfm.audit.fairness import UNKNOWN, age_bands, clean_groups
+from medfm.audit.fast import fast_auroc
 from medfm.errors import InputError
 from medfm.eval.bootstrap import bootstrap_ci
 from medfm.eval.metrics import multiclass_metrics
@@ -28,7 +29,7 @@ from medfm.eval.metrics import multiclass_metrics
 
 def _probe_auroc(y: np.ndarray, p: np.ndarray) -> dict:
     if p.shape[1] == 2:
-        return {"auroc": _fast_auroc(y, p[:, 1])}
+        return {"auroc": fast_auroc(y, p[:, 1])}
     return {"auroc": multiclass_metrics(y, p)["auroc"]}
 
 
@@ -45,7 +46,7 @@ def attribute_probe(features: np.ndarray, attribute: Sequence | np.ndarray,
     from sklearn.preprocessing import StandardScaler
 
     x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
-    a = _clean_groups(attribute)
+    a = clean_groups(attribute)
     if len(a) != len(x):
         raise InputError(None, f"attribute has {len(a)} values for {len(x)} feature rows")
     counts = pd.Series(a).value_counts()
@@ -92,7 +93,7 @@ def paired_auroc_change(y: np.ndarray, p_original: np.ndarray, p_modified: np.nd
         raise InputError(None, f"{len(y)} labels for {len(pair)} predictions")
 
     def both(yy: np.ndarray, pp: np.ndarray) -> dict:
-        a, b = _fast_auroc(yy, pp[:, 0]), _fast_auroc(yy, pp[:, 1])
+        a, b = fast_auroc(yy, pp[:, 0]), fast_auroc(yy, pp[:, 1])
         return {"original": a, "modified": b, "difference": b - a}
 
     ci = bootstrap_ci(both, y, pair, groups=patient_ids, n_boot=n_boot, alpha=alpha, seed=seed)

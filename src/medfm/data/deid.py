@@ -145,20 +145,23 @@ def hash_id(value: Any, salt: str, prefix: str = "p_") -> str:
 
 def load_or_create_salt(directory: str | Path) -> str:
     """The project's secret salt from directory/.medfm_salt, created (random, owner-only) if absent."""
-    d = Path(directory)
-    p = d / SALT_FILE
+    return load_or_create_salt_file(Path(directory) / SALT_FILE)
+
+
+def load_or_create_salt_file(p: Path) -> str:
+    """The salt stored in file `p`, created (random, owner-only) if absent."""
     if p.is_file():
         salt = p.read_text().strip()
         if not re.fullmatch(r"[0-9a-f]{32,}", salt):
             raise InputError(p, "salt file is corrupt (expected at least 32 hex characters)")
         return salt
-    d.mkdir(parents=True, exist_ok=True)
+    p.parent.mkdir(parents=True, exist_ok=True)
     salt = secrets.token_hex(16)
     # O_EXCL: two processes creating it at once must not end up with different salts silently
     try:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return load_or_create_salt(d)
+        return load_or_create_salt_file(p)
     with os.fdopen(fd, "w") as f:
         f.write(salt + "\n")
     return salt

@@ -296,7 +296,6 @@ def resolve_source(
             m = import_folder(str(p), modality=modality)
         else:
             raise InputError(p, "not a folder, a manifest (.csv/.parquet) or a known file type")
-        return _override(m, label_cols, modality)
     return _override(m, label_cols, modality)
 
 

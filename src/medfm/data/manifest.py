@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medfm.data.labels import TASKS, encode_labels, label_like_columns, unused_label_warning
+from medfm.data.labels import TASKS, encode_labels, is_empty, label_like_columns, unused_label_warning
 from medfm.errors import ConfigError, InputError
 
 __all__ = ["TASKS", "Manifest", "from_dataframe", "load_manifest", "read_table"]
@@ -213,12 +213,8 @@ def load_manifest(
     return m
 
 
-def _is_empty(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
-
-
 def _resolve(root: Path, value: Any) -> str:
-    if _is_empty(value):
+    if is_empty(value):
         return ""
     v = str(value).strip()
     file_part, sep, key = v.partition(NPZ_REF)
@@ -247,7 +243,7 @@ def _default_case_id(root: Path, image: str, keep_ext: bool = False) -> str:
 
 
 def _norm_sex(v: Any) -> str:
-    if _is_empty(v):
+    if is_empty(v):
         return ""
     s = str(v).strip().upper()
     return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "W": "F"}.get(s, "O")
@@ -293,7 +289,7 @@ def from_dataframe(
     index = df.index.to_numpy()
     df["_row"] = index + 2 if np.issubdtype(index.dtype, np.integer) else np.arange(2, len(df) + 2)
     bad_rows: list[dict[str, Any]] = []
-    empty_img = df["image"].map(_is_empty)
+    empty_img = df["image"].map(is_empty)
     for r in df.loc[empty_img, "_row"]:
         bad_rows.append(
             {"row": int(r), "case_id": "", "error": f"{where}: row {r}: empty 'image' (row skipped)"}
@@ -310,7 +306,7 @@ def from_dataframe(
         if c not in df.columns:
             df[c] = np.nan if c == "age" else ""
     for c in ("report", "patient_id", "study_id", "site", "case_id", "mask"):
-        df[c] = ["" if _is_empty(v) else str(v).strip() for v in df[c]]
+        df[c] = ["" if is_empty(v) else str(v).strip() for v in df[c]]
     # One row per image: "a.png;b.png" -> two rows of the same study.
     if df["image"].astype(str).str.contains(";").any():
         rows = []
@@ -346,7 +342,7 @@ def from_dataframe(
     df["age"] = pd.to_numeric(df["age"].replace("", np.nan), errors="coerce")
     splits = []
     for r, v in zip(df["_row"], df["split"]):
-        if _is_empty(v):
+        if is_empty(v):
             splits.append("")
             continue
         s = SPLIT_ALIASES.get(str(v).strip().lower())
@@ -357,9 +353,11 @@ def from_dataframe(
     # A row whose image is not there (a "Total" line, a typo) is reported as a missing file when prepared;
     # its label must not vote on the label set (a stray 3 would make a binary task four-class). When no
     # file is there at all (a table checked before the images are copied) every row still votes.
-    gone = np.array([not Path(str(v).split(NPZ_REF)[0]).exists() for v in df["image"]], dtype=bool)
-    for c in label_columns:
-        if gone.any() and not gone.all():
+    # Without label columns nothing votes, so the files are not checked here.
+    refs = df["image"] if label_columns else []
+    gone = np.array([not Path(str(v).split(NPZ_REF)[0]).exists() for v in refs], dtype=bool)
+    if gone.any() and not gone.all():
+        for c in label_columns:
             df[c] = df[c].astype(object)
             df.loc[gone, c] = ""
     df, labels = encode_labels(df, label_columns, task, dict(label_classes or {}), where, drop_bad_labels)

@@ -116,11 +116,16 @@ def medmnist_manifest(arg: str, root: str | Path | None = None, download: bool =
         keys = set(npz.files)
     except Exception as e:  # noqa: BLE001
         raise InputError(path, f"not a readable npz file ({type(e).__name__})") from e
+    from medfm.data.readers.npz import npz_headers
+
+    # Case counts from the member headers: decompressing the image arrays here would be wasted (prepare
+    # reads them per case).
+    shapes = {k: shape for k, (shape, _) in npz_headers(path).items()}
     rows, label_width = [], 1
     for split in ("train", "val", "test"):
         if f"{split}_images" not in keys:
             continue
-        n = int(npz[f"{split}_images"].shape[0])
+        n = int(shapes[f"{split}_images"][0])
         labels = npz[f"{split}_labels"] if f"{split}_labels" in keys else None
         if labels is not None:
             labels = labels.reshape(n, -1)

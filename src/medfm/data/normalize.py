@@ -63,13 +63,15 @@ def guess_modality(array: np.ndarray, meta: dict, spatial_dims: int) -> str:
 
 
 SCALINGS = ("window", "percentile", "minmax")
+CT_WINDOW = (-1000.0, 1000.0)  # default HU window: air to dense bone
+PERCENTILES = (0.5, 99.5)  # robust range of the "percentile" scaling
 
 
 def scale_intensity(
     array: np.ndarray,
     method: str,
-    window: tuple[float, float] = (-1000.0, 1000.0),
-    percentiles: tuple[float, float] = (0.5, 99.5),
+    window: tuple[float, float] = CT_WINDOW,
+    percentiles: tuple[float, float] = PERCENTILES,
 ) -> np.ndarray:
     """Scale intensities to [0, 1] float32: a fixed "window" (low, high), robust "percentile" or "minmax"."""
     a = np.asarray(array, dtype=np.float32)
@@ -91,21 +93,22 @@ def scale_intensity(
 def normalize_intensity(
     array: np.ndarray,
     modality: str,
-    window: tuple[float, float] = (-1000.0, 1000.0),
-    percentiles: tuple[float, float] = (0.5, 99.5),
+    window: tuple[float, float] = CT_WINDOW,
+    percentiles: tuple[float, float] = PERCENTILES,
 ) -> np.ndarray:
     """Scale intensities to [0, 1] float32 by modality alone (the rule of stores prepared before 2026-12).
 
     CT: the HU window, MR: percentiles, X-ray/US/other: min-max for 8-bit, percentiles otherwise. It trusts
     the modality: prepare uses medfm.data.preprocess.normalisation_for, which also checks the values are HU.
     """
+    return scale_intensity(array, modality_method(modality, np.asarray(array).dtype), window, percentiles)
+
+
+def modality_method(modality: str, dtype: np.dtype) -> str:
+    """The scaling the modality alone picks: CT window, MR percentiles, 8-bit min-max, else percentiles."""
     if modality == "ct":
-        method = "window"
-    elif modality == "mr" or np.asarray(array).dtype != np.uint8:
-        method = "percentile"
-    else:
-        method = "minmax"
-    return scale_intensity(array, method, window, percentiles)
+        return "window"
+    return "percentile" if modality == "mr" or dtype != np.uint8 else "minmax"
 
 
 def to_channels(array: np.ndarray, channels: int) -> np.ndarray:

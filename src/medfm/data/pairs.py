@@ -166,9 +166,10 @@ class ImageTextDataset(Dataset):
         return img
 
     def image(self, i: int) -> torch.Tensor:
-        if self.prepared is not None:
-            img = self.prepared[i]["image"]
-            img = resize_image(img, self.img_size)
+        if self.prepared is not None:  # the image only: the full item would also build mask and label
+            from medfm.data.preprocess import to_tensor
+
+            img = resize_image(to_tensor(self.prepared.image_array(i)), self.img_size)
         else:
             img = self._read(i)
         return fit_channels(img, self.in_chans)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import secrets
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from medfm.data.identifiers import salt_dir
 from medfm.data.manifest import NPZ_REF, Manifest
-from medfm.errors import InputError
 
 
 def load_salt(salt_file: str | Path | None) -> str:
@@ -24,20 +22,8 @@ def load_salt(salt_file: str | Path | None) -> str:
     from medfm.data import deid
 
     if salt_file is None:
-        home = Path(os.environ.get("MEDFM_HOME", Path.home() / ".medfm"))
-        return deid.load_or_create_salt(home)
-    p = Path(salt_file).expanduser()
-    if p.is_file():
-        salt = p.read_text().strip()
-        if not re.fullmatch(r"[0-9a-f]{32,}", salt):
-            raise InputError(p, "salt file is corrupt (expected at least 32 hex characters)")
-        return salt
-    p.parent.mkdir(parents=True, exist_ok=True)
-    salt = secrets.token_hex(16)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(salt + "\n")
-    return salt
+        return deid.load_or_create_salt(salt_dir(None))
+    return deid.load_or_create_salt_file(Path(salt_file).expanduser())
 
 
 def outside_rows(m: Manifest, allow: list[str]) -> dict[str, str]:

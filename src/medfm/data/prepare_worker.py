@@ -62,7 +62,8 @@ def process_case(job: tuple[str, str, str]) -> dict[str, Any]:
             mask_sample = read_ref(mask_ref)
             mask_sample.path = mask_sample.path or mask_ref
             current = ref
-        mod = modality_for(sample, spec)
+        # Fixed in the spec so preprocessing does not guess it again (a full pass over a 3D volume).
+        mod = spec["modality"] = modality_for(sample, spec)
         if mask_sample is None:
             stored, mask = preprocess_sample(sample, spec), None
         else:

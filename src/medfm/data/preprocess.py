@@ -37,7 +37,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     # "window" / "percentile" / "minmax": forced for every case.
     "normalisation": "auto",
 }
-PERCENTILES = (0.5, 99.5)
+PERCENTILES = nz.PERCENTILES
 NORMALISATIONS = ("auto", "legacy", *nz.SCALINGS)
 _PICTURES = ("png", "jpeg", "tiff", "bmp")  # never HU: display pictures
 _NOTE = "note_normalisation"
@@ -118,8 +118,7 @@ def normalisation_for(sample: Sample, spec: dict[str, Any]) -> dict[str, str]:
     if policy in nz.SCALINGS:
         method, reason, warning = policy, "forced by the preprocessing spec", ""
     elif policy == "legacy":
-        eight_bit = arr.dtype == np.uint8
-        method = "window" if mod == "ct" else ("percentile" if mod == "mr" or not eight_bit else "minmax")
+        method = nz.modality_method(mod, arr.dtype)
         reason, warning = f"{mod} (rule of stores prepared before normalisation was recorded)", ""
     else:
         method, reason, warning = _auto(arr, meta, mod)
@@ -240,7 +239,7 @@ def load_input(path: str | Path, spec: dict[str, Any]) -> Any:
     Returns a float32 tensor (C, H, W) / (C, D, H, W) equal to ``PreparedDataset(store)[i]["image"]`` for the
     same file prepared with `spec`.
     """
-    from medfm.data.prepare import read_ref
+    from medfm.data.refs import read_ref
 
     ref = str(path)
     if "::" not in ref:

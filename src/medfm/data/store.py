@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from medfm.data.preprocess import to_tensor
 from medfm.data.store_writer import StoreWriter, save_npy_atomic, shard_name, write_json_atomic
 from medfm.data.summary import FORMAT_VERSION, Summary, load_summary
 from medfm.errors import InputError
@@ -94,12 +95,12 @@ class PreparedDataset(Dataset):
     ) -> None:
         self.root = Path(root)
         self.summary = read_summary(self.root)
-        df = read_manifest(self.root)
+        df = full = read_manifest(self.root)
         if split is not None:
             splits = [split] if isinstance(split, str) else list(split)
-            df = df[df["split"].isin(splits)]
+            df = full[full["split"].isin(splits)]
             if len(df) == 0:
-                have = sorted(read_manifest(self.root)["split"].dropna().unique())
+                have = sorted(full["split"].dropna().unique())
                 raise InputError(self.root, f"no cases in split {splits}; splits present: {have}")
         self.manifest = df.reset_index(drop=True)
         self.label_columns: list[str] = list(self.summary.get("label_columns", []))
@@ -165,12 +166,8 @@ class PreparedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         c = self._columns()
-        arr = self.image_array(i)
-        img = torch.from_numpy(arr.astype(np.float32))
-        if arr.dtype == np.uint8:
-            img = img / 255.0
         item: dict[str, Any] = {
-            "image": img,
+            "image": to_tensor(self.image_array(i)),
             "text": c["text"][i],
             "case_id": c["case_id"][i],
             "patient_id": c["patient_id"][i],

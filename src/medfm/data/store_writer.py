@@ -15,7 +15,7 @@ import pandas as pd
 
 from medfm.data.summary import SUMMARY_FILE, Summary
 
-PARTS_DIR = "parts"  # per-shard manifest rows of an unfinished prepare run (joined by finish_manifest)
+PARTS_DIR = "parts"  # per-shard manifest rows of an unfinished prepare run (joined by joined_parts)
 
 
 def shard_name(i: int) -> str:
@@ -59,7 +59,7 @@ class StoreWriter:
             save_npy_atomic(self.root / "masks" / shard_name(k), masks)
 
     def write_part(self, k: int, rows: pd.DataFrame) -> None:
-        """The manifest rows of shard `k` (a resumable run keeps them until finish_manifest)."""
+        """The manifest rows of shard `k` (a resumable run keeps them until prepare finalises)."""
         _parquet_atomic(rows, self.root / PARTS_DIR / f"{k:05d}.parquet")
 
     def joined_parts(self, columns: list[str]) -> pd.DataFrame:

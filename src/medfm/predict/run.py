@@ -110,8 +110,7 @@ def _bar(total: int, done: int, progress: bool | None) -> Any:
 
     if progress is None:  # a bar only on a terminal, and never with MEDFM_PROGRESS=0 (logs, tests)
         progress = sys.stderr.isatty() and os.environ.get("MEDFM_PROGRESS", "1") != "0"
-    show = progress
-    return tqdm(total=total, initial=done, unit="img", desc="predicting", disable=not show, leave=False)
+    return tqdm(total=total, initial=done, unit="img", desc="predicting", disable=not progress, leave=False)
 
 
 def _write_maps(inp: Inputs, out: Path, salt_file: str | None, fp: str) -> list[str]:

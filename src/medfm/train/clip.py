@@ -25,14 +25,12 @@ import torch
 
 from medfm.data.preprocess import preprocessing_of
 from medfm.errors import ConfigError, InputError
-from medfm.models.clip import (  # noqa: F401  (re-exported: importers use medfm.train.clip)
+from medfm.models.clip import (  # noqa: F401  (image_blocks, load_clip re-exported: importers use medfm.train.clip)
     ClipConfig,
     ClipModel,
-    FeatureNorm,
     build_clip,
     from_run,
     image_blocks,
-    image_features,
     load_clip,
     save_clip,
 )

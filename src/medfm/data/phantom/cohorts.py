@@ -35,6 +35,11 @@ COHORT_KEY = "cohort"  # summary.json extra key holding the planted ground truth
 MARKED, PLAIN = "site_marked", "site_plain"
 
 
+def _tally(values: pd.Series) -> dict[str, int]:
+    """{value as text: count}, in value order (the form of summary.json counts)."""
+    return values.astype(str).value_counts().sort_index().to_dict()
+
+
 def _label_column(summary: Summary, root: Path, label: str | None) -> str:
     if summary.task != "binary" or not summary.label_columns:
         kind = summary.task or "unlabelled"
@@ -66,12 +71,12 @@ def _write(src: Path, out: Path, m: pd.DataFrame, images: list[np.ndarray], summ
     for k, (img, msk) in enumerate(zip(images, masks, strict=True)):
         w.write_shard(k, img, msk)
     w.write_manifest(m)
-    values = m[label].astype(int).astype(str).value_counts().sort_index().to_dict()
+    values = _tally(m[label].astype(int))
     counts = dict(summary.counts)
     if isinstance(counts.get("label"), dict):
         counts["label"] = {**counts["label"], label: values}
     if "site" in m.columns:
-        counts["site"] = m["site"].astype(str).value_counts().sort_index().to_dict()
+        counts["site"] = _tally(m["site"])
     extra = {**summary.extra, COHORT_KEY: truth}
     # A new dataset: its fingerprint follows from the source's and what was planted.
     blob = json.dumps([summary.fingerprint, truth], sort_keys=True, default=str).encode()
@@ -195,9 +200,7 @@ def select_cases(store: str | Path, out: str | Path, keep: np.ndarray | None = N
     """Copy the cases of ``store`` where ``keep`` (manifest order) is True into ``out``, optionally with a
     different binary label column of the manifest as the label (e.g. another phantom finding), or with no
     labels at all (``drop_labels``: the copy is audited in monitor mode). Shards are rewritten as one."""
-    root = Path(store)
-    summary = load_summary(root)
-    m = read_manifest(root).reset_index(drop=True)
+    root, summary, m, imgs = _load(store)
     keep = np.ones(len(m), bool) if keep is None else np.asarray(keep, bool)
     if len(keep) != len(m) or not keep.any():
         raise InputError(root, f"selection must mark some of the {len(m)} cases, got {int(keep.sum())} "
@@ -208,7 +211,6 @@ def select_cases(store: str | Path, out: str | Path, keep: np.ndarray | None = N
             raise InputError(root, f"manifest column '{label}' is not a 0/1 label")
         m[label] = vals.astype(np.int64)
     sel = m[keep].reset_index(drop=True)
-    imgs = _shards(root, "images", int(summary.n_shards or 0))
     msks = _shards(root, "masks", len(imgs)) if summary.has_masks else None
     rows = list(zip(sel["shard"].astype(int), sel["index"].astype(int), strict=True))
     w = StoreWriter(out)
@@ -219,15 +221,15 @@ def select_cases(store: str | Path, out: str | Path, keep: np.ndarray | None = N
     if drop_labels:
         sel = sel.drop(columns=[c for c in summary.label_columns if c in sel.columns])
     w.write_manifest(sel)
-    split_counts = sel["split"].astype(str).value_counts().sort_index().to_dict()
-    values = {c: sel[c].astype(int).astype(str).value_counts().sort_index().to_dict() for c in cols}
+    split_counts = _tally(sel["split"])
+    values = {c: _tally(sel[c].astype(int)) for c in cols}
     blob = json.dumps([summary.fingerprint, keep.tolist(), label, drop_labels]).encode()
     w.write_summary(replace(
         summary, n_cases=len(sel), n_skipped=0, skipped=[], n_shards=1, shard_size=len(sel),
         label_columns=cols, task="binary" if cols else None,
         label_classes={c: [0, 1] for c in cols}, label_values=values,
         counts={"split": split_counts, "label": values,
-                "site": sel["site"].astype(str).value_counts().sort_index().to_dict() if "site" in sel
+                "site": _tally(sel["site"]) if "site" in sel
                 else {},
                 "with_mask": int(sel["has_mask"].fillna(False).sum()) if "has_mask" in sel else 0},
         fingerprint=hashlib.sha256(blob).hexdigest()[:24]))

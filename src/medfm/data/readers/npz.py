@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -18,6 +18,14 @@ from medfm.errors import InputError
 
 SPLITS = ("train", "val", "test")
 _IMAGE_KEYS = ("image", "images", "img", "array", "data", "arr_0")
+
+
+def _npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of the .npy stream `f` (positioned at its start); no data read."""
+    version = np.lib.format.read_magic(f)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = reader(f)
+    return tuple(int(s) for s in shape), np.dtype(dtype)
 
 
 def npz_headers(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -30,14 +38,7 @@ def npz_headers(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]
                 if not name.endswith(".npy"):
                     continue
                 with zf.open(name) as f:
-                    version = np.lib.format.read_magic(f)
-                    reader = (
-                        np.lib.format.read_array_header_1_0
-                        if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0
-                    )
-                    shape, _, dtype = reader(f)
-                out[name[:-4]] = (tuple(int(s) for s in shape), np.dtype(dtype))
+                    out[name[:-4]] = _npy_header(f)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise InputError(p, f"truncated or corrupt .npz archive ({exc_text(e)})") from None
     if not out:
@@ -151,14 +152,8 @@ def probe_npz(path: str | Path) -> dict[str, Any]:
     with open(p, "rb") as f:
         if f.read(6) == b"\x93NUMPY":
             f.seek(0)
-            version = np.lib.format.read_magic(f)
-            reader = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, dtype = reader(f)
-            return {"format": "npy", "shape": tuple(int(s) for s in shape), "dtype": str(np.dtype(dtype))}
+            shape, dtype = _npy_header(f)
+            return {"format": "npy", "shape": shape, "dtype": str(dtype)}
     heads = npz_headers(p)
     if is_medmnist(heads):
         return {

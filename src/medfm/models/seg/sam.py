@@ -25,15 +25,8 @@ from torch import nn
 
 from medfm.errors import ConfigError, InputError
 from medfm.models.base import Encoder
-from medfm.models.seg.sam_encoder import (  # noqa: F401  (re-exported: the SAM family's one import path)
-    SAM_PIXEL_MEAN,
-    SAM_PIXEL_STD,
-    LayerNorm2d,
-    SAMBlock,
-    SAMImageEncoder,
-    make_neck,
-)
-from medfm.models.seg.sam_prompt import MaskDecoder, PromptEncoder, TwoWayTransformer  # noqa: F401
+from medfm.models.seg.sam_encoder import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SAMImageEncoder, make_neck
+from medfm.models.seg.sam_prompt import MaskDecoder, PromptEncoder
 
 
 class PromptableSegmenter(nn.Module):

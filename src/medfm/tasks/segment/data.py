@@ -66,8 +66,8 @@ def read_image(
     store). Volumes are normalised the same way but keep their own grid: dense 3D models run a sliding
     window and write masks aligned with the input's affine."""
     from medfm.data import normalize as nz
-    from medfm.data.prepare import read_ref
     from medfm.data.preprocess import load_input, normalise
+    from medfm.data.refs import read_ref
 
     sample = read_ref(str(ref))
     arr = np.asarray(sample.array)
@@ -82,7 +82,7 @@ def read_image(
 def read_mask(ref: str | Path, spec: dict[str, Any] | None = None) -> torch.Tensor:
     """A mask file as an int64 label map (0/255 pictures -> 0/1), read through medfm's readers."""
     from medfm.data import normalize as nz
-    from medfm.data.prepare import read_ref
+    from medfm.data.refs import read_ref
 
     m = np.asarray(read_ref(str(ref)).array)
     m = m[0] if m.shape[0] == 1 else m

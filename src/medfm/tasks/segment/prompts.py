@@ -246,8 +246,8 @@ def prompt_file(
     The file is read and preprocessed exactly as ``medfm.data.preprocess.load_input(path, spec)`` does (what
     prepare stores for it), then resized to the model's input size; prompts are mapped through the same
     resize / letterbox, and the mask back onto the input's grid."""
-    from medfm.data.prepare import read_ref
     from medfm.data.preprocess import preprocess_sample, to_tensor
+    from medfm.data.refs import read_ref
 
     sample = read_ref(str(Path(path).expanduser()))
     if sample.array.ndim != 3:

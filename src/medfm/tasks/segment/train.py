@@ -22,8 +22,7 @@ from medfm.errors import ConfigError, InputError
 from medfm.models.seg.registry import BaselineModel, SegmentationModel, build_segmentation_model, monai_unet
 from medfm.rundir import RunDir
 from medfm.tasks.segment.data import CropDataset, SegPairs, load_pairs
-from medfm.tasks.segment.runs import WEIGHTS as SEG_WEIGHTS  # noqa: F401  (name kept for old imports)
-from medfm.tasks.segment.runs import load_segmentation_run, save_run  # noqa: F401
+from medfm.tasks.segment.runs import save_run
 
 
 @dataclass

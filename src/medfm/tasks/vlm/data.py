@@ -8,16 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfm.data.pairs import (  # noqa: F401  (re-exported)
-    ImageTextDataset,
-    collate,
-    fit_channels,
-    input_spec,
-    model_input,
-    read_input,
-    read_normalized,
-    resize_image,
-)
+from medfm.data.pairs import ImageTextDataset  # noqa: F401  (re-exported: benchmarks import it from here)
 
 TOY_FINDINGS = {
     "effusion": ("Small pleural effusion.", "No pleural effusion."),
