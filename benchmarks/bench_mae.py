@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -188,10 +189,11 @@ def run_one(name: str, args: dict, q) -> None:
     q.put((name, res))
 
 
-def interleaved(names: list[str], args: dict) -> dict[str, dict]:
-    """All contenders in this process, one step each in turn, repeated: load drift hits all of them alike.
+def interleaved(names: list[str], precisions: list[str], args: dict) -> tuple[dict, dict[str, str]]:
+    """Every (library, precision) contender in this process, one step each in turn, repeated: load drift
+    hits all of them alike. The median step time counts: the throughput number to trust on a shared machine.
 
-    The median step time counts. This is the throughput number to trust on a shared machine.
+    A contender whose first step fails (MONAI's MAE under bf16 autocast) is dropped and its error returned.
     """
     import statistics
 
@@ -201,16 +203,18 @@ def interleaved(names: list[str], args: dict) -> dict[str, dict]:
     torch.manual_seed(0)
     dev = torch.device(args["device"])
     images = torch.rand(args["batch_size"], CHANS, IMG, IMG, device=dev)
-    steps = {}
+    steps, failed = {}, {}
     for name in names:
-        dec = DEFAULT_DEC[name] if args["decoder"] == "defaults" else DEC
-        model, step_loss = BUILDERS[name](dev, dec)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        steps[name] = (step_loss, opt)
+        for prec in precisions:
+            dec = DEFAULT_DEC[name] if args["decoder"] == "defaults" else DEC
+            torch.manual_seed(0)
+            model, step_loss = BUILDERS[name](dev, dec)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            steps[f"{name}/{prec}"] = (step_loss, opt, prec)
 
-    def step(name: str) -> None:
-        step_loss, opt = steps[name]
-        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if args["precision"] == "bf16" else nullcontext()
+    def step(key: str) -> None:
+        step_loss, opt, prec = steps[key]
+        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if prec == "bf16" else nullcontext()
         with ctx:
             loss = step_loss(images)
         opt.zero_grad(set_to_none=True)
@@ -219,30 +223,38 @@ def interleaved(names: list[str], args: dict) -> dict[str, dict]:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    times: dict[str, list[float]] = {n: [] for n in names}
+    for key in list(steps):
+        try:
+            step(key)
+        except Exception as e:  # noqa: BLE001 - a library failing in a precision is a result, not a crash
+            failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            del steps[key]
+    keys = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(args["warmup"] + args["steps"]):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        for key in order:
             t0 = time.perf_counter()
-            step(name)
+            step(key)
             if r >= args["warmup"]:
-                times[name].append(time.perf_counter() - t0)
+                times[key].append(time.perf_counter() - t0)
     return {
-        n: {
+        k: {
             "images_per_s": args["batch_size"] / statistics.median(v),
             "step_ms_median": 1000 * statistics.median(v),
             "step_ms_all": [round(1000 * x, 1) for x in v],
         }
-        for n, v in times.items()
-    }
+        for k, v in times.items()
+    }, failed
 
 
-def matmul_peak(threads: int, device: str, n: int = 2048, reps: int = 10) -> float:
+def matmul_peak(threads: int, device: str, n: int = 2048, reps: int = 10, precision: str = "fp32") -> float:
     import torch
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
     for _ in range(2):
         torch.mm(a, b)
     best = float("inf")
@@ -262,11 +274,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per contender (interleaved)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best counts")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="also time each library alone in a fresh process (peak RSS) this many times")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default="both", choices=["fp32", "bf16", "both"])
     ap.add_argument("--only", default="medfm,lightly,monai")
     ap.add_argument(
         "--decoder",
@@ -276,65 +289,114 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mae_throughput.json"))
     a = ap.parse_args()
+    precisions = ["fp32", "bf16"] if a.precision == "both" else [a.precision]
     args = {
         k: getattr(a, k)
         for k in ("threads", "batch_size", "steps", "warmup", "device", "precision", "decoder")
     }
     names = [n.strip() for n in a.only.split(",")]
     ctx = mp.get_context("spawn")
-    rounds: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(a.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            q = ctx.Queue()
-            p = ctx.Process(target=run_one, args=(name, args, q))
-            p.start()
-            got, res = q.get()
-            p.join()
-            rounds[got].append(res)
-            print(
-                f"round {r} {name}: {res['images_per_s']:.1f} img/s, "
-                f"peak RSS +{res['peak_rss_delta_mb']:.0f} MB",
-                flush=True,
-            )
-    best = {n: max(v, key=lambda x: x["images_per_s"]) for n, v in rounds.items()}
-    inter = interleaved(names, args)
-    for n, r in inter.items():
-        print(
-            f"interleaved {n}: {r['images_per_s']:.1f} img/s (median step {r['step_ms_median']:.0f} ms)",
-            flush=True,
-        )
-    peak = matmul_peak(a.threads, a.device)
-    out = {
+    rounds: dict[str, list[dict]] = {}
+    for r in range(a.rounds):  # separate processes: each library's own peak memory
+        for prec in precisions:
+            for name in names if r % 2 == 0 else names[::-1]:
+                q = ctx.Queue()
+                p = ctx.Process(target=run_one, args=(name, {**args, "precision": prec}, q))
+                p.start()
+                p.join()
+                if q.empty():  # the library failed in this precision (its error went to stderr)
+                    continue
+                got, res = q.get()
+                rounds.setdefault(f"{got}/{prec}", []).append(res)
+                print(f"round {r} {got}/{prec}: {res['images_per_s']:.1f} img/s, "
+                      f"peak RSS +{res['peak_rss_delta_mb']:.0f} MB", flush=True)
+    inter, failed = interleaved(names, precisions, args)
+    for k, r in inter.items():
+        print(f"interleaved {k}: {r['images_per_s']:.1f} img/s (median step {r['step_ms_median']:.0f} ms)",
+              flush=True)
+    for k, e in failed.items():
+        print(f"{k} does not run: {e}", flush=True)
+    peaks = {p: matmul_peak(a.threads, a.device, precision=p) for p in precisions}
+    out: dict = {
         "benchmark": "mae_throughput",
-        "config": {
-            **args,
-            "img": IMG,
-            "patch": PATCH,
-            "in_chans": CHANS,
-            "mask_ratio": MASK,
-            "encoder": ENC,
-            "decoder": DEC,
-        },
-        "results": best,
-        "all_rounds": rounds,
-        "matmul_gflops": peak,
+        "command": "python benchmarks/bench_mae.py " + " ".join(sys.argv[1:]),
+        "config": {**args, "img": IMG, "patch": PATCH, "in_chans": CHANS, "mask_ratio": MASK,
+                   "encoder": ENC, "decoder": DEC},
+        "interleaved": inter,
+        "failed": failed,
+        "separate_processes": {k: max(v, key=lambda x: x["images_per_s"]) for k, v in rounds.items()},
+        "matmul_gflops": peaks,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
     }
-    out["interleaved"] = inter
-    others = [inter[n]["images_per_s"] for n in ("lightly", "monai") if n in inter]
-    if "medfm" in inter and others:  # from the interleaved run: robust to load changes
-        out["medfm_vs_fastest_other"] = inter["medfm"]["images_per_s"] / max(others)
-    sep = [best[n]["images_per_s"] for n in ("lightly", "monai") if n in best]
-    if "medfm" in best and sep:
-        out["medfm_vs_fastest_other_separate_processes"] = best["medfm"]["images_per_s"] / max(sep)
-    if "medfm" in best and "flops_per_step" in best["medfm"]:
-        step_s = (inter["medfm"]["step_ms_median"] if "medfm" in inter else best["medfm"]["step_ms"]) / 1000
-        achieved = best["medfm"]["flops_per_step"] / step_s / 1e9
-        out["medfm_achieved_gflops"] = achieved
-        out["medfm_fraction_of_matmul_peak"] = achieved / peak
+    speed = {k: v["images_per_s"] for k, v in inter.items()}
+    # (a) every library at its best working precision
+    best = {}
+    for n in names:
+        got = {k.split("/")[1]: v for k, v in speed.items() if k.startswith(n + "/")}
+        if got:
+            prec = max(got, key=got.get)
+            best[n] = {"precision": prec, "images_per_s": got[prec]}
+    out["best_working_precision"] = best
+    anchors = [n for n in best if n != "medfm"]
+    if "medfm" in best and anchors:
+        fastest = max(anchors, key=lambda n: best[n]["images_per_s"])
+        out["ratio_best_precision"] = {"vs": f"{fastest}/{best[fastest]['precision']}",
+                                       "medfm": f"medfm/{best['medfm']['precision']}",
+                                       "ratio": best["medfm"]["images_per_s"] / best[fastest]["images_per_s"]}
+    # (b) all in the same precision
+    out["ratio_same_precision"] = {}
+    for p in precisions:
+        others = {k: v for k, v in speed.items() if k.endswith("/" + p) and not k.startswith("medfm/")}
+        if f"medfm/{p}" in speed and others:
+            fastest = max(others, key=others.get)
+            out["ratio_same_precision"][p] = {"vs": fastest, "ratio": speed[f"medfm/{p}"] / others[fastest]}
+    # share of the matmul peak (FLOPs of one medfm step counted once, in fp32 eager)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, step_loss = build_medfm(torch.device(a.device))
+    with FlopCounterMode(display=False) as fc:
+        step_loss(torch.rand(a.batch_size, CHANS, IMG, IMG, device=a.device)).backward()
+    flops = fc.get_total_flops()
+    out["medfm_flops_per_step"] = flops
+    out["medfm_share_of_matmul_peak"] = {
+        p: flops / (inter[f"medfm/{p}"]["step_ms_median"] / 1000) / 1e9 / peaks[p]
+        for p in precisions if f"medfm/{p}" in inter
+    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps({k: v for k, v in out.items() if k not in ("all_rounds",)}, indent=2))
+    Path(a.out).with_suffix(".md").write_text(to_markdown(out))
+    print(to_markdown(out))
+
+
+def to_markdown(out: dict) -> str:
+    c = out["config"]
+    lines = [
+        "# MAE pretraining throughput: medfm vs lightly vs MONAI (identical architecture)",
+        "",
+        f"`{out['command']}` — ViT-Tiny {c['encoder']['embed_dim']}x{c['encoder']['depth']}, {c['img']} px, "
+        f"patch {c['patch']}, mask {c['mask_ratio']}, batch {c['batch_size']}, decoder "
+        f"{c['decoder']['dim']}x{c['decoder']['depth']}, {c['threads']} threads, {c['device']}; "
+        "all contenders interleaved step by step in one process (median step).",
+        "",
+        "| library / precision | images/s | median step ms |",
+        "|---|---|---|",
+    ]
+    for k, v in out["interleaved"].items():
+        lines.append(f"| {k} | {v['images_per_s']:.1f} | {v['step_ms_median']:.0f} |")
+    for k, e in out["failed"].items():
+        lines.append(f"| {k} | fails: {e} | |")
+    lines.append("")
+    if "ratio_best_precision" in out:
+        r = out["ratio_best_precision"]
+        lines.append(f"- (a) best working precision: {r['medfm']} / {r['vs']} = **{r['ratio']:.2f}×**")
+    for p, r in out["ratio_same_precision"].items():
+        lines.append(f"- (b) same precision {p}: medfm/{p} / {r['vs']} = **{r['ratio']:.2f}×**")
+    for p, share in out["medfm_share_of_matmul_peak"].items():
+        lines.append(f"- medfm {p}: {share:.0%} of the {p} matmul peak "
+                     f"({out['matmul_gflops'][p]:.0f} GFLOP/s at 2048²)")
+    lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -138,8 +138,8 @@ def test_cli_round_trip(world, tmp_path, monkeypatch, capsys):
 def test_cli_bad_inputs_are_one_line(tmp_path, monkeypatch, capsys):
     code, _, err = _cli(monkeypatch, capsys, "export", str(tmp_path / "nope"), "--to", str(tmp_path / "x"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "run directory not found" in err
-    RunDir(tmp_path / "seg", "segmenter").write_config({})
+    RunDir(tmp_path / "seg", "promptable").write_config({})
     code, _, err = _cli(monkeypatch, capsys, "export", str(tmp_path / "seg"), "--to", str(tmp_path / "x"))
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "cannot export a 'segmenter' run yet; exportable kinds: classifier, encoder" in err
+    assert "cannot export a 'promptable' run yet; exportable kinds: classifier, encoder, segmenter" in err
     assert not (tmp_path / "x").exists()

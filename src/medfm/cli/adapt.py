@@ -85,6 +85,10 @@ def adapt(
                                     "model (validation AUROC, largest label budget, first seed; kNN keeps "
                                     "none) as a classifier run in OUT/model (`medfm.load_run`)."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: leave the default)."),
+    precision: str = typer.Option("32", help="32 | bf16-mixed | 16-mixed (GPU) for training, prediction "
+                                  "and frozen features (features stay float32)."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the finetune / lora "
+                                 "/ scratch models (eager with a warning if it fails)."),
 ) -> None:
     """Adapt a pretrained encoder with few labels and write a tidy results table (+ HTML report).
 
@@ -112,7 +116,7 @@ def adapt(
                       patience=patience, batch_size=batch_size, lr_finetune=lr_finetune,
                       layer_decay=layer_decay, lr_head=lr_head, lr_lora=lr_lora, lr_scratch=lr_scratch,
                       label_smoothing=label_smoothing, augment=augment, lora_r=lora_r, threshold=threshold,
-                      save_model=save_model)
+                      save_model=save_model, precision=precision, compile=compile)
     encoder = load_model(model)
     with progress_bar() as p:
         results = run_adapt(encoder, data, out, cfg, source=str(model), progress=p)

@@ -20,7 +20,8 @@ app = typer.Typer(
 )
 
 # Each module defines `register(app)`; a module that fails to import must not break the others.
-_MODULES = ["data", "models", "pretrain", "adapt", "audit", "export", "predict", "vlm", "segment", "demo"]
+_MODULES = ["data", "models", "pretrain", "adapt", "audit", "export", "predict", "vlm", "segment", "demo",
+            "compress"]
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""CLI: `medfm predict` — a classifier, encoder or exported model over files, folders, prepared data."""
+"""CLI: `medfm predict` — a classifier, encoder, segmenter or exported model over files, folders, prepared
+data."""
 
 from __future__ import annotations
 
@@ -7,18 +8,20 @@ from pathlib import Path
 import typer
 
 HELP = (
-    "Predict with RUN (a classifier run such as `medfm adapt` OUT/model, an encoder run, or a folder "
-    "written by `medfm export`) on INPUTS: image files (PNG/JPEG/DICOM/NIfTI/npz), folders and DICOM "
-    "series (found like `medfm data prepare` finds them and preprocessed like the run's training data), "
-    "manifests, and prepared datasets. Writes OUT/predictions.csv and .parquet (one row per case; case "
-    "ids salted like prepare's unless --keep-identifiers), OUT/embeddings.npy for encoders, and "
-    "OUT/skipped.json (unreadable files, one reason each; the job goes on). Rerunning the same command "
-    "resumes an interrupted job."
+    "Predict with RUN (a classifier run such as `medfm adapt` OUT/model, an encoder run, a segmenter run "
+    "from `medfm segment train`, or a folder written by `medfm export`) on INPUTS: image files "
+    "(PNG/JPEG/DICOM/NIfTI/npz), folders and DICOM series (found like `medfm data prepare` finds them and "
+    "preprocessed like the run's training data), manifests, and prepared datasets. Writes "
+    "OUT/predictions.csv and .parquet (one row per case; case ids salted like prepare's unless "
+    "--keep-identifiers), OUT/embeddings.npy for encoders, OUT/masks/ for segmenters (PNG at each 2D "
+    "input's size, NIfTI with each volume's affine; the table gives the mask file and per-class "
+    "fractions / volumes in mL), and OUT/skipped.json (unreadable files, one reason each; the job goes "
+    "on). Rerunning the same command resumes an interrupted job."
 )
 
 
 def predict(
-    run: Path = typer.Argument(..., help="Classifier or encoder run directory, or an exported folder."),
+    run: Path = typer.Argument(..., help="Classifier, encoder or segmenter run, or an exported folder."),
     inputs: list[Path] = typer.Argument(..., help="Files, folders, manifests or prepared datasets."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (and per saved batch)."),

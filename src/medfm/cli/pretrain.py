@@ -107,6 +107,18 @@ def _make_command(objective: str, doc: str) -> Any:
         precision: str = typer.Option(
             "32", help="32 | bf16-mixed | 16-mixed (bf16-mixed on recent GPUs).", rich_help_panel=_HW
         ),
+        compile: bool = typer.Option(
+            False,
+            "--compile/--no-compile",
+            help="torch.compile the training step (falls back to eager with a warning if it fails).",
+            rich_help_panel=_HW,
+        ),
+        channels_last: bool = typer.Option(
+            False,
+            "--channels-last/--no-channels-last",
+            help="Channels-last memory format for CNN encoders (faster convolutions in mixed precision).",
+            rich_help_panel=_HW,
+        ),
         accelerator: str = typer.Option("auto", help="auto | cpu | gpu.", rich_help_panel=_HW),
         devices: str = typer.Option(
             "auto", help="Number of devices (or 'auto', or a list like '0,1').", rich_help_panel=_HW
@@ -130,6 +142,7 @@ def _make_command(objective: str, doc: str) -> Any:
         ),
     ) -> None:
         from medfm.train.config import PretrainConfig
+        from medfm.train.precision import describe_speed
         from medfm.train.trainer import run_pretrain
 
         try:
@@ -165,6 +178,8 @@ def _make_command(objective: str, doc: str) -> Any:
             proj_dim=proj_dim,
             flip=flip,
             precision=precision,
+            compile=compile,
+            channels_last=channels_last,
             accelerator=accelerator,
             devices=devices,
             num_nodes=num_nodes,
@@ -187,6 +202,7 @@ def _make_command(objective: str, doc: str) -> Any:
             typer.echo(
                 f"{run_dir}: {met['steps']} steps, final loss {met['final_loss']:.4f}, "
                 f"{met['images_per_s']:.1f} images/s"
+                + (f", {describe_speed(met)}" if describe_speed(met) else "")
             )
 
     command.__doc__ = doc

@@ -44,13 +44,21 @@ def train(
     ),
     encoder_depth: int = typer.Option(None, help="Override the encoder depth (fresh encoders only)."),
     seed: int = typer.Option(0, help="Random seed (also picks the N labelled cases)."),
+    precision: str = typer.Option("32", help="32 | bf16-mixed | 16-mixed (16-mixed: GPU only)."),
+    compile: bool = typer.Option(
+        False, "--compile/--no-compile", help="torch.compile the model (eager with a warning if it fails)."
+    ),
 ) -> None:
     """Train a dense segmentation model and write a run directory."""
     options = dict(locals())  # the parsed options, named like SegTrainConfig's fields
+    from medfm.rundir import read_json
     from medfm.tasks.segment.options import seg_train_config
     from medfm.tasks.segment.train import train_segmentation
+    from medfm.train.precision import describe_speed
 
-    typer.echo(f"wrote {train_segmentation(seg_train_config(options), out)}")
+    run = train_segmentation(seg_train_config(options), out)
+    speed = describe_speed(read_json(Path(run) / "metrics.json"))
+    typer.echo(f"wrote {run}" + (f" ({speed})" if speed else ""))
 
 
 @seg_app.command("evaluate")

@@ -123,6 +123,14 @@ def clip(
     seed: int = typer.Option(0, help="Random seed.", rich_help_panel=_OPT),
     threads: int = typer.Option(0, help="CPU threads for torch (0: default).", rich_help_panel=_OPT),
     device: str = typer.Option("auto", help="auto | cpu | cuda.", rich_help_panel=_OPT),
+    precision: str = typer.Option(
+        "32", help="32 | bf16-mixed | 16-mixed (16-mixed: GPU only, not with --grad-cache).",
+        rich_help_panel=_OPT,
+    ),
+    compile: bool = typer.Option(
+        False, "--compile/--no-compile", help="torch.compile the towers (eager with a warning if it fails).",
+        rich_help_panel=_OPT,
+    ),
 ) -> None:
     """Train a CLIP-style image-report model (contrastive + optional ITM + report decoder) into a run dir.
 
@@ -131,10 +139,13 @@ def clip(
     """
     options = dict(locals())  # the parsed options, named like ClipConfig's fields
     from medfm.train.clip import train_from_options
+    from medfm.train.precision import describe_speed
 
     run, m = train_from_options(options)
+    speed = describe_speed(m)
     typer.echo(
-        f"wrote {run}  (steps {m['steps']}, final loss {m['final_loss']:.4f}, {m['pairs_per_s']} pairs/s)"
+        f"wrote {run}  (steps {m['steps']}, final loss {m['final_loss']:.4f}, {m['pairs_per_s']} pairs/s"
+        + (f", {speed})" if speed else ")")
     )
 
 

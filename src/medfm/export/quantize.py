@@ -54,13 +54,25 @@ class _Reader:
         self.i = 0
 
 
-def quantize_static_int8(src: str | Path, dst: str | Path, calib: np.ndarray) -> Path:
-    """Static QDQ int8 (activations uint8 with ranges from ``calib``, weights int8 per channel)."""
+def last_conv(path: str | Path) -> list[str]:
+    """Name of the graph's last Conv / ConvTranspose node (a segmenter's output layer), as a list."""
+    import onnx
+
+    convs = [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    return convs[-1:]
+
+
+def quantize_static_int8(src: str | Path, dst: str | Path, calib: np.ndarray, per_channel: bool = True,
+                         exclude_last: bool = False) -> Path:
+    """Static QDQ int8 (activations uint8 with ranges from ``calib``, weights int8 per channel or per
+    tensor); ``exclude_last`` keeps the last convolution (a segmenter's logits layer) in fp32."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib)
     with tempfile.TemporaryDirectory(prefix="medfm-q-") as tmp:
-        quantize_static(str(_preprocessed(Path(src), Path(tmp))), str(dst), reader,
+        pre = _preprocessed(Path(src), Path(tmp))
+        quantize_static(str(pre), str(dst), reader,
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=QUANT_OPS)
+                        weight_type=QuantType.QInt8, per_channel=per_channel, op_types_to_quantize=QUANT_OPS,
+                        nodes_to_exclude=last_conv(pre) if exclude_last else None)
     return Path(dst)

@@ -1,10 +1,11 @@
-"""``export_run``: a classifier or encoder run -> a self-describing export folder (kind "export").
+"""``export_run``: a classifier, encoder or segmenter run -> a self-describing export folder (kind "export").
 
 Folder: ``model.onnx`` (fp32), ``model.int8.onnx`` (dynamic int8), ``model.int8-static.onnx`` (static QDQ
 int8, with a calibration store), ``config.json`` (source kind, preprocessing, classes, task, threshold,
 input shape and layout, files, sizes, parity and test-split deltas) and a ``README.md`` card. The models
 take float32 (B, C, H, W) or (B, C, D, H, W) already at the encoder's size (uint8 / 255, channels
-replicated, resized: ``config["input"]``) and give classifier logits or encoder embeddings.
+replicated, resized: ``config["input"]``) and give classifier logits or encoder embeddings. Segmenters
+are exported by :mod:`medfm.export.segment` (logits (B, K, *patch) at the run's window, test-split Dice).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from medfm.errors import ConfigError, InputError, MedfmError
 from medfm.export.to_onnx import export_onnx, max_abs_diff, torch_outputs
 from medfm.rundir import RunDir, open_run
 
-EXPORTABLE = ("classifier", "encoder")
+EXPORTABLE = ("classifier", "encoder", "segmenter")
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "int8_static": "model.int8-static.onnx"}
 N_RANDOM = 8
 
@@ -92,26 +93,33 @@ def auroc(task: str, y: np.ndarray | None, logits: np.ndarray) -> float | None:
         return None
 
 
-def _ort_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+def _ort_outputs(path: Path, x: np.ndarray, threads: int = 0) -> np.ndarray:
     from medfm.export.session import ExportedModel
 
     try:
-        m = ExportedModel(path, {}, path.name)
+        m = ExportedModel(path, {}, path.name, threads)
     except Exception as e:  # onnxruntime rejects the graph: a one-line error, not its C++ trace
         raise ExportError(f"{path.name}: onnxruntime cannot load the exported graph "
                           f"({str(e).splitlines()[0][:200]})") from None
     return np.concatenate([m.run(x[i:i + 32]) for i in range(0, len(x), 32)])
 
 
+def _out_folder(out_dir: str | Path, run: RunDir) -> RunDir:
+    if Path(out_dir).expanduser().resolve() == run.path.resolve():
+        raise InputError(Path(out_dir), "export folder must differ from the run directory")
+    return RunDir(out_dir, "export")
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, int8: bool = True, calib_store: str | None = None,
-               n_calib: int = 256, atol: float = 1e-4, seed: int = 0) -> dict[str, Any]:
-    """Export a classifier or encoder run to ONNX in ``out_dir``; returns the written config.
+               n_calib: int = 256, atol: float = 1e-4, seed: int = 0, threads: int = 0) -> dict[str, Any]:
+    """Export a classifier, encoder or segmenter run to ONNX in ``out_dir``; returns the written config.
 
     fp32 outputs are checked against PyTorch on random inputs (and on ``calib_store`` images) and must
     agree within ``atol`` (max abs), else :class:`ExportError`. With ``int8``: a dynamic int8 variant, and
     with ``calib_store`` (a prepared dataset) a static QDQ one calibrated on up to ``n_calib`` of its train
     images; each variant's file size and max diff vs fp32 are recorded, and for a classifier whose store
-    has a labelled test split, the AUROC of PyTorch and of every variant on it.
+    has a labelled test split, the AUROC of PyTorch and of every variant on it (segmenters: the Dice per
+    class, ``medfm.export.segment``). ``threads``: onnxruntime intra-op threads while measuring (0: default).
     """
     from medfm.export import card  # noqa: F401  (registers the "export" card section)
 
@@ -120,11 +128,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, int8: bool = True, cali
 
     run = open_run(run_dir)
     src_conf = run.config()
+    if run.kind == "segmenter":
+        from medfm.export.segment import export_segmenter
+
+        out = _out_folder(out_dir, run)
+        return export_segmenter(run, out, int8, calib_store, n_calib, atol, seed, threads)
     module, encoder = _load_source(run)
     shape = input_shape(encoder)
-    out = RunDir(out_dir, "export")
-    if out.path.resolve() == run.path.resolve():
-        raise InputError(out.path, "export folder must differ from the run directory")
+    out = _out_folder(out_dir, run)
     rng = np.random.default_rng(seed)
     inputs = {"random": rng.random((N_RANDOM, *shape), dtype=np.float32)}
     test_y = None
@@ -145,7 +156,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, int8: bool = True, cali
     outs: dict[str, dict[str, np.ndarray]] = {}
 
     def measure(name: str, p: Path) -> None:
-        outs[name] = {k: _ort_outputs(p, inputs[k]) for k in ref}
+        outs[name] = {k: _ort_outputs(p, inputs[k], threads) for k in ref}
         base = ref if name == "fp32" else outs["fp32"]
         vs = "torch" if name == "fp32" else "fp32"
         variants[name] = {"file": p.name, "bytes": p.stat().st_size, "vs": vs,

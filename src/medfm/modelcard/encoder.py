@@ -32,10 +32,18 @@ def section(config: dict[str, Any], metrics: dict[str, Any]) -> str:
 ## Training
 {metrics.get("steps")} steps, batch {cfg.get("batch_size")} x {metrics.get("world_size", 1)} device(s),
 AdamW lr {cfg.get("lr")} (warmup + cosine), weight decay {cfg.get("weight_decay")}, precision
-{cfg.get("precision")}, seed {cfg.get("seed")}.
+{cfg.get("precision")}{", torch.compile" if cfg.get("compile") else ""}, seed {cfg.get("seed")}.
 Final loss **{fmt(metrics.get("final_loss"))}**; {fmt(metrics.get("images_per_s"))} images/s;
-wall time {fmt(metrics.get("wall_time_s"))} s.
+wall time {fmt(metrics.get("wall_time_s"))} s{_speed(metrics)}.
 
 The encoder alone also loads with `medfm.load_encoder(run)` (its config travels in the safetensors header);
 `encoder(images)` gives (B, {enc.get("embed_dim", "D")}) pooled embeddings.
 """
+
+
+def _speed(metrics: dict) -> str:
+    """", 12.3 ms/step, 8% waiting for data" when the run measured it (older runs did not)."""
+    from medfm.train.precision import describe_speed
+
+    line = describe_speed(metrics)
+    return f", {line}" if line else ""

@@ -76,6 +76,8 @@ class ClipConfig:
     threads: int = 0  # 0: leave torch's default
     workers: int = 0
     device: str = "auto"
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed (checked against the device: train/precision.py)
+    compile: bool = False  # torch.compile the towers' forward (eager with one warning if it fails)
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):

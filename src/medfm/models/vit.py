@@ -34,6 +34,17 @@ from medfm.models.layers import (
 from medfm.models.registry import register_size
 
 
+# Largest attention matrix (batch x heads x N x N elements) the explicit form may materialise (256 MiB bf16).
+_EXPLICIT_MAX = 2**27
+
+
+def _explicit_is_faster(q: torch.Tensor) -> bool:
+    """On CPU in bf16/fp16, two batched matmuls beat SDPA's flash kernel by 3-7x at ViT sequence lengths
+    (its backward dominates an MAE step; measured in benchmarks/bench_mae.py); fp32 and GPUs keep SDPA."""
+    b, h, n, _ = q.shape
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and b * h * n * n <= _EXPLICIT_MAX
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection."""
 
@@ -51,11 +62,13 @@ class Attention(nn.Module):
         b, n, c = x.shape
         # (3, B, heads, N, head_dim) in one reshape/permute; SDPA picks the fastest kernel available.
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        if self.attn_record is None:
+        if self.attn_record is None and not _explicit_is_faster(q):
             x = F.scaled_dot_product_attention(q, k, v)
         else:  # SDPA does not return its weights; the explicit form computes the same attention
-            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
-            self.attn_record.append(attn)
+            # softmax in float32: bf16 logits would lose the small differences between tokens
+            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).float().softmax(dim=-1).to(q.dtype)
+            if self.attn_record is not None:
+                self.attn_record.append(attn)
             x = attn @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 

@@ -1,5 +1,6 @@
-"""The model side of `medfm predict`: a classifier run, an encoder run or an exported (ONNX) folder,
-behind one interface that maps a batch of prepared images to output columns (and embeddings)."""
+"""The model side of `medfm predict`: a classifier, encoder or segmenter run, or an exported (ONNX) folder,
+behind one interface that maps a batch of prepared images to output columns (and embeddings); segmenters
+carry a module that maps one image to logits (``medfm.predict.masks`` turns them into masks)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class Predictor:
     task: str | None = None
     classes: list[str] = field(default_factory=list)
     threshold: float | list[float] | None = None
+    segmenter: torch.nn.Module | None = None
+    seg: dict[str, Any] | None = None
 
     def columns(self, probs: np.ndarray) -> dict[str, np.ndarray]:
         """Output columns of a batch: binary ``prob``/``pred`` (the run's threshold, 0.5 without one);
@@ -92,6 +95,37 @@ def _encoder(path: Path, conf: dict[str, Any]) -> Predictor:
     return Predictor("encoder", "encoder", spec, infer)
 
 
+def _no_infer(x: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray | None]:
+    raise InputError(None, "a segmenter predicts masks (medfm.predict.masks), not class probabilities")
+
+
+def _segmenter(path: Path) -> Predictor:
+    from medfm.tasks.segment.runs import load_segmentation_run, preprocessing
+
+    model, conf = load_segmentation_run(path)
+    seg = {k: conf.get(k) for k in ("spatial_dims", "in_chans", "patch", "img_size", "num_classes")}
+    return Predictor("segmenter", "segmenter", preprocessing(conf), _no_infer, "segmentation",
+                     [str(c) for c in conf.get("class_names") or []], None, model.eval(), seg)
+
+
+def _export_segmenter(path: Path, conf: dict[str, Any], variant: str, threads: int) -> Predictor:
+    from medfm.export.segment import OnnxSegmenter
+    from medfm.tasks.segment.runs import preprocessing
+
+    files = conf.get("files") or {}
+    if variant not in files:
+        raise InputError(path, f"no '{variant}' variant; this export has: {', '.join(files) or 'none'}")
+    shape = [int(s) for s in conf["input_shape"]]
+    seg = {"spatial_dims": int(conf["spatial_dims"]), "in_chans": shape[0], "patch": shape[1:],
+           "img_size": conf.get("img_size"), "num_classes": int(conf["num_classes"])}
+    try:
+        model = OnnxSegmenter(path / files[variant], threads)
+    except ImportError as e:
+        raise InputError(path, f"exported models need onnxruntime ({e})") from None
+    return Predictor("export", "segmenter", preprocessing(conf), _no_infer, "segmentation",
+                     [str(c) for c in conf.get("classes") or []], None, model, seg)
+
+
 def _export(path: Path, variant: str, threads: int) -> Predictor:
     import importlib
 
@@ -124,12 +158,13 @@ def _export(path: Path, variant: str, threads: int) -> Predictor:
 
 
 def load_predictor(path: str | Path, variant: str = "fp32", threads: int = 0) -> Predictor:
-    """The predictor a classifier run, an encoder run (or medfm encoder weights) or an export folder holds."""
+    """The predictor a classifier, encoder or segmenter run (or medfm encoder weights) or an export folder
+    holds."""
     from medfm.rundir import open_run
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise InputError(p, "model not found (a classifier or encoder run, or an exported folder)")
+        raise InputError(p, "model not found (a classifier, encoder or segmenter run, or an exported folder)")
     if p.is_file() or (not (p / "config.json").is_file() and (p / "model.safetensors").is_file()):
         return _encoder(p, {})  # medfm encoder weights (`save_encoder`), no run config
     run = open_run(p)
@@ -139,5 +174,10 @@ def load_predictor(path: str | Path, variant: str = "fp32", threads: int = 0) ->
     if run.kind == "encoder":
         return _encoder(p, conf)
     if run.kind == "export":
+        if conf.get("source_kind") == "segmenter":
+            return _export_segmenter(p, conf, variant, threads)
         return _export(p, variant, threads)
-    raise InputError(p, f"a '{run.kind}' run; predict runs classifier and encoder runs and exported models")
+    if run.kind == "segmenter":
+        return _segmenter(p)
+    raise InputError(p, f"a '{run.kind}' run; predict runs classifier, encoder and segmenter runs and "
+                     "exported models")

@@ -1,10 +1,12 @@
-"""`medfm predict`: run a classifier, an encoder or an exported model over files, folders and prepared
-datasets, into one results table.
+"""`medfm predict`: run a classifier, an encoder, a segmenter or an exported model over files, folders and
+prepared datasets, into one results table.
 
 OUT holds ``predictions.csv`` / ``.parquet`` (one row per case, in input order), ``embeddings.npy`` (encoders:
-row i of the table is row i of the array), ``skipped.json`` (files that could not be read, one-line reasons)
-and ``config.json`` / ``metrics.json`` (kind "predictions"; throughput in images/s). Every batch is written to
-``OUT/partial/`` atomically, so rerunning the same command after an interruption predicts only what is left.
+row i of the table is row i of the array), ``masks/`` (segmenters: one mask per case aligned with its input,
+named by the case id; the table gives its path and per-class fractions / volumes), ``skipped.json`` (files
+that could not be read, one-line reasons) and ``config.json`` / ``metrics.json`` (kind "predictions";
+throughput in images/s). Every batch is written to ``OUT/partial/`` atomically, so rerunning the same command
+after an interruption predicts only what is left.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from medfm.data.identifiers import salt_dir
 from medfm.errors import InputError
 from medfm.predict.inputs import Case, Inputs, collect, read_case
+from medfm.predict.masks import MASKS
 from medfm.predict.model import Predictor, load_predictor
 from medfm.rundir import RunDir, read_json, write_json
 
@@ -57,6 +60,38 @@ def _resume_state(part: Path, fp: str, resume: bool) -> list[int]:
     return []
 
 
+def _skip(c: Case, pos: int, e: InputError, ids: dict, keep: bool) -> dict[str, Any]:
+    cid = ids.get(c.input)
+    if cid is not None and not keep:  # the message loses its paths, like prepare's skipped list
+        entry = cid.skipped(c.case_id, pos, str(e), c.ref, "")
+        entry.pop("position", None)  # a place in the batch means nothing to the user
+    else:
+        entry = {"case_id": c.case_id, "error": str(e)}
+    return {**entry, "input": c.input}
+
+
+def _seg_batch(model: Predictor, cases: list[Case], ids: dict, keep: bool, out: Path, multi: bool
+               ) -> tuple[list[dict[str, Any]], None, list[dict[str, Any]]]:
+    """Rows (mask file, per-class fractions / volumes) and skipped entries of one batch of a segmenter;
+    the masks are written (atomically) before the batch is marked done."""
+    from medfm.predict import masks
+
+    seg = model.seg or {}
+    dims, k = int(seg["spatial_dims"]), int(seg["num_classes"])
+    rows, skipped = [], []
+    for pos, c in enumerate(cases):
+        try:
+            x, grid = masks.read_seg_case(c, model.spec, dims)
+            labels = masks.segment(model.segmenter, seg, x, grid)
+        except InputError as e:
+            skipped.append(_skip(c, pos, e, ids, keep))
+            continue
+        rel = masks.write_mask(labels, grid, out, masks.mask_path(c, multi, dims))
+        rows.append({"case_id": c.case_id, "input": c.input, "source": c.source, "mask": rel,
+                     **masks.columns(labels, grid, model.classes, k)})
+    return rows, None, skipped
+
+
 def _run_batch(model: Predictor, cases: list[Case], ids: dict, keep: bool
                ) -> tuple[list[dict[str, Any]], np.ndarray | None, list[dict[str, Any]]]:
     """Rows, embeddings and skipped entries of one batch; unreadable cases are skipped, never fatal."""
@@ -66,13 +101,7 @@ def _run_batch(model: Predictor, cases: list[Case], ids: dict, keep: bool
         try:
             imgs.append((c, read_case(c, model.spec)))
         except InputError as e:
-            cid = ids.get(c.input)
-            if cid is not None and not keep:  # the message loses its paths, like prepare's skipped list
-                entry = cid.skipped(c.case_id, pos, str(e), c.ref, "")
-                entry.pop("position", None)  # a place in the batch means nothing to the user
-            else:
-                entry = {"case_id": c.case_id, "error": str(e)}
-            skipped.append({**entry, "input": c.input})
+            skipped.append(_skip(c, pos, e, ids, keep))
     rows: list[dict[str, Any]] = []
     embs: list[np.ndarray] = []
     # one forward per image shape (a batch may mix inputs prepared at different sizes)
@@ -126,7 +155,7 @@ def predict(run_or_export: str | Path, inputs: list[str | Path], out_dir: str | 
             salt_file: str | None = None, keep_identifiers: bool = False, resume: bool = True,
             progress: bool | None = None, variant: str = "fp32", threads: int = 0,
             fail_after_batches: int | None = None) -> dict[str, Any]:
-    """Predict every case of ``inputs`` with a classifier/encoder run or an export folder into OUT.
+    """Predict every case of ``inputs`` with a classifier/encoder/segmenter run or an export folder into OUT.
 
     Case ids are de-identified as in prepare (same salt: the same ids as the prepared twins; the private map
     goes beside the salt) unless ``keep_identifiers``. Returns the metrics (counts, images/s, files).
@@ -150,6 +179,9 @@ def predict(run_or_export: str | Path, inputs: list[str | Path], out_dir: str | 
     fp = _fingerprint(run_or_export, inp.cases, salt, batch_size)
     part = out / PARTIAL
     done = set(_resume_state(part, fp, resume))
+    if model.source_kind == "segmenter" and not done:  # a fresh job: no masks of an earlier one stay behind
+        shutil.rmtree(out / MASKS, ignore_errors=True)
+    multi = len({c.input for c in inp.cases}) > 1
     batches = [inp.cases[i:i + batch_size] for i in range(0, len(inp.cases), batch_size)]
     n_new, new_batches, t0 = 0, 0, time.perf_counter()
     bar = _bar(len(inp.cases), sum(len(batches[b]) for b in done if b < len(batches)), progress)
@@ -157,7 +189,10 @@ def predict(run_or_export: str | Path, inputs: list[str | Path], out_dir: str | 
         for b, cases in enumerate(batches):
             if b in done:
                 continue
-            rows, emb, skipped = _run_batch(model, cases, inp.ids, keep_identifiers)
+            if model.source_kind == "segmenter":
+                rows, emb, skipped = _seg_batch(model, cases, inp.ids, keep_identifiers, out, multi)
+            else:
+                rows, emb, skipped = _run_batch(model, cases, inp.ids, keep_identifiers)
             _write_batch(part, b, rows, emb, skipped)
             n_new += len(rows)
             new_batches += 1
@@ -190,6 +225,8 @@ def _finish(run: RunDir, model: Predictor, inp: Inputs, part: Path, n_batches: i
         dim = embs[0].shape[1] if embs else 0
         np.save(run.path / EMBEDDINGS, np.concatenate(embs) if embs else np.zeros((0, dim), np.float32))
         files.append(EMBEDDINGS)
+    if model.source_kind == "segmenter":
+        files.append(f"{MASKS}/")
     run.write_table(f"{TABLE}.csv", df)
     run.write_table(f"{TABLE}.parquet", df)
     run.write_json(SKIPPED, skipped)
@@ -197,6 +234,9 @@ def _finish(run: RunDir, model: Predictor, inp: Inputs, part: Path, n_batches: i
     run.write_config({
         "model_kind": model.kind, "source_kind": model.source_kind, "task": model.task,
         "classes": model.classes, "threshold": model.threshold, "preprocessing": model.spec,
+        **({"num_classes": (model.seg or {}).get("num_classes"), "masks": f"{MASKS}/ (PNG 2D at the input's "
+            "H x W, NIfTI 3D with the input's affine; argmax of the logits)"}
+           if model.source_kind == "segmenter" else {}),
         "n_inputs": len({c.input for c in inp.cases}), "batch_size": batch_size,
         "identifiers": "kept" if keep else "case ids and sources are salted hashes (map beside the salt)",
         "case_maps": maps, "fingerprint": fp, "files": files})

@@ -1,5 +1,5 @@
 """Lightning callbacks: atomic checkpoints, an append-only loss history, resume of the data stream,
-and a per-rank report (which proves every DDP rank trained and stayed in sync)."""
+a per-rank report (which proves every DDP rank trained and stayed in sync) and the data-wait share."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from medfm.train.precision import StepTimer
 
 LAST = "last.ckpt"
 
@@ -173,3 +175,25 @@ class RankReport(L.Callback):
             "global_step": trainer.global_step,
         }
         (self.log_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(rec, indent=2))
+
+
+class DataWait(L.Callback):
+    """Per training step, the time waiting for the batch (from one step's ``on_train_batch_end`` to the next
+    ``on_train_batch_start``) vs the whole step; ``summary()`` gives ``data_wait_share`` and
+    ``step_time_ms`` for metrics.json (train/precision.StepTimer, the same figure as the custom loops)."""
+
+    def __init__(self) -> None:
+        self.timer = StepTimer()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.timer.batch_ready()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.timer.step_done()
+
+    def summary(self) -> dict[str, float | None]:
+        return self.timer.summary()

@@ -45,6 +45,14 @@ from medfm.train.clip_losses import (  # noqa: F401  (re-exported)
     sample_hard_negatives,
 )
 from medfm.train.gradcache import cached_backward
+from medfm.train.precision import (
+    Precision,
+    StepTimer,
+    compile_function,
+    optimizer_step,
+    resolve_precision,
+    scaled_backward,
+)
 
 
 def _pick_device(name: str) -> torch.device:
@@ -87,17 +95,30 @@ def train_step(
     mask: torch.Tensor,
     cap: torch.Tensor | None,
     hidden: torch.Tensor | None = None,
+    prec: Precision | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One optimisation step's forward + backward (gradients accumulated in .grad, no optimizer step)."""
+    """One optimisation step's forward + backward (gradients accumulated in .grad, no optimizer step).
+
+    ``prec``: autocast for the towers and per-sample losses (the contrastive loss over the full batch of
+    gradient-cached embeddings runs in float32); ``scaler``: fp16 loss scaling (not with gradient caching).
+    """
     cfg = model.cfg
+    prec = prec or Precision("32", images.device.type, None)
     pos = same_text(texts).to(images.device)
     b = images.shape[0]
     if cfg.grad_cache_chunk and cfg.grad_cache_chunk < b:
 
+        if scaler is not None:
+            raise ConfigError("--precision 16-mixed cannot be combined with --grad-cache (fp16 loss scaling "
+                              "through cached gradients); use bf16-mixed")
+
         def embed(sl: slice) -> tuple:
-            return model.chunk_outputs(
-                images[sl], ids[sl], mask[sl], hidden[sl] if hidden is not None else None
-            )
+            with prec.autocast():
+                outs = model.chunk_outputs(
+                    images[sl], ids[sl], mask[sl], hidden[sl] if hidden is not None else None
+                )
+            return tuple(o.float() if o is not None and o.is_floating_point() else o for o in outs)
 
         def loss_fn(full: list[torch.Tensor]) -> torch.Tensor:
             return cfg.w_contrastive * clip_loss(full[0], full[1], model.scale(), pos)
@@ -106,9 +127,10 @@ def train_step(
 
         def extra(sl: slice, outs: tuple) -> torch.Tensor:
             zi, zt, itok, ttok = outs
-            local = local_losses(
-                model, zi, zt, itok, ttok, mask[sl], pos[sl, sl], cap[sl] if cap is not None else None
-            )
+            with prec.autocast():
+                local = local_losses(
+                    model, zi, zt, itok, ttok, mask[sl], pos[sl, sl], cap[sl] if cap is not None else None
+                )
             frac = (sl.stop - sl.start) / b
             tot = torch.zeros((), device=images.device)
             for k, v in local.items():
@@ -124,11 +146,13 @@ def train_step(
             getattr(cfg, f"w_{k}") * v for k, v in parts.items() if k in ("itm", "caption")
         )
         return parts
-    zi, zt, itok, ttok = model.chunk_outputs(images, ids, mask, hidden)
-    losses = {"contrastive": clip_loss(zi, zt, model.scale(), pos)} if cfg.w_contrastive > 0 else {}
-    losses |= local_losses(model, zi, zt, itok, ttok, mask, pos, cap)
-    total = sum(getattr(cfg, f"w_{k}") * v for k, v in losses.items())
-    total.backward()
+    with prec.autocast():
+        zi, zt, itok, ttok = model.chunk_outputs(images, ids, mask, hidden)
+        losses = {"contrastive": clip_loss(zi.float(), zt.float(), model.scale(), pos)} \
+            if cfg.w_contrastive > 0 else {}
+        losses |= local_losses(model, zi, zt, itok, ttok, mask, pos, cap)
+        total = sum(getattr(cfg, f"w_{k}") * v.float() for k, v in losses.items())
+    scaled_backward(total, scaler)
     return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
 
@@ -144,6 +168,8 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = _pick_device(cfg.device)
+    prec = resolve_precision(cfg.precision, device)  # a combination this device cannot run: one line, now
+    scaler = prec.grad_scaler()
     ds = ImageTextDataset(cfg.data, split=cfg.split, img_size=cfg.img_size, in_chans=cfg.in_chans)
     if len(ds) < 2:
         raise InputError(cfg.data, "need at least 2 image-report pairs")
@@ -211,9 +237,13 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
             "step": step, "train_seconds": seconds_before + time.perf_counter() - t0, "history": history})
 
     bar = _progress(steps, "clip", start) if progress else None
+    timer = StepTimer()
+    # the towers run through chunk_outputs (not forward): compile that; state-dict keys are unchanged
+    model.chunk_outputs = compile_function(model.chunk_outputs, cfg.compile, "clip towers")
     model.train()
     while step < steps and not stopped:
         for batch in loader:
+            timer.batch_ready()
             stopped = cfg.max_seconds > 0 and step > start and time.perf_counter() - t0 > cfg.max_seconds
             if step >= steps or stopped:
                 break
@@ -236,11 +266,11 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
                 hid = pool_sentences(sent[0], sent[1][idx], drop, g).to(device)
             elif cache is not None:
                 hid = (cache[idx] if cache.ndim == 2 else cache[idx][:, :keep]).to(device)
-            rec = train_step(model, x, batch["text"], ids, mask, cap, hid)
-            torch.nn.utils.clip_grad_norm_([p for gr in groups for p in gr["params"]], 1.0)
+            rec = train_step(model, x, batch["text"], ids, mask, cap, hid, prec, scaler)
             lr_now = float(opt.param_groups[0]["lr"])
-            opt.step()
+            optimizer_step(opt, scaler, [p for gr in groups for p in gr["params"]], 1.0)
             sched.step()
+            timer.step_done()
             with torch.no_grad():  # CLIP's clamp, also on the stored value so it cannot drift away
                 model.logit_scale.clamp_(0, math.log(cfg.max_logit_scale))
             step += 1
@@ -254,6 +284,7 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
                 checkpoint()
     if bar is not None:
         bar.close()
+    model.__dict__.pop("chunk_outputs", None)  # back to the eager method before saving / deep copies
     if stopped:
         checkpoint()  # continue later with resume=True
     else:
@@ -268,6 +299,9 @@ def train_clip(cfg: ClipConfig, progress: bool = True) -> Path:
         "pairs_per_s": round(pairs / max(secs, 1e-9), 2),
         "final_loss": sum(h["loss"] for h in history[-10:]) / max(len(history[-10:]), 1),
         "temperature": float(1 / model.scale().detach()),
+        "precision": cfg.precision,
+        "compile": cfg.compile,
+        **timer.summary(),
         "history": history,
     }
     if device.type == "cuda":

@@ -44,7 +44,9 @@ class PretrainConfig:
     proj_hidden: int = 512
     flip: bool = False
     # hardware / scale-out
-    precision: str = "32"
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed (checked against the device by train/precision.py)
+    compile: bool = False  # torch.compile the objective's loss (eager with one warning if it fails)
+    channels_last: bool = False  # channels-last memory format for CNN encoders (no effect on ViTs)
     accelerator: str = "auto"
     devices: str = "auto"
     num_nodes: int = 1

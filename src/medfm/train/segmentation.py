@@ -87,11 +87,20 @@ class StepProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description("train step")
 
 
-def make_trainer(max_steps: int, progress: bool = True, **kw) -> L.Trainer:
-    """A quiet Lightning trainer: no logger/checkpoint files (the run directory is written by the task)."""
+def make_trainer(max_steps: int, progress: bool = True, callbacks: list | None = None,
+                 precision: str = "32", **kw) -> L.Trainer:
+    """A quiet Lightning trainer: no logger/checkpoint files (the run directory is written by the task).
+
+    ``precision`` is checked first (medfm.train.precision): a combination the device cannot run is a
+    one-line ConfigError."""
+    from medfm.train.precision import resolve_precision
+
+    resolve_precision(precision, "auto")
+    cbs = list(callbacks or []) + ([StepProgressBar()] if progress else [])
     return L.Trainer(
         max_steps=max_steps,
-        callbacks=[StepProgressBar()] if progress else None,
+        callbacks=cbs or None,
+        precision=precision,
         accelerator="auto",
         devices=1,
         logger=False,

@@ -23,10 +23,24 @@ import torch
 
 from medfm.errors import ConfigError, MedfmError
 from medfm.rundir import RunDir, read_json
-from medfm.train.callbacks import AtomicCheckpoint, LossHistory, RankReport, ResumeStream, read_history
+from medfm.train.callbacks import (
+    AtomicCheckpoint,
+    DataWait,
+    LossHistory,
+    RankReport,
+    ResumeStream,
+    read_history,
+)
 from medfm.train.config import RESUME_KEYS, PretrainConfig
 from medfm.train.datamodule import PooledImages, StreamSampler, make_loader
 from medfm.train.objectives import get_objective
+from medfm.train.precision import (
+    LIGHTNING_ONLY,
+    PRECISIONS,
+    channels_last,
+    compile_function,
+    resolve_precision,
+)
 
 _OUT_ENV = "MEDFM_PRETRAIN_OUT"  # DDP children re-run the command: they must use the parent's run dir
 
@@ -248,6 +262,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None
         _check_resume(run_dir, cfg)
     elif last.is_file() and not resume:
         raise ConfigError(f"{run_dir} already holds a run; remove it or drop --no-resume to continue it")
+    # a precision this device cannot run is a one-line error now, not a Lightning traceback mid-setup
+    resolve_precision(cfg.precision, cfg.accelerator, PRECISIONS + LIGHTNING_ONLY)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = PooledImages(cfg.data, cfg.split)
@@ -256,7 +272,11 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None
             f"the data holds {data.spatial_dims}D images but --spatial-dims is {cfg.spatial_dims}"
         )
     encoder = build_encoder(cfg, data.channels)
+    if cfg.channels_last:
+        channels_last(encoder)
     objective = get_objective(cfg.objective)(encoder, cfg)
+    # compile the loss (MAE calls the encoder through its token API, not forward); state-dict keys unchanged
+    objective.compute_loss = compile_function(objective.compute_loss, cfg.compile, f"{cfg.objective} loss")
     objective.run_dir = run_dir
     train_ds = objective.make_dataset(data)
 
@@ -266,8 +286,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None
     placeholder = StreamSampler(len(train_ds), cfg.steps * cfg.batch_size, cfg.seed)
     resume_cb = ResumeStream(placeholder, cfg.batch_size)
     stop = _StopOnSignal(ckpt)
+    wait = DataWait()
     trainer = build_trainer(
-        cfg, run_dir, [ckpt, history, resume_cb, RankReport(run_dir / "logs"), stop], progress
+        cfg, run_dir, [ckpt, history, resume_cb, RankReport(run_dir / "logs"), stop, wait], progress
     )
     # Rank and world size are known once the Trainer exists; give this rank its slice of the stream.
     sampler = StreamSampler(
@@ -326,6 +347,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, progress: bool | None
             config,
             resumed_from,
             time.perf_counter() - t_start,
+            wait.summary(),
         )
     return run_dir
 
@@ -339,6 +361,7 @@ def finish_run(
     config: dict[str, Any],
     resumed_from: int | None,
     wall: float,
+    speed: dict[str, Any] | None = None,
 ) -> None:
     """Encoder weights, figures, metrics.json, loss curve and model card (rank 0 only)."""
     from medfm.modelcard.plots import plot_loss_curve
@@ -360,6 +383,9 @@ def finish_run(
         "world_size": trainer.world_size,
         "resumed_from_step": resumed_from,
         "images_seen": int(trainer.global_step) * objective.cfg.batch_size * trainer.world_size,
+        "precision": objective.cfg.precision,
+        "compile": objective.cfg.compile,
+        **(speed or {"data_wait_share": None, "step_time_ms": None}),
     }
     run = RunDir(run_dir, kind="encoder")
     run.write_metrics(metrics, merge=False)

@@ -146,7 +146,10 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
             raise InputError(run.path / name, "classifier weights missing")
     if not isinstance(conf.get("head"), dict) or "task" not in conf:
         raise InputError(run.path / "config.json", "classifier config has no 'head' or 'task'")
-    encoder = load_encoder(run.path / ENCODER_FILE)
+    if isinstance(conf.get("pruned_shapes"), dict):  # `medfm prune`: layers narrower than the config says
+        encoder = _load_pruned_encoder(run.path / ENCODER_FILE, conf["pruned_shapes"])
+    else:
+        encoder = load_encoder(run.path / ENCODER_FILE)
     head = build_head(conf["head"], run.path / "config.json")
     try:
         head.load_state_dict(load_file(str(run.path / HEAD_FILE)))
@@ -156,6 +159,63 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     clf = Classifier(encoder, head, conf["task"], conf.get("classes") or [], conf.get("threshold"),
                      conf.get("preprocessing"), conf.get("method", ""))
     return clf.to(device).eval()
+
+
+def resize_to_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module:
+    """Replace every Conv / Linear / BatchNorm / LayerNorm of ``model`` whose weight shape differs from
+    ``sd``'s by one of the saved shape (a structurally pruned model), and resize loose parameters."""
+    for name, m in list(model.named_modules()):
+        w = sd.get(f"{name}.weight" if name else "weight")
+        if w is None or not hasattr(m, "weight") or m.weight is None or w.shape == m.weight.shape:
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd):
+            dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
+            groups = w.shape[0] if dw else m.groups
+            new: nn.Module = type(m)(w.shape[1] * groups, w.shape[0], m.kernel_size, m.stride, m.padding,
+                                     m.dilation, groups, m.bias is not None, m.padding_mode)
+        elif isinstance(m, nn.Linear):
+            new = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            new = type(m)(w.shape[0], m.eps, m.momentum, m.affine, m.track_running_stats)
+        elif isinstance(m, nn.LayerNorm):
+            new = nn.LayerNorm(tuple(w.shape), m.eps, m.elementwise_affine, bias=m.bias is not None)
+        else:
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], new)
+    for name, p in list(model.named_parameters()):  # e.g. LayerScale gamma
+        if name in sd and sd[name].shape != p.shape:
+            mod = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(mod, name.rpartition(".")[2], nn.Parameter(torch.empty(sd[name].shape, dtype=p.dtype),
+                                                               requires_grad=p.requires_grad))
+    return model
+
+
+def _load_pruned_encoder(path: Path, shapes: dict[str, Any]) -> nn.Module:
+    """A pruned encoder: the base architecture from the header, its layers resized to the saved tensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from medfm.models.io import META_KEY
+    from medfm.models.registry import create_encoder
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    try:
+        enc = create_encoder(**json.loads(meta[META_KEY]))
+    except (KeyError, json.JSONDecodeError):
+        raise InputError(path, f"no '{META_KEY}' config in the header") from None
+    sd = load_file(str(path))
+    resize_to_state_dict(enc, sd)
+    try:
+        enc.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise InputError(path, f"pruned weights do not fit the encoder ({str(e)[:120]})") from None
+    if shapes.get("embed_dim"):
+        enc.embed_dim = int(shapes["embed_dim"])
+    if shapes.get("feature_dims"):
+        enc.feature_dims = [int(d) for d in shapes["feature_dims"]]
+    return enc
 
 
 # ---------------------------------------------------------------- inference on a prepared store

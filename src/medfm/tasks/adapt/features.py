@@ -47,15 +47,20 @@ def to_model_input(x: np.ndarray | torch.Tensor, encoder: nn.Module) -> torch.Te
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int = 64,
-                     on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """Pooled embeddings (n, embed_dim) float32 of an image array (n, C, H, W), encoder in eval mode."""
+                     on_batch: Callable[[int], None] | None = None, precision: str = "32") -> np.ndarray:
+    """Pooled embeddings (n, embed_dim) float32 of an image array (n, C, H, W), encoder in eval mode;
+    computed under ``precision``'s autocast (e.g. "bf16-mixed") and cast back to float32."""
+    from medfm.train.precision import resolve_precision
+
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
+    prec = resolve_precision(precision, device)
     out = []
     for i in range(0, len(images), batch_size):
         x = to_model_input(images[i:i + batch_size], encoder).to(device)
-        out.append(encoder(x).float().cpu().numpy())
+        with prec.autocast():
+            out.append(encoder(x).float().cpu().numpy())
         if on_batch:
             on_batch(len(x))
     encoder.train(was_training)
@@ -65,18 +70,21 @@ def extract_features(encoder: nn.Module, images: np.ndarray, batch_size: int = 6
 
 def cached_features(cache_dir: Path, fingerprint: str, split: str, encoder: nn.Module, images: np.ndarray,
                     case_ids: np.ndarray, batch_size: int = 64,
-                    on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, bool]:
-    """Features of one split, read from ``cache_dir`` when the same encoder and cases were seen before.
+                    on_batch: Callable[[int], None] | None = None,
+                    precision: str = "32") -> tuple[np.ndarray, bool]:
+    """Features of one split, read from ``cache_dir`` when the same encoder, cases and precision were seen
+    before (features in another precision than "32" are cached under their own name).
 
     Returns (features, was_cached).
     """
-    path = Path(cache_dir) / f"{fingerprint}-{split}.npz"
+    tag = "" if precision == "32" else f"-{precision}"
+    path = Path(cache_dir) / f"{fingerprint}-{split}{tag}.npz"
     ids = np.asarray([str(c) for c in case_ids])
     if path.is_file():
         z = np.load(path, allow_pickle=False)
         if z["case_id"].shape == ids.shape and np.array_equal(z["case_id"], ids):
             return z["features"], True
-    feats = extract_features(encoder, images, batch_size, on_batch)
+    feats = extract_features(encoder, images, batch_size, on_batch, precision)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, features=feats, case_id=ids)

@@ -20,6 +20,7 @@ from torch import nn
 from medfm.tasks.adapt.features import to_model_input
 from medfm.tasks.adapt.registry import ADAPTERS
 from medfm.train.augment import FINETUNE_PRESETS, BatchAugmentConfig, augment_batch
+from medfm.train.precision import maybe_compile, optimizer_step, resolve_precision, scaled_backward, uncompile
 
 
 class Classifier(nn.Module):
@@ -139,13 +140,16 @@ def train_classifier(model: nn.Module, param_groups: Iterable[dict], images: np.
                      on_step: Callable[[int, float], None] | None = None,
                      aug: BatchAugmentConfig | None = FINETUNE_PRESETS["light"], smoothing: float = 0.0,
                      val: tuple[np.ndarray, np.ndarray] | None = None, eval_every: int = 0,
-                     patience: int = 0, min_steps: int = 0) -> dict:
+                     patience: int = 0, min_steps: int = 0, precision: str = "32",
+                     compile: bool = False) -> dict:
     """AdamW, linear warm-up (10 %) then cosine decay over ``steps`` batches (epoch-wise shuffling).
 
     With ``val`` = (images, labels) the model is scored on val every ``eval_every`` steps, the best state
     (val AUROC) is restored at the end, and training stops after ``patience`` evaluations without
     improvement (never before ``min_steps``). ``ref_encoder`` gives the input convention (channels,
-    size); it defaults to ``model.encoder``. Returns losses, best step and best val score.
+    size); it defaults to ``model.encoder``. ``precision`` ("32" | "bf16-mixed" | "16-mixed") autocasts
+    the forward pass and loss; ``compile`` runs the model through torch.compile (eager, with one warning,
+    if that fails). Returns losses, best step and best val score.
     """
     ref = ref_encoder if ref_encoder is not None else model.encoder
     gen = torch.Generator().manual_seed(seed)
@@ -154,6 +158,9 @@ def train_classifier(model: nn.Module, param_groups: Iterable[dict], images: np.
     base_lrs = [g["lr"] for g in opt.param_groups]
     warm = max(1, steps // 10)
     device = next(model.parameters()).device
+    prec = resolve_precision(precision, device)
+    scaler = prec.grad_scaler()
+    maybe_compile(model, compile)
     bs = min(batch_size, max(len(images), 1))
     x_all = to_model_input(images, ref)  # convert once: resizing per batch is wasted work
     y_all = torch.as_tensor(np.asarray(labels))
@@ -175,15 +182,17 @@ def train_classifier(model: nn.Module, param_groups: Iterable[dict], images: np.
         x = x_all[idx]
         if use_augment:
             x = augment(x, gen, aug)
-        loss = loss_fn(model(x.to(device)), y_all[idx].to(device), task, smoothing)
+        with prec.autocast():
+            logits = model(x.to(device))
+        loss = loss_fn(logits.float(), y_all[idx].to(device), task, smoothing)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaled_backward(loss, scaler)
+        optimizer_step(opt, scaler)
         losses.append(float(loss.detach()))
         if on_step:
             on_step(step, losses[-1])
         if val is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            p = predict(model, val[0], task, ref)
+            p = predict(model, val[0], task, ref, precision=precision)
             score = val_score(val[1], p, task)
             model.train()
             if score > best["score"] + 1e-4:
@@ -194,6 +203,7 @@ def train_classifier(model: nn.Module, param_groups: Iterable[dict], images: np.
                 since_best += 1
                 if patience and since_best >= patience and step + 1 >= min_steps:
                     break
+    uncompile(model)  # the trained model is returned (and copied, saved) as a plain module
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     return {"losses": losses, "best_step": best["step"], "best_val": best["score"], "steps_run": len(losses)}
@@ -201,12 +211,17 @@ def train_classifier(model: nn.Module, param_groups: Iterable[dict], images: np.
 
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray, task: str, ref_encoder: nn.Module,
-            batch_size: int = 128) -> np.ndarray:
+            batch_size: int = 128, precision: str = "32") -> np.ndarray:
+    """Probabilities of ``images`` (logits computed under ``precision``'s autocast, then float32)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    outs = [model(to_model_input(images[i:i + batch_size], ref_encoder).to(device)).float().cpu()
-            for i in range(0, len(images), batch_size)]
+    prec = resolve_precision(precision, device)
+    outs = []
+    for i in range(0, len(images), batch_size):
+        with prec.autocast():
+            x = to_model_input(images[i:i + batch_size], ref_encoder).to(device)
+            outs.append(model(x).float().cpu())
     model.train(was_training)
     return logits_to_prob(torch.cat(outs), task)
 
@@ -221,6 +236,7 @@ def fit_and_predict(ctx, model: Classifier, param_groups: list[dict], train_idx:
     steps = schedule_steps(len(train_idx), cfg)
     aug = augment_for(cfg.augment, getattr(ctx, "modality", None))
     select = cfg.select_on_val and len(ctx.labels["val"]) > 0
+    prec = getattr(cfg, "precision", "32")
     out = train_classifier(model, param_groups, ctx.images["train"][train_idx],
                            ctx.labels["train"][train_idx], ctx.task, steps, cfg.batch_size, seed,
                            weight_decay=cfg.weight_decay,
@@ -228,10 +244,11 @@ def fit_and_predict(ctx, model: Classifier, param_groups: list[dict], train_idx:
                            smoothing=cfg.label_smoothing,
                            val=(ctx.images["val"], ctx.labels["val"]) if select else None,
                            eval_every=cfg.eval_every, patience=cfg.patience,
-                           min_steps=min(steps, cfg.min_steps))
+                           min_steps=min(steps, cfg.min_steps),
+                           precision=prec, compile=getattr(cfg, "compile", False))
     losses = out["losses"]
-    return {"val": predict(model, ctx.images["val"], ctx.task, ref),
-            "test": predict(model, ctx.images["test"], ctx.task, ref),
+    return {"val": predict(model, ctx.images["val"], ctx.task, ref, precision=prec),
+            "test": predict(model, ctx.images["test"], ctx.task, ref, precision=prec),
             "info": {"final_loss": float(np.mean(losses[-5:])) if losses else math.nan,
                      "steps_planned": steps, "steps_run": out["steps_run"], "best_step": out["best_step"],
                      "best_val": out["best_val"], "augment": cfg.augment if aug is not None else "none"},

@@ -69,6 +69,10 @@ class AdaptConfig:
     save_adapters: bool = True
     save_model: bool = True  # the best method's model at the largest budget -> OUT/model (classifier run)
     feature_batch_size: int = 64
+    # finetune / lpft / lora / scratch train and predict, and frozen features are computed, under this
+    # precision (32 | bf16-mixed | 16-mixed; features are float32 either way); compile: torch.compile them
+    precision: str = "32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in ADAPTERS]
@@ -90,6 +94,10 @@ class AdaptConfig:
             raise ConfigError("--steps must be >= 0, --epochs > 0, --min-steps >= 0, --max-steps >= 1")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        from medfm.train.precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be 32, bf16-mixed or 16-mixed, got '{self.precision}'")
 
 
 @dataclass
@@ -276,7 +284,7 @@ def build_context(encoder: nn.Module, data_dir: str | Path, cfg: AdaptConfig, ca
         on_batch = (lambda n: progress.advance(t_feat, n)) if progress else None
         ids = ds[s].manifest["case_id"].to_numpy()
         features[s], _ = cached_features(cache_dir, fp, s, encoder, images[s], ids,
-                                         cfg.feature_batch_size, on_batch)
+                                         cfg.feature_batch_size, on_batch, cfg.precision)
     if progress:
         progress.update(t_feat, completed=n_img)
     ctx = AdaptContext(encoder, task, n_out, names, images, labels, patients, features, cfg,

@@ -17,9 +17,16 @@ def train_steps(
     encoder_lr_scale: float,
     desc: str,
     progress: bool = False,
+    precision: str = "32",
 ) -> list[float]:
     """Train ``model`` (it must have an ``.encoder``) for ``steps`` steps of ``step_loss()``; returns the
-    loss curve. The encoder runs at ``lr * encoder_lr_scale``; the model is left in eval mode."""
+    loss curve. The encoder runs at ``lr * encoder_lr_scale``; the model is left in eval mode.
+    ``step_loss()`` runs under ``precision``'s autocast (32 | bf16-mixed | 16-mixed; medfm.train.precision).
+    """
+    from medfm.train.precision import optimizer_step, resolve_precision, scaled_backward
+
+    prec = resolve_precision(precision, next(model.parameters()).device)
+    scaler = prec.grad_scaler()
     enc_ids = {id(p) for p in model.encoder.parameters()}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in enc_ids], "lr": lr},
@@ -37,10 +44,11 @@ def train_steps(
 
         it = tqdm(it, desc=desc, leave=False)
     for _ in it:
-        loss = step_loss()
+        with prec.autocast():
+            loss = step_loss().float()
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        scaled_backward(loss, scaler)
+        optimizer_step(opt, scaler)
         sched.step()
         hist.append(float(loss.detach()))
     model.eval()

@@ -49,6 +49,8 @@ class SegTrainConfig:
     seed: int = 0
     augment: bool = True
     flip: bool = True  # random left-right flips (part of augment); off for lateralised anatomy (CXR)
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed (checked against the device: train/precision.py)
+    compile: bool = False  # torch.compile the model (eager with one warning if it fails)
     progress: bool = True
 
 
@@ -95,6 +97,14 @@ def select_labels(pairs: SegPairs, n: int | None, seed: int) -> SegPairs:
 
 def fit(model: torch.nn.Module, pairs: SegPairs, patch: list[int], cfg: SegTrainConfig) -> float:
     """Train in place; returns wall seconds."""
+    return float(fit_measured(model, pairs, patch, cfg)["train_seconds"])
+
+
+def fit_measured(model: torch.nn.Module, pairs: SegPairs, patch: list[int], cfg: SegTrainConfig
+                 ) -> dict[str, Any]:
+    """Train in place; returns ``train_seconds`` and the data-wait share / step time (for metrics.json)."""
+    from medfm.train.callbacks import DataWait
+    from medfm.train.precision import maybe_compile, uncompile
     from medfm.train.segmentation import SegmentationModule, make_trainer
 
     torch.manual_seed(cfg.seed)
@@ -109,9 +119,15 @@ def fit(model: torch.nn.Module, pairs: SegPairs, patch: list[int], cfg: SegTrain
         freeze_encoder=cfg.freeze_encoder,
         max_steps=cfg.steps,
     )
+    wait = DataWait()
+    trainer = make_trainer(cfg.steps, progress=cfg.progress, callbacks=[wait], precision=cfg.precision)
+    maybe_compile(model, cfg.compile)
     t0 = time.time()
-    make_trainer(cfg.steps, progress=cfg.progress).fit(module, loader)
-    return time.time() - t0
+    try:
+        trainer.fit(module, loader)
+    finally:
+        uncompile(model)
+    return {"train_seconds": time.time() - t0, **wait.summary()}
 
 
 def train_segmentation(cfg: SegTrainConfig, out: str | Path, pairs: SegPairs | None = None) -> Path:
@@ -128,7 +144,8 @@ def train_segmentation(cfg: SegTrainConfig, out: str | Path, pairs: SegPairs | N
     if int(pairs.masks.max()) >= num_classes:
         raise InputError(cfg.data, f"mask label {int(pairs.masks.max())} >= num_classes {num_classes}")
     model = build_model(cfg, spatial_dims, in_chans, patch, num_classes)
-    seconds = fit(model, pairs, patch, cfg)
+    speed = fit_measured(model, pairs, patch, cfg)
+    speed["train_seconds"] = round(speed["train_seconds"], 1)
     enc = getattr(model, "encoder", None)
     conf = {
         "train": asdict(cfg),
@@ -152,7 +169,7 @@ def train_segmentation(cfg: SegTrainConfig, out: str | Path, pairs: SegPairs | N
     }
     save_run(model, "segmenter", conf, out)
     run = RunDir(out, kind="segmenter")
-    run.write_metrics({"train_seconds": round(seconds, 1), "n_train": len(pairs)})
+    run.write_metrics({**speed, "n_train": len(pairs), "precision": cfg.precision, "compile": cfg.compile})
     run.write_card()
     return out
 
