@@ -22,12 +22,13 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "clip.json"
 
 
-def worker(batch: int, chunk: int, steps: int, threads: int, device: str) -> dict:
+def worker(batch: int, chunk: int, steps: int, threads: int, device: str, precision: str = "32") -> dict:
     import resource
 
     import torch
 
     from medfm.train.clip import ClipConfig, build_clip, train_step
+    from medfm.train.precision import resolve_precision
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -50,12 +51,13 @@ def worker(batch: int, chunk: int, steps: int, threads: int, device: str) -> dic
     ids, mask = tok["input_ids"].to(dev), tok["attention_mask"].to(dev)
     x = torch.rand(batch, 1, 64, 64, generator=g).to(dev)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    prec = resolve_precision(precision, dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        rec = train_step(model, x, texts, ids, mask, None)
+        rec = train_step(model, x, texts, ids, mask, None, prec=prec)
         opt.step()
         return rec["loss"]
 
@@ -71,6 +73,7 @@ def worker(batch: int, chunk: int, steps: int, threads: int, device: str) -> dic
     out = {
         "batch": batch,
         "grad_cache_chunk": chunk,
+        "precision": precision,
         "steps": steps,
         "pairs_per_s": round(batch * steps / secs, 2),
         "seconds_per_step": round(secs / steps, 3),
@@ -92,20 +95,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
+    p.add_argument("--precisions", default="32,bf16-mixed", help="each configuration in each of these")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        b, c = (int(v) for v in a.worker.split(","))
-        print(json.dumps(worker(b, c, a.steps, a.threads, a.device)))
+        b, c, prec = a.worker.split(",")
+        print(json.dumps(worker(int(b), int(c), a.steps, a.threads, a.device, prec)))
         return
     rows = []
     small = max(2, a.chunk)
-    for b, c in [(small, 0), (a.batch, 0), (a.batch, a.chunk)]:
+    precs = [x.strip() for x in a.precisions.split(",") if x.strip()]
+    shapes = [(small, 0), (a.batch, 0), (a.batch, a.chunk)]
+    for b, c, prec in [(b, c, prec) for prec in precs for b, c in shapes]:
         cmd = [
             sys.executable,
             __file__,
             "--worker",
-            f"{b},{c}",
+            f"{b},{c},{prec}",
             "--steps",
             str(a.steps),
             "--threads",
@@ -120,7 +126,14 @@ def main() -> None:
     RESULTS.write_text(
         json.dumps(
             {
+                "command": "python benchmarks/bench_clip.py " + " ".join(sys.argv[1:]),
                 "rows": rows,
+                "bf16_vs_fp32_pairs_per_s": {
+                    f"batch {r['batch']} chunk {r['grad_cache_chunk']}": r["pairs_per_s"] / f["pairs_per_s"]
+                    for r in rows if r["precision"] == "bf16-mixed"
+                    for f in rows if f["precision"] == "32" and (f["batch"], f["grad_cache_chunk"])
+                    == (r["batch"], r["grad_cache_chunk"])
+                },
                 "note": "rows: small plain batch, large plain batch, large batch "
                 "with gradient cache (same loss as the large plain batch, memory of ~one chunk "
                 "of activations); CPU timings taken on a shared machine",

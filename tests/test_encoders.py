@@ -170,3 +170,22 @@ def test_cli_models_list_and_info():
     assert "(1, 192, 2, 2, 2)" in res.output and "embed_dim=192" in res.output
     res = runner.invoke(app, ["models", "info", "--help"])
     assert "--spatial-dims" in res.output and "--img-size" in res.output
+
+
+def test_cpu_bf16_attention_uses_the_explicit_form_and_matches_sdpa():
+    """On CPU in bf16 the ViT attention takes two matmuls instead of SDPA (faster there); same result."""
+    import torch.nn.functional as F
+
+    from medfm.models.vit import Attention, _explicit_is_faster
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4)
+    x = torch.randn(3, 17, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+        q, k, v = attn.qkv(x).reshape(3, 17, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        assert _explicit_is_faster(q)
+        ref = attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 17, 64))
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref.float(), atol=3e-2)
+    assert not _explicit_is_faster(q.float())  # fp32 keeps SDPA

@@ -16,6 +16,8 @@ def demo(
     steps: int | None = typer.Option(None, help="MAE pretraining steps (overrides the preset)."),
     n_cases: int | None = typer.Option(None, "--n", help="Phantom cases to generate (overrides the preset)."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: leave the default)."),
+    precision: str = typer.Option("auto", help="auto (bf16-mixed where the CPU/GPU computes bf16 natively, "
+                                  "else 32), 32 or bf16-mixed: pretraining and adaptation."),
 ) -> None:
     """Phantom data -> prepare -> MAE pretraining -> linear probe / kNN / prototypes / LoRA vs from-scratch
     at several label fractions -> a self-contained HTML report."""
@@ -27,7 +29,7 @@ def demo(
 
     if threads > 0:
         torch.set_num_threads(threads)
-    kw = {"out": out, "data": data}
+    kw = {"out": out, "data": data, "precision": precision}
     if steps is not None:
         kw["pretrain_steps"] = steps
     if n_cases is not None:

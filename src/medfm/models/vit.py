@@ -33,7 +33,6 @@ from medfm.models.layers import (
 )
 from medfm.models.registry import register_size
 
-
 # Largest attention matrix (batch x heads x N x N elements) the explicit form may materialise (256 MiB bf16).
 _EXPLICIT_MAX = 2**27
 
@@ -42,7 +41,8 @@ def _explicit_is_faster(q: torch.Tensor) -> bool:
     """On CPU in bf16/fp16, two batched matmuls beat SDPA's flash kernel by 3-7x at ViT sequence lengths
     (its backward dominates an MAE step; measured in benchmarks/bench_mae.py); fp32 and GPUs keep SDPA."""
     b, h, n, _ = q.shape
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and b * h * n * n <= _EXPLICIT_MAX
+    low = q.dtype in (torch.bfloat16, torch.float16)
+    return q.device.type == "cpu" and low and b * h * n * n <= _EXPLICIT_MAX
 
 
 class Attention(nn.Module):
