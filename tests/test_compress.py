@@ -14,21 +14,12 @@ from medfm.compress import distill, prune_classifier
 from medfm.rundir import open_run
 from medfm.tasks.adapt.classifier import load_classifier
 from test_adapt import make_prepared  # tests/ is on sys.path (pytest rootdir import mode)
-
-TINY = {"vit_tiny": dict(patch_size=4, depth=2, embed_dim=32, num_heads=2), "resnet18": dict(width=8)}
+from tiny_classifiers import TINY, build_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from medfm.models.registry import create_encoder
-    from medfm.tasks.adapt import fit_classifier
-
-    root = tmp_path_factory.mktemp("compress")
-    data = make_prepared(root / "data", n=60)
-    for name, kw in TINY.items():
-        torch.manual_seed(0)
-        fit_classifier(create_encoder(name, img_size=16, **kw), data, root / name, method="linear")
-    return {"root": root, "data": data}
+    return build_world(tmp_path_factory.mktemp("compress"))
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

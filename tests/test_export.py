@@ -13,22 +13,12 @@ from cli_entry import run_main as _cli  # tests/ is on sys.path
 from medfm.errors import InputError
 from medfm.export import ExportedModel, export_run, load_exported
 from medfm.rundir import RunDir, open_run
-from test_adapt import make_prepared  # tests/ is on sys.path (pytest rootdir import mode)
-
-TINY = {"vit_tiny": dict(patch_size=4, depth=2, embed_dim=32, num_heads=2), "resnet18": dict(width=8)}
+from tiny_classifiers import TINY, build_world  # tests/ is on sys.path
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from medfm.models.registry import create_encoder
-    from medfm.tasks.adapt import fit_classifier
-
-    root = tmp_path_factory.mktemp("export")
-    data = make_prepared(root / "data", n=60)
-    for name, kw in TINY.items():
-        torch.manual_seed(0)
-        fit_classifier(create_encoder(name, img_size=16, **kw), data, root / name, method="linear")
-    return {"root": root, "data": data}
+    return build_world(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")
