@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
     p.add_argument("--precisions", default="32,bf16-mixed", help="each configuration in each of these")
+    p.add_argument("--out", default=str(RESULTS), help="where the JSON goes")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -122,8 +123,9 @@ def main() -> None:
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(rows[-1])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "command": "python benchmarks/bench_clip.py " + " ".join(sys.argv[1:]),
