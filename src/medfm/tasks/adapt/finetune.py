@@ -170,40 +170,42 @@ def train_classifier(model: nn.Module, param_groups: Iterable[dict], images: np.
     since_best = 0
     # once per epoch, but not more often than every 5 steps (tiny label sets have 1-step epochs)
     eval_every = eval_every or max(5, math.ceil(len(images) / bs))
-    model.train()
-    for step in range(steps):
-        decay = 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-        f = (step + 1) / warm if step < warm else decay
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * f
-        if len(order) < bs:  # reshuffle each epoch: every image is seen once per epoch
-            order += rng.permutation(len(images)).tolist()
-        idx, order = order[:bs], order[bs:]
-        x = x_all[idx]
-        if use_augment:
-            x = augment(x, gen, aug)
-        with prec.autocast():
-            logits = model(x.to(device))
-        loss = loss_fn(logits.float(), y_all[idx].to(device), task, smoothing)
-        opt.zero_grad(set_to_none=True)
-        scaled_backward(loss, scaler)
-        optimizer_step(opt, scaler)
-        losses.append(float(loss.detach()))
-        if on_step:
-            on_step(step, losses[-1])
-        if val is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            p = predict(model, val[0], task, ref, precision=precision)
-            score = val_score(val[1], p, task)
-            model.train()
-            if score > best["score"] + 1e-4:
-                best = {"score": score, "step": step + 1,
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-                since_best = 0
-            else:
-                since_best += 1
-                if patience and since_best >= patience and step + 1 >= min_steps:
-                    break
-    uncompile(model)  # the trained model is returned (and copied, saved) as a plain module
+    try:
+        model.train()
+        for step in range(steps):
+            decay = 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+            f = (step + 1) / warm if step < warm else decay
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * f
+            if len(order) < bs:  # reshuffle each epoch: every image is seen once per epoch
+                order += rng.permutation(len(images)).tolist()
+            idx, order = order[:bs], order[bs:]
+            x = x_all[idx]
+            if use_augment:
+                x = augment(x, gen, aug)
+            with prec.autocast():
+                logits = model(x.to(device))
+            loss = loss_fn(logits.float(), y_all[idx].to(device), task, smoothing)
+            opt.zero_grad(set_to_none=True)
+            scaled_backward(loss, scaler)
+            optimizer_step(opt, scaler)
+            losses.append(float(loss.detach()))
+            if on_step:
+                on_step(step, losses[-1])
+            if val is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                p = predict(model, val[0], task, ref, precision=precision)
+                score = val_score(val[1], p, task)
+                model.train()
+                if score > best["score"] + 1e-4:
+                    best = {"score": score, "step": step + 1,
+                            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                    since_best = 0
+                else:
+                    since_best += 1
+                    if patience and since_best >= patience and step + 1 >= min_steps:
+                        break
+    finally:  # even on Ctrl-C or an error, the caller gets back a plain (uncompiled) module
+        uncompile(model)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     return {"losses": losses, "best_step": best["step"], "best_val": best["score"], "steps_run": len(losses)}
