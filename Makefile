@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.medfm-installed
 export MEDFM_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test lint bench clean chromium
+.PHONY: setup demo test lint bench clean system-deps
 
 setup: $(STAMP)
 
@@ -22,19 +22,23 @@ $(STAMP): pyproject.toml requirements.txt constraints.txt
 demo: setup
 	$(VENV)/bin/medfm demo
 
-test: setup chromium
+test: setup system-deps
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
-# The audit.html browser test needs headless Chromium (Debian package `chromium`). Installed only where it is
-# missing, and only as root; `apt-get update` may fail offline, then the local package cache is used. Without
-# it the browser test is skipped on a developer machine and fails in CI (CI=true).
-CHROMIUM ?= /usr/bin/chromium
-chromium:
-	@if [ ! -x $(CHROMIUM) ]; then \
+# The browser tests need headless Chromium and its driver (Debian `chromium`, `chromium-driver`); the PACS
+# tests need Orthanc with its DICOMweb plugin (`orthanc`, `orthanc-dicomweb`). Installed only where missing,
+# and only as root; `apt-get update` may fail offline, then the local package cache is used. Without them
+# those tests skip on a developer machine and fail in CI (CI=true).
+SYSTEM_DEPS := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver \
+  /usr/sbin/Orthanc:orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
+system-deps:
+	@missing=""; for pair in $(SYSTEM_DEPS); do f=$${pair%%:*}; pkg=$${pair##*:}; \
+	  [ -e $$f ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq || echo "apt-get update failed (offline?): installing from the package cache"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
-	  else echo "note: $(CHROMIUM) missing and not root: run 'sudo apt-get install chromium' for the browser test"; fi; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "note: missing$$missing and not root: run 'sudo apt-get install$$missing' for the browser/PACS tests"; fi; \
 	fi
 
 lint: setup

@@ -38,7 +38,19 @@ def test_demo_tiny_end_to_end(tmp_path, monkeypatch):
     res = pd.read_csv(out / "adapt" / "results.csv")
     assert set(res["method"]) == {"linear", "prototype", "lora", "scratch"}
     assert res["auroc"].notna().all()
-    assert len(logs) == 5 and all(line.startswith("✓") for line in logs)
+    assert len(logs) == 6 and all(line.startswith("✓") for line in logs[:5])
+    # the demo ends with the command that serves its model; that command's model and OOD reference serve
+    assert logs[5].startswith("Serve this model and open the viewer: medfm serve ")
+    import shlex
+
+    from fastapi.testclient import TestClient
+
+    from medfm.serve.run import build
+
+    args = shlex.split(logs[5].split(": ", 1)[1].split("  (")[0])
+    app, token = build([args[2]], ood_reference=args[args.index("--ood-reference") + 1])
+    health = TestClient(app).get("/health", headers={"Authorization": f"Bearer {token}"}).json()
+    assert health["models"][0]["kind"] == "classifier" and "ood" in health["models"][0]["capabilities"]
     audit = json.loads((out / "audit" / "audit.json").read_text())  # the saved model, audited
     assert audit["settings"]["label"] == "effusion"  # the phantom's model is multi-label: one label audited
     assert {"shift", "fairness", "explanations"} <= set(audit) and (out / "audit" / "audit.html").is_file()

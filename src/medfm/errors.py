@@ -20,3 +20,15 @@ class InputError(MedfmError):
 
 class ConfigError(MedfmError):
     """A bad option or configuration value."""
+
+
+class PacsError(MedfmError):
+    """A PACS (DICOMweb) request that failed: unreachable, refused credentials, HTTP error, bad answer.
+
+    ``url`` never carries credentials; the message is one line.
+    """
+
+    def __init__(self, url: str | None, problem: str) -> None:
+        self.url = url
+        self.problem = problem
+        super().__init__(f"{url}: {problem}" if url else problem)

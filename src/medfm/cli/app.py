@@ -21,7 +21,7 @@ app = typer.Typer(
 
 # Each module defines `register(app)`; a module that fails to import must not break the others.
 _MODULES = ["data", "models", "pretrain", "adapt", "audit", "export", "predict", "vlm", "segment", "demo",
-            "compress"]
+            "compress", "serve", "pacs", "mcp"]
 
 
 @app.command()

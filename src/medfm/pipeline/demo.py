@@ -180,6 +180,18 @@ def stage_report(cfg: DemoConfig, data: Path, minutes: float) -> Path:
                               title="medfm demo: label efficiency", intro=intro)
 
 
+def serve_command(cfg: DemoConfig, data: Path | None = None) -> str | None:
+    """The command that serves the demo's saved model (with its OOD score fitted on the demo data) and
+    prints the viewer's address; None when no method kept a model."""
+    import shlex
+
+    model = cfg.out / "adapt" / "model"
+    if not (model / "config.json").is_file():
+        return None
+    ref = f" --ood-reference {shlex.quote(str(data))}" if data is not None else ""
+    return f"medfm serve {shlex.quote(str(model))}{ref} --port 8000"
+
+
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress=None) -> Path:
     """Run every stage and return the report path. ``progress``: optional rich Progress."""
     from medfm.rundir import write_json
@@ -216,4 +228,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress=None)
     timings["total"] = round(time.perf_counter() - t_start, 1)
     timings["cpu_s"] = {**cpu, "total": round(sum(cpu.values()), 1)}
     write_json(cfg.out / "demo_timings.json", timings)
+    cmd = serve_command(cfg, data)
+    if cmd:
+        log(f"Serve this model and open the viewer: {cmd}  (then open the Viewer address it prints)")
     return report

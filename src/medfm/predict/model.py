@@ -30,6 +30,7 @@ class Predictor:
     threshold: float | list[float] | None = None
     segmenter: torch.nn.Module | None = None
     seg: dict[str, Any] | None = None
+    module: torch.nn.Module | None = None  # the PyTorch classifier (saliency, features), when there is one
 
     def columns(self, probs: np.ndarray) -> dict[str, np.ndarray]:
         """Output columns of a batch: binary ``prob``/``pred`` (the run's threshold, 0.5 without one);
@@ -76,7 +77,8 @@ def _classifier(path: Path) -> Predictor:
         probs, _ = predict_arrays(clf, x.numpy(), batch_size=max(1, len(x)))
         return probs, None
 
-    return Predictor("classifier", "classifier", spec, infer, clf.task, list(clf.classes), clf.threshold)
+    return Predictor("classifier", "classifier", spec, infer, clf.task, list(clf.classes), clf.threshold,
+                     module=clf)
 
 
 def _encoder(path: Path, conf: dict[str, Any]) -> Predictor:

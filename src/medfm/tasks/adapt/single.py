@@ -69,9 +69,11 @@ def save_run(clf: Classifier, out_dir: str | Path, base: AdaptContext, ds: dict,
     data = [{"name": Path(data_dir).name, "split": "train", "images": row.get("n_labels"),
              "patients": None if n_pat is None or (isinstance(n_pat, float) and math.isnan(n_pat)) else n_pat,
              "sites": sorted(train_m["site"].astype(str).unique()) if "site" in train_m else None}]
+    cols = [str(c) for c in ds["train"].label_columns]  # names a binary finding whose classes are 0 / 1
     run = save_classifier(clf, out_dir, threshold_rule=_threshold_rule(base.cfg, base.task),
                           budget={"regime": budget.regime, "value": float(budget.value)}, seed=seed,
-                          data=data, metrics=metrics, extra={"run_id": row.get("run_id"), **(extra or {})})
+                          data=data, metrics=metrics,
+                          extra={"run_id": row.get("run_id"), "label_columns": cols, **(extra or {})})
     reloaded = load_classifier(run.path, device=device_of(clf))
     diff = np.abs(_test_probs(reloaded, base.images["test"]) - np.asarray(res["test"]))
     run.write_metrics({"max_abs_diff_vs_run": float(np.max(diff, initial=0.0))})
