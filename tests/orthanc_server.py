@@ -67,12 +67,13 @@ def cxr_image(index: int = 0) -> np.ndarray:
     return np.asarray(Image.open(cxr / row["image"]).convert("L"))
 
 
-def cxr_dicom(index: int = 0, study_uid: str | None = None, instance: int = 1):  # noqa: ANN201 - Dataset
-    """A DX "for presentation" instance (12 bit in 16) of a real chest X-ray with a fake patient."""
+def dx_dataset(pixels: np.ndarray, bits_stored: int, study_uid: str | None = None, instance: int = 1,
+               date: str = "20240301", sex: str = "M"):  # noqa: ANN201 - Dataset
+    """A DX "for presentation" instance of a grey image (uint8 for 8 bits, else uint16) with the fake
+    patient and fresh UIDs."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    pixels = cxr_image(index).astype(np.uint16) * 16  # 8-bit PNG -> 12-bit detector range
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -82,17 +83,26 @@ def cxr_dicom(index: int = 0, study_uid: str | None = None, instance: int = 1): 
     ds.SeriesInstanceUID = generate_uid()
     for k, v in FAKE_PATIENT.items():
         setattr(ds, k, v)
-    ds.PatientSex = "M"
-    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.ReferringPhysicianName = "20240301", "101500", "1", ""
+    ds.PatientSex = sex
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.ReferringPhysicianName = date, "101500", "1", ""
     ds.Modality, ds.Manufacturer, ds.BodyPartExamined = "DX", "ACME", "CHEST"
     ds.SeriesNumber, ds.InstanceNumber = 1, instance
     ds.PresentationIntentType, ds.PatientOrientation = "FOR PRESENTATION", ["L", "F"]
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    allocated = 8 if bits_stored <= 8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype(np.uint8 if allocated == 8 else np.uint16).tobytes()
+    return ds
+
+
+def cxr_dicom(index: int = 0, study_uid: str | None = None, instance: int = 1):  # noqa: ANN201 - Dataset
+    """A DX "for presentation" instance (12 bit in 16) of a real chest X-ray with a fake patient."""
+    pixels = cxr_image(index).astype(np.uint16) * 16  # 8-bit PNG -> 12-bit detector range
+    ds = dx_dataset(pixels, 12, study_uid, instance)
     ds.ImagerPixelSpacing = ds.PixelSpacing = [0.5, 0.5]
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
     ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, 0, "US"
-    ds.PixelData = pixels.tobytes()
     return ds

@@ -70,6 +70,14 @@ def build(root: Path) -> dict[str, Path]:
             "manifest": manifest, "pairs": toy}
 
 
+def load_engine(world: dict[str, Path]):  # -> medfm.serve.engine.Engine
+    """Every capability: classifier, segmenter and CLIP, with a case index and an OOD reference."""
+    from medfm.serve.engine import Engine
+
+    return Engine.load([world["tb"], world["lungs"], world["clip"]], index_data=world["pairs"],
+                       ood_reference=world["store"])
+
+
 def first_image(world: dict[str, Path]) -> Path:
     return Path(pd.read_csv(world["manifest"]).image.iloc[-1])
 

@@ -27,10 +27,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(world):
-    from medfm.serve.engine import Engine
-
-    return Engine.load([world["tb"], world["lungs"], world["clip"]], index_data=world["pairs"],
-                       ood_reference=world["store"])
+    return serve_world.load_engine(world)
 
 
 @pytest.fixture(scope="module")

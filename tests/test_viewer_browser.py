@@ -27,7 +27,7 @@ from PIL import Image
 
 import serve_world
 from live_server import LiveServer
-from orthanc_server import FAKE_PATIENT, orthanc_fixture
+from orthanc_server import FAKE_PATIENT, dx_dataset, orthanc_fixture
 
 ARTIFACTS = Path(__file__).parent / "artifacts" / "viewer"
 VIEWER = Path(__file__).resolve().parents[1] / "src" / "medfm" / "serve" / "viewer"
@@ -63,37 +63,12 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(world):
-    from medfm.serve.engine import Engine
-
-    return Engine.load([world["tb"], world["lungs"], world["clip"]], index_data=world["pairs"],
-                       ood_reference=world["store"])
+    return serve_world.load_engine(world)
 
 
 def dx_instance(png: Path):  # -> pydicom.Dataset
     """The chest X-ray PNG as an 8-bit MONOCHROME2 DX instance with a fake patient and fresh UIDs."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    pixels = np.asarray(Image.open(png).convert("L"), np.uint8)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = generate_uid()
-    for k, v in FAKE_PATIENT.items():
-        setattr(ds, k, v)
-    ds.PatientSex = "F"
-    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.ReferringPhysicianName = "20240517", "093000", "1", ""
-    ds.Modality, ds.Manufacturer, ds.BodyPartExamined = "DX", "ACME", "CHEST"
-    ds.SeriesNumber, ds.InstanceNumber = 1, 1
-    ds.PresentationIntentType, ds.PatientOrientation = "FOR PRESENTATION", ["L", "F"]
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = pixels.tobytes()
-    return ds
+    return dx_dataset(np.asarray(Image.open(png).convert("L"), np.uint8), 8, date="20240517", sex="F")
 
 
 class Tap:

@@ -308,15 +308,17 @@ def create_app(engine: Engine, tokens: Tokens, cfg: ServeConfig | None = None) -
         tmp = tempfile.mkdtemp(prefix="medfm-serve-")
         try:
             path = await run(_fetch_instance, study, series, instance, Path(tmp), tmp=tmp)
-            out = await run(_analyse_all, path, tmp=tmp)
-            if store:
-                out["stored"] = await run(_store_results, path, tmp=tmp)
+            r = await run(engine.analyse, path, tmp=tmp)
+            out = await run(_with_extras, path, r, tmp=tmp)
+            if store:  # the same analysis, written back as DICOM
+                out["stored"] = await run(_store_results, path, r, tmp=tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
 
-    def _analyse_all(path: Path) -> dict[str, Any]:
-        r = engine.analyse(path)
+    def _with_extras(path: Path, analysis: dict[str, Any]) -> dict[str, Any]:
+        """The analysis as JSON (mask as an overlay) plus saliency, OOD and a report where served."""
+        r = dict(analysis)
         mask = r.pop("_mask", None)
         if mask is not None:
             r["overlay"] = png_b64(mask_rgba(mask))
@@ -330,14 +332,14 @@ def create_app(engine: Engine, tokens: Tokens, cfg: ServeConfig | None = None) -
             r["report"] = {k: v for k, v in engine.report(path).items() if k not in ("input",)}
         return r
 
-    def _store_results(path: Path) -> dict[str, str]:
+    def _store_results(path: Path, analysis: dict[str, Any]) -> dict[str, str]:
         import pydicom
 
         from medfm.pacs.results import build_results
 
         ds = pydicom.dcmread(path)
         try:
-            out = build_results(engine.analyse_dicom(ds))
+            out = build_results(engine.instance_result(ds, analysis))
         except (ValueError, TypeError, AttributeError) as e:  # highdicom refusing this source's attributes
             raise InputError(None, f"results could not be encoded as DICOM for this instance ({e})") from None
         cfg.pacs.store(out)

@@ -350,12 +350,15 @@ class Engine:
         """A source DICOM instance -> medfm.pacs.types.InstanceResult (findings, mask on its pixel grid)."""
         import tempfile
 
-        from medfm.pacs.types import InstanceResult
-
         with tempfile.TemporaryDirectory(prefix="medfm-") as tmp:
             f = Path(tmp) / "instance.dcm"
             ds.save_as(f, enforce_file_format=True)
-            r = self.analyse(f)
+            return self.instance_result(ds, self.analyse(f))
+
+    def instance_result(self, ds: Any, r: dict[str, Any]) -> Any:
+        """``analyse``'s result on DICOM instance ``ds`` as a medfm.pacs.types.InstanceResult."""
+        from medfm.pacs.types import InstanceResult
+
         mask = r.get("_mask")
         if mask is not None and mask.shape != (int(ds.Rows), int(ds.Columns)):
             mask = None  # a volume or a resampled grid cannot be a SEG on this instance's frame
