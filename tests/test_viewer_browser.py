@@ -283,6 +283,8 @@ def test_viewer_end_to_end(world, engine, orthanc, browser) -> None:
         assert r.headers["content-type"].startswith("application/dicom")
         sr = pydicom.dcmread(io.BytesIO(r.content))
         assert sr.Modality == "SR" and str(sr.StudyInstanceUID) == study
+        raw = r.content.decode("latin-1")  # the download is de-identified unless identifiers=true is asked
+        assert not [v for v in FAKE_PATIENT.values() if v in raw]
         found = pacs.find_results(study)
         assert {"SR", "SEG", "OT"} <= {f["Modality"] for f in found}
         assert str(sr.SOPInstanceUID) in {f["SOPInstanceUID"] for f in found}

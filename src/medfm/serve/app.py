@@ -346,9 +346,17 @@ def create_app(engine: Engine, tokens: Tokens, cfg: ServeConfig | None = None) -
         return {str(d.Modality): str(d.SOPInstanceUID) for d in out}
 
     @app.get("/v1/pacs/dicom", tags=["pacs"])
-    async def download(study: str, series: str, instance: str, g: Grant = read) -> Response:
-        """One instance as a DICOM file (the viewer's "download SR")."""
+    async def download(study: str, series: str, instance: str, identifiers: bool = False,
+                       g: Grant = read) -> Response:
+        """One instance as a DICOM file (the viewer's "download SR"); patient identifiers removed unless
+        ``identifiers=true`` (UIDs stay: they link the result to its source)."""
+        from medfm.data.deid import dicom_identifiers
+
         ds = await run(pacs().retrieve_instance, study, series, instance)
+        if not identifiers:
+            for kw in dicom_identifiers(ds):
+                if not kw.endswith("UID") and kw in ds:
+                    delattr(ds, kw)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         return Response(buf.getvalue(), media_type="application/dicom",
