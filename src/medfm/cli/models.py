@@ -77,33 +77,80 @@ def info_cmd(
     console.print(table)
 
 
+def _parse_options(pairs: list[str]) -> dict[str, object]:
+    """KEY=VALUE pairs -> converter options (JSON values where they parse: numbers, true/false, lists)."""
+    import json
+
+    from medfm.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
 @models_app.command("import")
 def import_cmd(
     source: Path = typer.Argument(
         ...,
-        help="External weights: timm .safetensors/.pth, or a Hugging Face "
-        "ViT/DINOv2 directory (e.g. RAD-DINO).",
+        help="External weights (local file or folder): open_clip folder or OpenAI-CLIP state dict, Hugging "
+        "Face folder (ViT/DINOv2/RAD-DINO, Swin, ConvNeXt, ResNet, CLIP, SigLIP), SAM / MedSAM, SAM 2 / "
+        "MedSAM2, torchxrayvision, RadImageNet ResNet-50, MONAI bundle, timm ViT/ConvNeXt.",
     ),
-    out: Path = typer.Argument(
-        ..., help="Output run directory (gets model.safetensors) or .safetensors file."
-    ),
+    out: Path = typer.Argument(..., help="Output run directory."),
+    format: str = typer.Option("auto", "--format", "-f",
+                               help="Source format (see `medfm models formats`); auto-detected by default."),
     arch: str = typer.Option(
         None, "--arch", help="Architecture hint when shapes are ambiguous, e.g. vit_small_patch16_224."
     ),
     in_chans: int = typer.Option(
-        None, "--in-chans", help="Adapt the input channels (3 -> 1 sums RGB filters)."
+        None, "--in-chans", help="Input channels medfm feeds (1: grey, repeated or summed to RGB)."
     ),
     img_size: int = typer.Option(
-        None, "--img-size", help="Resize the position embedding for this input size."
+        None, "--img-size", help="Input size (position embeddings are resized to fit)."
+    ),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="Format-specific KEY=VALUE, e.g. tokenizer=DIR, vision_only=true, "
+        "labels='[\"a\",\"b\"]', as_encoder=true. Repeatable."
     ),
 ) -> None:
-    """Convert local external weights into a self-describing medfm encoder checkpoint."""
-    from medfm.models import load_encoder, save_encoder
+    """Convert a public model's local checkpoint into a medfm run directory (safetensors + config + card).
 
-    overrides = {k: v for k, v in dict(in_chans=in_chans, img_size=img_size).items() if v is not None}
-    enc = load_encoder(source, arch=arch, **overrides)
-    path = save_encoder(enc, out)
-    typer.echo(f"wrote {path} ({enc.config['name']}, embed_dim={enc.embed_dim}, in_chans={enc.in_chans})")
+    The run works with every medfm command of its kind: an encoder with adapt / audit / export / serve, a
+    CLIP run with zeroshot / retrieve / report, a classifier with predict / audit, a promptable or
+    segmenter run with segment. Files that need unpickling arbitrary objects are refused.
+    """
+    from medfm.models.formats import get_format, import_model
+
+    opts = {"arch": arch, "in_chans": in_chans, "img_size": img_size, **_parse_options(option)}
+    run, used = import_model(source, out, format=format, **opts)
+    typer.echo(f"wrote {run} (format {used}, kind {get_format(used).kind})")
+
+
+@models_app.command("formats")
+def formats_cmd() -> None:
+    """List the checkpoint formats `medfm models import` reads, in auto-detection order."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medfm.models.formats import format_names, get_format
+
+    table = Table(title="import formats (auto-detection order)")
+    for col in ("format", "run kind", "what"):
+        table.add_column(col)
+    for name in format_names():
+        try:
+            fmt = get_format(name)
+        except ModuleNotFoundError:
+            continue
+        table.add_row(name, fmt.kind, fmt.help)
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -86,7 +86,12 @@ def header(kind: str, config: dict[str, Any], run_dir: Path) -> str:
         "## Training data",
     ]
     parts = data_parts(config)
-    if parts:
+    from medfm.models.formats.runs import imported_lines
+
+    imported = imported_lines(config)
+    if imported:
+        lines.append(imported)
+    elif parts:
         lines += ["| dataset | split | cases | patients | sites |", "|---|---|---|---|---|"]
         for d in parts:
             sites = ", ".join(map(str, d["sites"])) if d.get("sites") else "–"

@@ -11,6 +11,14 @@ from medfm.modelcard.common import SECTIONS, fmt
 def section(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     """Encoder architecture, objective, training settings and result."""
     enc = config.get("encoder") or {}
+    if "imported" in config:
+        def short(v: Any) -> str:  # a nested library config (hf_config): its type, not 60 fields
+            return f"<{v.get('model_type', 'config')}>" if isinstance(v, dict) else fmt(v)
+
+        args = ", ".join(f"{k}={short(v)}" for k, v in enc.items() if k != "name")
+        checks = "".join(f"- {k}: {fmt(v)}\n" for k, v in metrics.items())
+        return (f"## Encoder\n`{enc.get('name', '?')}` ({args})\n\n"
+                + (f"## Import checks\n{checks}" if checks else ""))
     cfg = config.get("pretrain") or {}
     obj = cfg.get("objective", "?")
     enc_args = ", ".join(f"{k}={fmt(v)}" for k, v in enc.items() if k != "name")
