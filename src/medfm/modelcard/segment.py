@@ -56,6 +56,10 @@ def metric_rows(metrics: dict[str, Any]) -> list[str]:
 @SECTIONS.register("segmenter")
 def segmenter(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     """Encoder, decoder, training and evaluations of a `segment train` run."""
+    if config.get("decoder") == "monai_network":  # an imported MONAI bundle: its own section
+        from medfm.models.formats.monai_bundle import card_section
+
+        return card_section(config)
     tr = config.get("train", {})
     enc, dec = config.get("encoder"), config.get("decoder", "?")
     classes = ", ".join(config.get("class_names") or []) or "?"
@@ -109,6 +113,17 @@ def promptable(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     """Architecture and training of a `segment prompt-train` run."""
     model, tr = config.get("model") or {}, config.get("train") or {}
     enc = model.get("encoder") or {}
+    if "imported" in config and not tr:  # SAM / MedSAM / SAM 2 weights used as they are
+        arch = model.get("arch", "sam")
+        skipped = config["imported"].get("keys_skipped")
+        return f"""Promptable segmentation (`{arch}`) with the source checkpoint's weights unchanged; input
+{config.get("img_size", model.get("img_size", "?"))} px, grey repeated to RGB and normalised inside.
+{f"{skipped} memory / video keys of the source were not needed for single images and were skipped." if skipped
+ else ""}
+
+Use: `medfm segment prompt RUN image.png --box x0,y0,x1,y1 -o mask.png`; fine-tune on a new structure with
+`medfm segment prompt-train` (docs/import.md).
+"""
     return f"""SAM-style promptable segmentation trained with `medfm segment prompt-train` on box / point
 prompts simulated from masks of `{_name(tr.get("data", ""))}` ({config.get("n_train", "?")} images).
 

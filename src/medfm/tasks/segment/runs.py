@@ -124,6 +124,10 @@ def load_segmentation_run(run: str | Path) -> tuple[torch.nn.Module, dict[str, A
         model: torch.nn.Module = monai_unet(
             conf["spatial_dims"], conf["in_chans"], conf["num_classes"], channels=unet_channels(conf["patch"])
         )
+    elif conf["decoder"] == "monai_network":  # an imported MONAI bundle: class name + literal args
+        from medfm.models.formats.monai_bundle import build_segmenter
+
+        model = build_segmenter(conf["network"])
     else:
         model = build_segmentation_model(
             _encoder(conf["encoder"]), conf["num_classes"], conf["decoder"], conf["feature_size"]
@@ -142,8 +146,18 @@ def load_promptable(path: str | Path) -> torch.nn.Module:
 
     p = Path(path)
     if p.is_file():
+        from medfm.models.formats.sam2 import detect as is_sam2
+
+        if is_sam2(p):  # a SAM 2 / MedSAM2 file used directly (nothing written)
+            from medfm.models.formats.sam2 import read_sam2_file
+
+            return read_sam2_file(p)[0]
         return load_sam_checkpoint(p)[0]
     conf = run_config(p, "promptable")
+    if conf["model"].get("arch") == "sam2":  # an imported SAM 2 / MedSAM2 (single-image path)
+        from medfm.models.seg.sam2 import Sam2Promptable
+
+        return _load_weights(Sam2Promptable(conf["model"]), p)
     kw = {k: v for k, v in conf["model"].items() if k != "encoder"}
     for k in ("pixel_mean", "pixel_std"):
         kw[k] = tuple(kw[k]) if kw.get(k) else None
