@@ -30,9 +30,22 @@ FAMILY |= {"resnet18": "cnn", "resnet34": "cnn", "resnet50": "cnn"}
 SIZE = {2: 64, 3: 32}
 
 
+# Encoders built by a library for 2D only (torchvision, transformers), with their tiny configs.
+_HF_TINY = {"model_type": "convnext", "hidden_sizes": [8, 16, 16, 32], "depths": [1, 1, 1, 1]}
+TINY_2D = {
+    "densenet121": dict(growth_rate=8, block_config=(1, 1, 1, 1), num_init_features=16),
+    "tv_resnet18": dict(layers=(1, 1, 1, 1)),
+    "tv_resnet34": dict(layers=(1, 1, 1, 1)),
+    "tv_resnet50": dict(layers=(1, 1, 1, 1)),
+    "tv_resnet101": dict(layers=(1, 1, 1, 1)),
+    "tv_resnet152": dict(layers=(1, 1, 1, 1)),
+    "hf_vision": dict(hf_config=_HF_TINY),
+}
+
+
 def test_registry_has_every_family():
     names = list_encoders()
-    assert set(TINY) <= set(names), "a registered encoder has no tiny test config"
+    assert set(TINY) | set(TINY_2D) == set(names), "a registered encoder has no tiny test config"
     assert list_encoders("vit*") == ["vit_base", "vit_large", "vit_small", "vit_tiny"]
 
 
@@ -58,6 +71,25 @@ def test_encoder_shapes_and_rebuild(name, spatial_dims):
     again.load_state_dict(enc.state_dict())
     with torch.no_grad():
         assert torch.equal(again(x), pooled)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_2D))
+def test_library_built_2d_encoders(name):
+    torch.manual_seed(0)
+    enc = create_encoder(name, in_chans=1, img_size=64, **TINY_2D[name]).eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        pooled, feats = enc(x), enc.forward_features(x)
+    assert pooled.shape == (2, enc.embed_dim) and torch.isfinite(pooled).all()
+    assert len(feats) == len(enc.feature_dims) == len(enc.feature_strides) >= 3
+    for f, c, s in zip(feats, enc.feature_dims, enc.feature_strides):
+        assert f.shape == (2, c, 64 // s, 64 // s), (f.shape, c, s)
+    again = create_encoder(**enc.config).eval()
+    again.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), pooled)
+    with pytest.raises(ConfigError):
+        create_encoder(name, spatial_dims=3, **TINY_2D[name])
 
 
 def test_resnet_small_input_keeps_resolution_for_tiny_images():

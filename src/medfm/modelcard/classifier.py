@@ -38,6 +38,20 @@ def section(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     check_line = ("" if check is None else
                   f"\nReloaded from these files, the model reproduces the run's test probabilities within "
                   f"{fmt(float(check))}.\n")
+    if "imported" in config:  # a published classifier (e.g. torchxrayvision) with its own heads
+        checks = "".join(f"- {k}: {fmt(v)}\n" for k, v in metrics.items() if not isinstance(v, dict))
+        return f"""A published classifier imported with its own heads (no medfm training).
+
+## Model
+- Encoder: `{enc.get("name", "?")}`; head: {head.get("type", "?")}
+- Task: {config.get("task", "?")}; classes: {classes}
+- Decision threshold: {_threshold(config)}
+
+## Import checks
+{checks or "none recorded"}
+Evaluate it on your own data before use: `medfm audit RUN DATA --label NAME`.
+`model(x)` gives logits (B, K); `model.predict_proba(x)` probabilities; `model.embed(x)` features.
+"""
     return f"""An encoder adapted with labels by `medfm adapt` (method `{config.get("method") or "?"}`).
 
 ## Model

@@ -17,7 +17,9 @@ from medfm.registry import Registry
 
 # The family modules register their sizes; the registry imports them on the first lookup.
 ENCODERS: Registry[Encoder] = Registry(
-    "encoder", providers=tuple(f"medfm.models.{m}" for m in ("vit", "resnet", "convnext", "hybrid", "hf_vision")))
+    "encoder",
+    providers=tuple(f"medfm.models.{m}"
+                    for m in ("vit", "resnet", "convnext", "hybrid", "hf_vision", "densenet")))
 
 
 def _jsonable(v: Any) -> Any:

@@ -14,12 +14,12 @@ def write_encoder_run(
     """An encoder run (kind "encoder"): model.safetensors with the config in its header, config.json whose
     ``imported`` block names the source format and file, metrics.json (e.g. the parity check) and README.md.
     Loads with ``medfm.load_run`` / ``medfm.load_encoder`` and every command that takes an encoder."""
-    from medfm.models.io import save_encoder
+    from medfm.models.io import WEIGHTS_NAME, save_encoder
     from medfm.rundir import RunDir
 
     run = RunDir(out, kind="encoder")
     run.path.mkdir(parents=True, exist_ok=True)
-    save_encoder(enc, run.path)
+    save_encoder(enc, run.path / WEIGHTS_NAME)  # the run's file, whatever the folder is called
     run.write_config({"encoder": enc.config, "imported": source,
                       "preprocessing": default_preprocessing(enc.img_size)})
     if metrics:
