@@ -25,6 +25,23 @@ def _default_encoder(name: str):  # noqa: ANN202 - returns medfm.models.Encoder 
     return enc
 
 
+def _dims(name: str) -> str:
+    """'2D/3D', or '2D' for encoders a library builds for images only (they refuse spatial_dims=3)."""
+    import torch
+
+    from medfm.errors import ConfigError
+    from medfm.models import create_encoder
+
+    try:
+        with torch.device("meta"):
+            create_encoder(name, spatial_dims=3)
+    except ConfigError:
+        return "2D"
+    except RuntimeError:  # a third-party module that cannot be built on meta: it did accept 3D
+        pass
+    return "2D/3D"
+
+
 @models_app.command("list")
 def list_cmd(pattern: str = typer.Argument("*", help="Shell-style name filter, e.g. 'vit*'.")) -> None:
     """List registered encoders: name, family, dims, parameters at default size, description."""
@@ -40,7 +57,7 @@ def list_cmd(pattern: str = typer.Argument("*", help="Shell-style name filter, e
     for name in list_encoders(pattern):
         enc = _default_encoder(name)
         n = sum(p.numel() for p in enc.parameters())
-        table.add_row(name, enc.family, "2D/3D", f"{n / 1e6:.1f}M", describe_encoder(name))
+        table.add_row(name, enc.family, _dims(name), f"{n / 1e6:.1f}M", describe_encoder(name))
     Console().print(table)
 
 
